@@ -1,0 +1,1 @@
+"""Distillation recipes, trainer, samplers, data, evaluation and CLI."""
