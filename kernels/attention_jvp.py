@@ -1,0 +1,138 @@
+"""Flash-attention forward + tangent (forward-mode JVP) in ONE Triton pass with online softmax.
+
+With S = c·QKᵀ, P = softmax(S), O = PV and tangents (Q̇, K̇, V̇) (DESIGN.md, "Kernels"):
+    Ṡ = c(Q̇Kᵀ + QK̇ᵀ),   μ = rowsum(P⊙Ṡ),   Ȯ = (P⊙Ṡ)V − μ⊙O + PV̇.
+Streaming over KV blocks with the unnormalised P̃ = exp(S − m): keep l = rowsum(P̃), Õ = P̃V,
+T̃ = P̃V̇ + (P̃⊙Ṡ)V (the DESIGN's Ã + B̃ in one accumulator) and r = rowsum(P̃⊙Ṡ), all rescaled by
+the same α when the running max m grows. Epilogue: O = Õ/l, μ = r/l, Ȯ = T̃/l − μO.
+Per KV block: 6 tile matmuls (QKᵀ, Q̇Kᵀ, QK̇ᵀ, P̃V, P̃V̇, (P̃⊙Ṡ)V), one exp — 12·B·H·Nq·Nk·D FLOPs.
+No Nq×Nk tensor is ever stored; extra memory is O and Ȯ plus an fp32 LSE per row.
+Q and Q̇ are loaded once per program; fp32 accumulators; exp2 with log2(e) folded into the scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.attention_fwd import LOG2E, configs, n_bucket, prune_for_head_dim
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages): two live [BLOCK_M, D] fp32 accumulators plus Q and Q̇
+# favour narrow KV tiles; the first row is the best public config at D=128 and the default.
+JVP_CONFIGS = [(128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3)]
+
+
+@triton.jit
+def _jvp_block(
+    acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
+    stride_kn, stride_tkn, stride_vn, stride_tvn, qk_scale, scale, MASK_N: tl.constexpr,
+):
+    """One KV block of the fused forward+tangent online softmax; masked only for the tail."""
+    kn = start_n + offs_n
+    if MASK_N:
+        valid = kn < N_K
+        k = tl.load(k_ptrs + kn[:, None] * stride_kn, mask=valid[:, None], other=0.0)
+        tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs + kn[:, None] * stride_vn, mask=valid[:, None], other=0.0)
+        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs + kn[:, None] * stride_kn)
+        tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn)
+        v = tl.load(v_ptrs + kn[:, None] * stride_vn)
+        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn)
+    kt = tl.trans(k)
+    s = tl.dot(q, kt) * qk_scale  # log2 units
+    sd = tl.dot(q, tl.trans(tk), acc=tl.dot(tq, kt)) * scale  # Ṡ, natural units
+    if MASK_N:
+        s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])  # masked columns: p = 0, so Ṡ there never counts
+    ps = p * sd
+    l_i = l_i * alpha + tl.sum(p, 1)
+    r_i = r_i * alpha + tl.sum(ps, 1)
+    p_lo = p.to(v.dtype)
+    acc_o = tl.dot(p_lo, v, acc=acc_o * alpha[:, None])
+    acc_t = tl.dot(ps.to(v.dtype), v, acc=tl.dot(p_lo, tv, acc=acc_t * alpha[:, None]))
+    return acc_o, acc_t, l_i, r_i, m_new
+
+
+@triton.autotune(
+    configs=configs(JVP_CONFIGS),
+    key=["NQ_KEY", "NK_KEY", "HEAD_DIM"],
+    prune_configs_by={"early_config_prune": prune_for_head_dim},
+)
+@triton.jit(do_not_specialize=["N_Q", "N_K", "NQ_KEY", "NK_KEY"])
+def _attn_fwd_jvp_kernel(
+    Q, K, V, TQ, TK, TV, O, TO, LSE, qk_scale, scale,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    stqb, stqh, stqn, stqd, stkb, stkh, stkn, stkd, stvb, stvh, stvn, stvd,
+    sob, soh, son, sod, stob, stoh, ston, stod, slb, slh,
+    H, N_Q, N_K, NQ_KEY, NK_KEY,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    mask_m = offs_m < N_Q
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_m[:, None], other=0.0)
+    tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqn + offs_d[None, :] * stqd, mask=mask_m[:, None], other=0.0)
+    k_ptrs = K + b * skb + h * skh + offs_d[None, :] * skd
+    tk_ptrs = TK + b * stkb + h * stkh + offs_d[None, :] * stkd
+    v_ptrs = V + b * svb + h * svh + offs_d[None, :] * svd
+    tv_ptrs = TV + b * stvb + h * stvh + offs_d[None, :] * stvd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    r_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    n_full = (N_K // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
+            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
+            skn, stkn, svn, stvn, qk_scale, scale, False,
+        )
+    if n_full < N_K:
+        acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
+            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, n_full, offs_n, N_K,
+            skn, stkn, svn, stvn, qk_scale, scale, True,
+        )
+
+    inv_l = 1.0 / l_i
+    o = acc_o * inv_l[:, None]
+    t_o = acc_t * inv_l[:, None] - (r_i * inv_l)[:, None] * o
+    lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * son + offs_d[None, :] * sod, o.to(O.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(TO + b * stob + h * stoh + offs_m[:, None] * ston + offs_d[None, :] * stod, t_o.to(TO.dtype.element_ty), mask=mask_m[:, None])
+    tl.store(LSE + b * slb + h * slh + offs_m, lse, mask=mask_m)
+
+
+def attention_fwd_jvp_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    tq: torch.Tensor, tk: torch.Tensor, tv: torch.Tensor, scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the fused kernel. q/tq [B, H, Nq, D], k/v/tk/tv [B, H, Nk, D] -> (O, Ȯ, LSE [B, H, Nq] fp32).
+
+    Inputs must already be validated; tangents have the primals' shapes and dtype. O and Ȯ take q's layout.
+    """
+    B, H, Nq, D = q.shape
+    Nk = k.shape[2]
+    o = torch.empty_like(q)
+    t_o = torch.empty_like(q)
+    lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
+    _attn_fwd_jvp_kernel[grid](
+        q, k, v, tq, tk, tv, o, t_o, lse, scale * LOG2E, scale,
+        *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
+        *o.stride(), *t_o.stride(), lse.stride(0), lse.stride(1),
+        H, Nq, Nk, n_bucket(Nq), n_bucket(Nk),
+        HEAD_DIM=D,
+    )
+    return o, t_o, lse
