@@ -1,0 +1,1 @@
+"""The video DiT, time/parameterization conventions, classifier-free guidance and forward-mode AD helpers."""

@@ -1,0 +1,47 @@
+"""3D rotary position embedding over (frame, row, column) token grids, Wan2.1 style.
+
+The head dim D is split into three even parts: rows and columns get 2·(D // 6) channels each and
+frames the rest (for D = 128: 44 / 42 / 42). Each part rotates pairs of channels by
+angle = position · θ^(-2i/d_part). Implemented with real cos/sin tables (no complex tensors) so
+that forward- and reverse-mode AD pass through unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels given to (frames, rows, columns) for a head dim; all even."""
+    if head_dim % 2 or head_dim < 6:
+        raise ValueError(f"head_dim must be even and >= 6 for 3D RoPE, got {head_dim}")
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def _axis_angles(length: int, dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    inv_freq = theta ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    return torch.arange(length, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]
+
+
+def rope_tables(
+    grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [N, D/2] for the tokens of a (T, H, W) grid in row-major order."""
+    t, h, w = grid
+    dt, dh, dw = rope_split(head_dim)
+    device = torch.device(device)
+    at = _axis_angles(t, dt, theta, device)[:, None, None, :].expand(t, h, w, dt // 2)
+    ah = _axis_angles(h, dh, theta, device)[None, :, None, :].expand(t, h, w, dh // 2)
+    aw = _axis_angles(w, dw, theta, device)[None, None, :, :].expand(t, h, w, dw // 2)
+    angles = torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, head_dim // 2)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) of x [B, N, H, D] by the angles in cos/sin [N, D/2]."""
+    x_pairs = x.unflatten(-1, (-1, 2))  # (B, N, H, D/2, 2)
+    x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
+    c = cos[None, :, None, :].to(x.dtype)
+    s = sin[None, :, None, :].to(x.dtype)
+    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
