@@ -1,0 +1,150 @@
+"""Evaluator: ground-truth accuracy, corruptions score worse, Fréchet distance maths."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.analyzer import FEATURE_NAMES, analyze
+from methods.data import MovingShapes
+from methods.evaluate import diversity, evaluate_clips, frechet_distance, reference_features
+
+
+@pytest.fixture(scope="module")
+def real():
+    videos, _, labels = MovingShapes(seed=1).batch(range(512))
+    return videos, labels
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return reference_features(1024)
+
+
+@pytest.fixture(scope="module")
+def clean(real, reference):
+    return evaluate_clips(*real, reference=reference)
+
+
+def _blur(videos, sigma=1.5):
+    k = torch.arange(-3, 4.0).div(sigma).square().mul(-0.5).exp()
+    k = k / k.sum()
+    b, c, t, h, w = videos.shape
+    x = videos.permute(0, 2, 1, 3, 4).reshape(b * t * c, 1, h, w)
+    x = F.conv2d(F.pad(x, (3, 3, 0, 0), mode="replicate"), k.view(1, 1, 1, 7))
+    x = F.conv2d(F.pad(x, (0, 0, 3, 3), mode="replicate"), k.view(1, 1, 7, 1))
+    return x.view(b, t, c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def _freeze(videos):
+    x = videos.clone()
+    x[:, :, 4:] = x[:, :, 3:4]
+    return x
+
+
+def _shuffle(videos):
+    g = torch.Generator().manual_seed(0)
+    return torch.stack([v[:, torch.randperm(v.shape[1], generator=g)] for v in videos])
+
+
+def test_ground_truth_accuracy(clean):
+    print(clean)
+    assert clean["acc_all"] >= 0.98
+    assert clean["detected"] == 1.0
+    assert clean["smoothness"] < 0.3  # anti-aliased centroids sit on a line up to sub-pixel error
+    assert clean["diversity"] > 1.0
+
+
+def test_analyzer_reads_each_attribute(real):
+    videos, labels = real
+    result = analyze(videos[:64])
+    assert result.features.shape == (64, len(FEATURE_NAMES))
+    assert torch.equal(result.labels, labels[:64])
+    assert torch.isfinite(result.features).all()
+
+
+def test_noise_lowers_accuracy_and_raises_fd(real, reference, clean):
+    videos, labels = real
+    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(0))
+    noisy = (videos + 0.3 * noise).clamp(-1, 1)
+    m = evaluate_clips(noisy, labels, reference=reference)
+    print(m)
+    assert m["acc_all"] < clean["acc_all"] and m["fd"] > clean["fd"]
+
+
+def test_blur_lowers_shape_accuracy_and_raises_fd(real, reference, clean):
+    m = evaluate_clips(_blur(real[0]), real[1], reference=reference)
+    print(m)
+    assert m["acc_shape"] < clean["acc_shape"] and m["fd"] > clean["fd"]
+
+
+def test_frozen_frames_hurt_smoothness_and_fd(real, reference, clean):
+    m = evaluate_clips(_freeze(real[0]), real[1], reference=reference)
+    print(m)
+    assert m["smoothness"] > 2 * clean["smoothness"] and m["fd"] > clean["fd"]
+
+
+def test_fully_frozen_clip_has_no_direction(real, reference, clean):
+    still = real[0][:, :, :1].expand_as(real[0])
+    m = evaluate_clips(still, real[1], reference=reference)
+    assert m["acc_direction"] < 0.5 and m["fd"] > clean["fd"]
+
+
+def test_shuffled_frames_hurt_direction_smoothness_and_fd(real, reference, clean):
+    m = evaluate_clips(_shuffle(real[0]), real[1], reference=reference)
+    print(m)
+    assert m["acc_direction"] < clean["acc_direction"]
+    assert m["smoothness"] > 2 * clean["smoothness"] and m["fd"] > clean["fd"]
+
+
+def test_blank_clips_are_undetected_and_wrong(real, reference):
+    blank = torch.full_like(real[0][:8], -1.0)
+    m = evaluate_clips(blank, real[1][:8], reference=reference)
+    assert m["detected"] == 0.0 and m["acc_all"] == 0.0 and m["fd"] > 0
+
+
+def test_frechet_distance_exact_for_affine_copy():
+    # b = 2a + 1 -> mu_b = 2 mu_a + 1, S_b = 4 S_a: FD = |mu_a + 1|^2 + tr(S_a) (1 + 4 - 2*2).
+    a = torch.randn(300, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) @ torch.randn(
+        5, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    expected = (a.mean(0) + 1).square().sum() + torch.cov(a.T).trace()
+    assert frechet_distance(a, 2 * a + 1) == pytest.approx(float(expected), rel=1e-9)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_matches_scipy_and_is_symmetric():
+    linalg = pytest.importorskip("scipy.linalg")
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(200, 6, generator=g, dtype=torch.float64)
+    b = torch.randn(150, 6, generator=g, dtype=torch.float64) * 1.5 + 0.3
+    ca, cb = torch.cov(a.T).numpy(), torch.cov(b.T).numpy()
+    ref = float(((a.mean(0) - b.mean(0)) ** 2).sum()) + ca.trace() + cb.trace() \
+        - 2 * linalg.sqrtm(ca @ cb).real.trace()
+    assert frechet_distance(a, b) == pytest.approx(ref, rel=1e-8)
+    assert frechet_distance(b, a) == pytest.approx(ref, rel=1e-8)
+
+
+def test_rank_deficient_features_stay_finite():
+    a = torch.randn(50, 4, dtype=torch.float64)
+    a[:, 3] = 0.0  # a constant feature: singular covariance
+    fd = frechet_distance(a, a + 0.5)
+    assert fd == pytest.approx(4 * 0.25, rel=1e-6)
+
+
+def test_diversity_zero_for_identical_clips():
+    feats = torch.randn(1, 3).repeat(4, 1)
+    labels = torch.zeros(4, 3, dtype=torch.long)
+    assert diversity(feats, labels) == pytest.approx(0.0, abs=1e-12)
+    pair = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert diversity(pair, torch.zeros(2, 3, dtype=torch.long)) == pytest.approx(5.0)
+    assert torch.isnan(torch.tensor(diversity(pair, torch.tensor([[0, 0, 0], [1, 0, 0]]))))
+
+
+def test_input_errors(real):
+    with pytest.raises(ValueError, match="videos"):
+        analyze(torch.zeros(2, 1, 8, 32, 32))
+    with pytest.raises(ValueError, match="labels"):
+        evaluate_clips(real[0][:4], real[1][:3])
+    with pytest.raises(ValueError, match="videos"):
+        evaluate_clips(torch.zeros(2, 3, 4, 16, 16), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="feats_a"):
+        frechet_distance(torch.zeros(5, 3), torch.zeros(5, 4))
