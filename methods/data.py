@@ -80,7 +80,7 @@ class ShapesConfig:
             raise ValueError(f"antialias must be >= 1, got {self.antialias}")
 
     @property
-    def shape(self) -> tuple[int, int, int, int]:
+    def clip_shape(self) -> tuple[int, int, int, int]:
         """(C, T, H, W) of one clip."""
         return (self.channels, self.frames, self.height, self.width)
 

@@ -84,9 +84,9 @@ def evaluate_clips(videos: torch.Tensor, labels: torch.Tensor, reference: torch.
     if labels.dim() != 2 or labels.shape[1] != 3 or labels.shape[0] != videos.shape[0]:
         raise ValueError(f"labels: expected [{videos.shape[0]}, 3], got {list(labels.shape)}")
     cfg = cfg or ShapesConfig()
-    if reference is None and tuple(videos.shape[1:]) != cfg.shape:
-        raise ValueError(f"videos: clip shape {list(videos.shape[1:])} differs from cfg {list(cfg.shape)}; "
-                         "pass the matching cfg or reference features")
+    if reference is None and tuple(videos.shape[1:]) != cfg.clip_shape:
+        raise ValueError(f"videos: clip shape {list(videos.shape[1:])} differs from cfg "
+                         f"{list(cfg.clip_shape)}; pass the matching cfg or reference features")
     result = analyze(videos)
     labels = labels.to("cpu", torch.long)
     correct = result.labels == labels  # [B, 3]

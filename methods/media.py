@@ -1,0 +1,119 @@
+"""Write clips to disk: animated GIF, MP4 (needs imageio's ffmpeg plugin), frame-grid PNGs.
+
+Clips are [3, T, H, W] float tensors in [-1, 1]; they are mapped to uint8 by
+round((x + 1) * 127.5) after clamping, and upscaled by nearest neighbour so pixels stay crisp.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8_frames(video: torch.Tensor, scale: int = 1) -> np.ndarray:
+    """[3, T, H, W] in [-1, 1] -> uint8 frames [T, H*scale, W*scale, 3]."""
+    if not isinstance(video, torch.Tensor) or video.dim() != 4 or video.shape[0] != 3:
+        raise ValueError(f"video: expected a tensor [3, T, H, W], got {getattr(video, 'shape', type(video))}")
+    if scale < 1:
+        raise ValueError(f"scale must be >= 1, got {scale}")
+    x = ((video.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    frames = x.permute(1, 2, 3, 0)  # [T, H, W, 3]
+    if scale > 1:
+        frames = frames.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+    return frames.numpy()
+
+
+def save_gif(video: torch.Tensor, path: str | Path, fps: int = 8, scale: int = 4) -> Path:
+    """Write ``video`` [3, T, H, W] in [-1, 1] as a looping GIF; returns the path.
+
+    Pillow merges identical consecutive frames (their durations add up), so a clip with frozen
+    frames plays correctly but may store fewer than T frames.
+    """
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    frames = [Image.fromarray(f) for f in to_uint8_frames(video, scale)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
+def mp4_available() -> bool:
+    """True when imageio's ffmpeg plugin (package ``imageio-ffmpeg``) is installed."""
+    return importlib.util.find_spec("imageio_ffmpeg") is not None
+
+
+def save_mp4(video: torch.Tensor, path: str | Path, fps: int = 8, scale: int = 4) -> Path:
+    """Write ``video`` [3, T, H, W] as H.264 MP4 via imageio-ffmpeg; returns the path."""
+    if not mp4_available():
+        raise RuntimeError("save_mp4 needs imageio's ffmpeg plugin: `pip install imageio[ffmpeg]`, "
+                           "or write a GIF with save_gif")
+    import imageio.v2 as iio
+
+    frames = to_uint8_frames(video, max(scale, 1))
+    # H.264 wants even sizes; macro_block_size=2 pads to them instead of rescaling.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    iio.mimwrite(path, list(frames), fps=fps, macro_block_size=2)
+    return path
+
+
+def grid_image(videos: torch.Tensor, nrow: int | None = None, scale: int = 4, pad: int = 1) -> np.ndarray:
+    """Frame grid uint8 [rows, cols, 3]: each clip is one row of its T frames.
+
+    videos [B, 3, T, H, W]; ``nrow`` clips per column block (default B: one block); blocks are
+    placed side by side; ``pad`` grey pixels separate frames.
+    """
+    if videos.dim() != 5 or videos.shape[1] != 3:
+        raise ValueError(f"videos: expected [B, 3, T, H, W], got {list(videos.shape)}")
+    b, _, t, h, w = videos.shape
+    nrow = b if nrow is None else nrow
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}")
+    blocks = -(-b // nrow)
+    fh, fw = h * scale + pad, w * scale + pad
+    canvas = np.full((min(b, nrow) * fh + pad, blocks * t * fw + pad, 3), 128, dtype=np.uint8)
+    for i in range(b):
+        frames = to_uint8_frames(videos[i], scale)
+        row, block = i % nrow, i // nrow
+        for j in range(t):
+            y, x = pad + row * fh, pad + (block * t + j) * fw
+            canvas[y:y + h * scale, x:x + w * scale] = frames[j]
+    return canvas
+
+
+def save_grid_png(videos: torch.Tensor, path: str | Path, nrow: int | None = None, scale: int = 4) -> Path:
+    """Write :func:`grid_image` of ``videos`` [B, 3, T, H, W] as a PNG; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid_image(videos, nrow, scale)).save(path)
+    return path
+
+
+def save_annotated_grid(videos: torch.Tensor, titles: list[str], path: str | Path, scale: int = 2) -> Path:
+    """Frame grid of ``videos`` [B, 3, T, H, W], one row per clip titled by ``titles[b]`` (matplotlib)."""
+    if len(titles) != videos.shape[0]:
+        raise ValueError(f"titles: expected {videos.shape[0]} titles, got {len(titles)}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    b = videos.shape[0]
+    rows = [grid_image(videos[i:i + 1], scale=scale) for i in range(b)]
+    height, width = rows[0].shape[:2]
+    fig, axes = plt.subplots(b, 1, figsize=(width / 60, b * (height / 60 + 0.3)), squeeze=False)
+    for ax, img, title in zip(axes[:, 0], rows, titles, strict=True):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_title(title, fontsize=8, loc="left")
+        ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
