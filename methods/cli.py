@@ -1,0 +1,122 @@
+"""`vdistill` command line: thin entry points over the library (see README for examples).
+
+Every subcommand has `--help`; training commands accept `--dry-run` to print the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from methods import commands
+
+log = logging.getLogger("vdistill")
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="train a rectified-flow teacher on the moving-shapes benchmark")
+    p.add_argument("--preset", default="shapes", help="run preset (methods/presets.py): tiny | shapes")
+    p.add_argument("--out", type=Path, default=Path("runs/teacher"), help="run directory")
+    p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    p.add_argument("--lr", type=float, help="override the preset's learning rate")
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast precision on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
+    p.add_argument(
+        "--profile-window",
+        type=int,
+        nargs=2,
+        metavar=("START", "STOP"),
+        help="call cudaProfilerStart/Stop around steps [START, STOP) for nsys --capture-range=cudaProfilerApi",
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample clips from an exported model (GIFs + a grid PNG)")
+    p.add_argument("--model", type=Path, required=True, help="exported .safetensors (e.g. student_ema.safetensors)")
+    p.add_argument("--prompt", action="append", help="prompt, repeatable (default: 8 benchmark prompts)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--format", choices=["gif", "mp4"], default="gif", help="clip file format")
+    p.add_argument("--out", type=Path, default=Path("runs/samples"), help="output directory")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="benchmark a model: prompt accuracy, smoothness, diversity, FD per step count")
+    p.add_argument("--model", type=Path, required=True, help="exported .safetensors")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 50], help="step counts to evaluate")
+    p.add_argument("--num", type=int, default=256, help="clips per step count (balanced over the 72 prompts)")
+    p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the default job: sample and score the shipped teacher at few and many steps")
+    p.add_argument("--model", type=Path, help="exported .safetensors (default: the shipped teacher)")
+    p.add_argument("--num", type=int, default=32, help="clips per step count")
+    p.add_argument("--steps", type=int, nargs="+", default=[2, 8, 50], help="step counts")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_pretrain, _add_sample, _add_evaluate, _add_demo):
+        add(sub)
+    return parser
+
+
+def _pretrain(args) -> int:
+    from methods.presets import preset
+
+    run = preset(args.preset)
+    overrides = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "device": args.device,
+        "precision": args.precision,
+        "profile_window": tuple(args.profile_window) if args.profile_window else None,
+        "tensorboard": args.tensorboard or None,
+    }
+    run = replace(run, train=replace(run.train, **{k: v for k, v in overrides.items() if v is not None}))
+    if args.dry_run:
+        print(json.dumps(run.to_dict(), indent=2, default=str))
+        return 0
+    commands.pretrain(run, args.out, resume=args.resume)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    handlers = {
+        "pretrain": _pretrain,
+        "sample": commands.sample,
+        "evaluate": commands.evaluate,
+        "demo": commands.demo,
+    }
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""What the `vdistill` subcommands do (the CLI module only parses arguments)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from methods.batches import Prefetched, ShapesBatches
+from methods.data import parse_prompt, prompt_for
+from methods.evaluate import evaluate_clips, reference_features
+from methods.generate import ModelBundle, balanced_labels, generate
+from methods.media import save_annotated_grid, save_gif, save_grid_png, save_mp4
+from methods.presets import RunConfig
+from methods.pretrain import FlowMatching
+from methods.text import WordTextEncoder
+from methods.trainer import Trainer
+from models.dit import VideoDiT
+
+log = logging.getLogger("vdistill")
+
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "models" / "weights" / "shapes-teacher" / "model.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def pretrain(run: RunConfig, out: Path, resume: bool = False) -> dict[str, Path]:
+    """Flow-matching pretraining of `run.model` on moving shapes; returns the exported weight files."""
+    torch.manual_seed(run.train.seed)
+    text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
+    data = Prefetched(ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed))
+    recipe = FlowMatching(VideoDiT(run.model), run.flow)
+    trainer = Trainer(recipe, data, run.train, out, run_config=run.to_dict())
+    try:
+        trainer.fit(resume=resume)
+    finally:
+        data.close()
+    paths = trainer.export()
+    log.info("exported %s", ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+def sample(args) -> int:
+    bundle = ModelBundle.load(args.model, resolve_device(args.device))
+    prompts = args.prompt or [prompt_for(lab) for lab in balanced_labels(72)[::9].tolist()]
+    labels = torch.tensor([parse_prompt(p) for p in prompts])
+    clips = generate(bundle, labels, args.steps, cfg_scale=args.cfg, solver=args.solver, seed=args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save = save_gif if args.format == "gif" else save_mp4
+    for i, (clip, prompt) in enumerate(zip(clips, prompts)):
+        save(clip, args.out / f"{i:03d}_{prompt.replace(' ', '_')}.{args.format}")
+    save_grid_png(clips, args.out / "grid.png")
+    save_annotated_grid(clips, prompts, args.out / "grid_annotated.png")
+    print(f"wrote {len(clips)} clips and grid.png to {args.out}")
+    return 0
+
+
+def evaluate_model(
+    bundle: ModelBundle,
+    steps: list[int],
+    num: int,
+    solver: str = "euler",
+    cfg_scale: float | None = None,
+    seed: int = 0,
+) -> list[dict]:
+    """One metrics row per step count (`num` clips balanced over the prompts)."""
+    labels = balanced_labels(num)
+    reference = reference_features(cfg=bundle.data)
+    rows = []
+    for n in steps:
+        start = time.perf_counter()
+        clips = generate(bundle, labels, n, cfg_scale=cfg_scale, solver=solver, seed=seed)
+        metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
+        rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
+        log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["steps", "acc_all", "acc_shape", "acc_colour", "acc_direction", "fd", "smoothness", "diversity"]
+    lines = [" | ".join(f"{c:>13}" for c in cols)]
+    for r in rows:
+        lines.append(" | ".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in cols))
+    return "\n".join(lines)
+
+
+def evaluate(args) -> int:
+    device = resolve_device(args.device)
+    bundle = ModelBundle.load(args.model, device)
+    rows = evaluate_model(bundle, args.steps, args.num, args.solver, args.cfg, args.seed)
+    print(format_table(rows))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        result = {"model": str(args.model), "device": str(device), "cfg_scale": args.cfg or bundle.cfg_scale}
+        args.out.write_text(json.dumps({**result, "rows": rows}, indent=2))
+    return 0
+
+
+def demo(args) -> int:
+    path = args.model or SHIPPED_TEACHER
+    device = resolve_device(args.device)
+    bundle = ModelBundle.load(path, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = evaluate_model(bundle, args.steps, args.num)
+    labels = balanced_labels(72)[::9]  # 8 prompts spread over shapes, colours and directions
+    prompts = [prompt_for(lab) for lab in labels.tolist()]
+    for n in args.steps:
+        clips = generate(bundle, labels, n)
+        save_annotated_grid(clips, prompts, args.out / f"grid_{n}steps.png")
+        save_gif(_tile(clips), args.out / f"clips_{n}steps.gif")
+    (args.out / "metrics.json").write_text(json.dumps({"model": str(path), "rows": rows}, indent=2))
+    print(format_table(rows))
+    print(f"grids, GIFs and metrics.json written to {args.out}")
+    return 0
+
+
+def _tile(clips: torch.Tensor) -> torch.Tensor:
+    """[n, 3, T, H, W] -> one [3, T, H, n·W] clip, side by side."""
+    return torch.cat(list(clips), dim=-1)

@@ -1,0 +1,50 @@
+"""ODE samplers for the rectified-flow teacher (Euler, Heun) on a shifted time grid.
+
+RF convention (models/parameterization.py): noise at s = 1, data at s = 0, dx/ds = v(x, s).
+Grid: s_i = shift·u / (1 + (shift - 1)·u) with u uniform from 1 to 0 (the timestep shift of
+SD3/Wan; shift = 1 is uniform). Heun is Euler plus a trapezoidal correction (EDM, Karras et al.
+2022, Alg. 1), except on the last step into s = 0 where it falls back to Euler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v(x [B,...], s [B]) -> [B,...]
+SOLVERS = ("euler", "heun")
+
+
+def rf_time_grid(steps: int, shift: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[steps + 1] RF times from 1 (noise) down to 0 (data)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    u = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    return (shift * u / (1 + (shift - 1) * u)).float().to(device)
+
+
+@torch.no_grad()
+def sample_rf(
+    velocity: Velocity,
+    noise: torch.Tensor,
+    steps: int,
+    solver: str = "euler",
+    shift: float = 1.0,
+) -> torch.Tensor:
+    """Integrate dx/ds = v from s = 1 (x = noise [B, ...]) to s = 0; returns the data sample."""
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    grid = rf_time_grid(steps, shift, noise.device)
+    x = noise
+    b = noise.shape[0]
+    for i in range(steps):
+        s, s_next = grid[i].expand(b), grid[i + 1].expand(b)
+        h = (grid[i + 1] - grid[i]).to(x.dtype)
+        v = velocity(x, s)
+        x_euler = x + h * v
+        heun = solver == "heun" and grid[i + 1] > 0
+        x = x + h * 0.5 * (v + velocity(x_euler, s_next)) if heun else x_euler
+    return x

@@ -1,0 +1,231 @@
+"""One trainer for every recipe (pretraining and distillation).
+
+Per step: next batch -> recipe loss under autocast (bf16 on CUDA) -> backward -> grad clipping ->
+fused AdamW -> EMA update (`kernels.ema`, all tensors in one or a few launches) -> optional
+auxiliary update (critic). Every phase sits in an NVTX range; a capture window drives
+`nsys --capture-range=cudaProfilerApi`. Checkpoints hold the student, optimiser, EMA, recipe
+extra state, data position and all RNG states, written atomically, so a resumed run reproduces
+the uninterrupted one exactly (on CPU bit for bit).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from kernels.ema import EMA, EMAProfile
+from methods.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_weights,
+)
+from methods.logs import RunLog
+from methods.profiling import CaptureWindow, nvtx_range
+from methods.recipe import Recipe
+
+log = logging.getLogger("vdistill")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear LR warm-up
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    ema_sigma_rels: tuple[float, ...] = (0.05, 0.1)  # EDM2 power-EMA profiles; the first is exported
+    log_every: int = 25
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    precision: str = "bf16"  # autocast dtype on CUDA ("bf16" or "fp32"); CPU always runs fp32
+    profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
+    tensorboard: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in ("bf16", "fp32"):
+            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def resolved_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
+        return torch.device(self.device)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class Trainer:
+    """Runs `recipe` on batches from `data` (an iterator of `Batch` with state_dict/load_state_dict)."""
+
+    def __init__(
+        self, recipe: Recipe, data, cfg: TrainConfig, run_dir: str | Path, run_config: dict | None = None
+    ):
+        self.recipe, self.data, self.cfg = recipe, data, cfg
+        self.run_dir = Path(run_dir)
+        self.device = cfg.resolved_device()
+        self.recipe.to(self.device)
+        params = [p for p in recipe.student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the recipe's student has no trainable parameters")
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=cfg.adam_betas,
+            weight_decay=cfg.weight_decay,
+            fused=fused,
+            foreach=not fused,
+        )
+        self.ema = EMA(recipe.student, [EMAProfile(sigma_rel=s) for s in cfg.ema_sigma_rels])
+        self.step = 0
+        self.run_config = {"train": asdict(cfg), **(run_config or {})}
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "student": self.recipe.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "ema": self.ema.state_dict(),
+            "recipe": self.recipe.extra_state(),
+            "data": self.data.state_dict(),
+            "rng": _rng_state(),
+            "config": self.run_config,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.recipe.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.ema.load_state_dict(state["ema"])
+        self.recipe.load_extra_state(state["recipe"])
+        self.data.load_state_dict(state["data"])
+        _set_rng_state(state["rng"])
+        self.step = state["step"]
+
+    def save(self) -> Path:
+        path = checkpoint_path(self.run_dir, self.step)
+        with nvtx_range("checkpoint"):
+            save_checkpoint(path, self.state_dict())
+        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of the run if there is one; True when resumed."""
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            return False
+        self.load_state_dict(load_checkpoint(ckpts[-1], map_location=self.device))
+        log.info("resumed %s at step %d", ckpts[-1], self.step)
+        return True
+
+    def export(self) -> dict[str, Path]:
+        """Write the raw student and EMA profile 0 as safetensors next to the checkpoints."""
+        meta = {"recipe": self.recipe.name, "step": self.step, "run_config": self.run_config}
+        paths = {"raw": self.run_dir / "student.safetensors", "ema": self.run_dir / "student_ema.safetensors"}
+        save_weights(paths["raw"], self.recipe.student, meta)
+        with self.ema.swapped(self.recipe.student, profile=0):
+            save_weights(
+                paths["ema"], self.recipe.student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]}
+            )
+        return paths
+
+    # ---- training ----------------------------------------------------------------------------
+    def _autocast(self):
+        if self.device.type == "cuda" and self.cfg.precision == "bf16":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _lr(self, step: int) -> float:
+        warm = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / warm) if warm > 0 else self.cfg.lr
+
+    def train_step(self, step: int) -> dict[str, float]:
+        with nvtx_range("data"):
+            batch = next(self.data).to(self.device)
+        self.recipe.student.train()
+        with nvtx_range("student_forward"), self._autocast():
+            loss, logs = self.recipe.loss(batch, step)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+        with nvtx_range("student_backward"):
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        with nvtx_range("optimizer"):
+            clip = self.cfg.grad_clip or math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.recipe.student.parameters(), clip)
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr(step)
+            self.optimizer.step()
+        with nvtx_range("ema"):
+            self.ema.update()
+        with nvtx_range("auxiliary"), self._autocast():
+            aux = self.recipe.auxiliary_step(batch, step)
+        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": self._lr(step), **logs, **aux}
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to `cfg.steps`; returns the logged rows of this call."""
+        resumed = self.resume() if resume else False
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+        runlog = RunLog(self.run_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None)
+        window = CaptureWindow(self.cfg.profile_window)
+        rows: list[dict] = []
+        start_time = time.perf_counter()
+        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True)
+        try:
+            while self.step < self.cfg.steps:
+                window.at_step(self.step)
+                with nvtx_range(f"step {self.step}"):
+                    metrics = self.train_step(self.step)
+                self.step += 1
+                bar.update(1)
+                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
+                    metrics["wall_s"] = time.perf_counter() - start_time
+                    runlog.write(self.step, metrics)
+                    rows.append({"step": self.step, **metrics})
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
+                    self.save()
+        finally:
+            window.close()
+            bar.close()
+            runlog.close()
+        return rows
