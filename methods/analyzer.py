@@ -10,7 +10,8 @@ Pipeline for videos [B, 3, T, H, W] in [-1, 1], all vectorised:
    position in the bounding box (apex-up triangle ~ 2/3, circle and square 1/2) separates
    triangles; the box's fill ratio (square ~ 1, circle ~ pi/4) separates the rest.
 4. motion = least-squares line through the centroid track c_t = a + v t; direction = axis and
-   sign of the larger slope component; smoothness = mean |c_t - (a + v t)| in pixels.
+   sign of the larger slope component (none, -1, below ``MIN_SPEED``);
+   smoothness = mean |c_t - (a + v t)| in pixels.
 
 Clips with fewer than two frames containing foreground get label -1 (always wrong).
 """
@@ -28,6 +29,7 @@ FG_THRESHOLD = 1.0  # RGB distance to background; palette colours are >= 2 away 
 # Thresholds sit in the gaps measured on 2048 ground-truth clips (10-13 px shapes):
 APEX_TRIANGLE = 0.575  # centroid depth in the box above this -> triangle (0.61-0.64; others <= 0.54)
 FILL_SQUARE = 0.93  # else fill ratio above this -> square (square >= 0.976, circle 0.69-0.89)
+MIN_SPEED = 0.3  # px/frame; slower tracks have no direction (label -1); real clips move >= 1 px/frame
 FEATURE_NAMES: tuple[str, ...] = (
     "red", "green", "blue", "background", "size", "fill", "compactness", "apex", "vx", "vy",
     "cx", "cy", "smoothness", "area_cv", "fg_std", "bg_std",
@@ -127,6 +129,7 @@ def analyze(videos: torch.Tensor) -> Analysis:
     smooth = _masked_mean(resid, vf, 1)
     horizontal = v[:, 0].abs() >= v[:, 1].abs()
     direction = torch.where(horizontal, torch.where(v[:, 0] < 0, 0, 1), torch.where(v[:, 1] < 0, 2, 3))
+    direction = torch.where(v.abs().amax(dim=1) < MIN_SPEED, -1, direction)
 
     labels = torch.stack([shape_id, colour_id, direction], dim=1).long()
     labels[~detected] = -1
