@@ -1,0 +1,361 @@
+"""Fused TrigFlow noising and the fused sCM tangent with per-sample normalisation.
+
+TrigFlow (Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency
+Models", Sec. 2; σ_d = 1, see DESIGN.md):
+
+    x_t = cos t·x0 + sin t·ε,          v = dx_t/dt = cos t·ε − sin t·x0,      ε ~ N(0, I).
+
+`trigflow_noise` draws ε inside the kernel and writes x_t and v in one pass (reads x0 once), so ε
+never has to be stored: `trigflow_eps` regenerates it from (seed, offset).
+
+Noise stream (Triton path, CUDA or interpreter): element (b, i) of a [B, ...] tensor, i the flat
+index inside sample b, takes normal number q = (i mod 4096) // 1024 of Philox4x32-10 with key
+`seed` and counter (c0, c1, c2, c3) = ((i // 4096)·1024 + i mod 1024, b, offset mod 2³²,
+offset // 2³²), the four uniforms turned into four normals by Box–Muller (`tl.pair_uniform_to_normal`).
+So ε depends only on (seed, offset, b, i): not on the batch size, dtype or device, and different
+offsets give independent streams. The CPU path without the interpreter draws ε with `torch.randn`
+from a `torch.Generator` seeded by a hash of (seed, offset): deterministic too, but a different
+stream from the Triton one.
+
+sCM tangent (same paper, Eq. 8 with the tangent normalisation of Sec. 4.2), per sample b:
+
+    g = −cos²t·(F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + dF⁻/dt),      ĝ = g / (‖g‖₂ + c),
+
+the norm over all non-batch dimensions. Two launches: per-block partial sums of g² (written to
+a [B, blocks] buffer: deterministic, no atomics), then a pass that reduces each sample's partials
+in a fixed order and writes ĝ (g is recomputed rather than stored).
+
+All math in float32 (float64 in the CPU reference for float64 inputs); outputs are written in the
+input dtype (x0's for noising, the promoted input dtype for the tangent). Non-contiguous inputs
+are copied to contiguous memory first. Outputs carry no autograd history (noise and the sCM
+target are constants of the loss).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kernels._dispatch import HAS_TRITON, use_triton
+
+NOISE_GROUP = 4096  # elements per program of the noising kernel; part of the stream's definition
+NOISE_WARPS = 4
+TANGENT_BLOCK = 4096
+TANGENT_WARPS = 8
+REDUCE_BLOCK = 1024
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, idx, n, c, s, eps, MODE: tl.constexpr):
+        # MODE 0: x_t, v;  1: x_t, v, ε;  2: ε only
+        mask = idx < n
+        if MODE != 2:
+            x0 = tl.load(x0_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(xt_ptr + base + idx, (c * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_ptr + base + idx, (c * eps - s * x0).to(v_ptr.dtype.element_ty), mask=mask)
+        if MODE != 0:
+            tl.store(eps_ptr + base + idx, eps.to(eps_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
+    def _trigflow_noise_kernel(
+        x0_ptr, t_ptr, xt_ptr, v_ptr, eps_ptr,  # [B, n] contiguous; t [B]
+        n, blocks_per_sample, seed, off_lo, off_hi,
+        MODE: tl.constexpr,
+        Q: tl.constexpr,  # NOISE_GROUP // 4
+    ):
+        pid = tl.program_id(0)
+        b = pid // blocks_per_sample
+        blk = pid % blocks_per_sample
+        j = tl.arange(0, Q)
+        c0 = (blk * Q + j).to(tl.uint32)
+        zero = c0 * 0
+        r0, r1, r2, r3 = tl.philox(seed, c0, zero + b.to(tl.uint32), zero + off_lo.to(tl.uint32),
+                                   zero + off_hi.to(tl.uint32))
+        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
+        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+        if MODE != 2:
+            tt = tl.load(t_ptr + b).to(tl.float32)
+            c = tl.cos(tt)
+            s = tl.sin(tt)
+        else:
+            c = 0.0
+            s = 0.0
+        base = b.to(tl.int64) * n
+        start = blk * (4 * Q)
+        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + j, n, c, s, n0, MODE)
+        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + Q + j, n, c, s, n1, MODE)
+        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + 2 * Q + j, n, c, s, n2, MODE)
+        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + 3 * Q + j, n, c, s, n3, MODE)
+
+    @triton.jit
+    def _scm_g(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, b, base, idx, mask, r):
+        tt = tl.load(t_ptr + b).to(tl.float32)
+        c = tl.cos(tt)
+        s = tl.sin(tt)
+        f = tl.load(f_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        dx = tl.load(dx_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        xt = tl.load(xt_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        df = tl.load(df_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+        return -(c * c) * (f - dx) - (r * c * s) * (xt + df)
+
+    @triton.jit
+    def _scm_sumsq_kernel(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, partial_ptr, n, blocks_per_sample, r,
+                          BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // blocks_per_sample
+        idx = (pid % blocks_per_sample) * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        g = _scm_g(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, b, b.to(tl.int64) * n, idx, mask, r)
+        g = tl.where(mask, g, 0.0)
+        tl.store(partial_ptr + pid, tl.sum(g * g, axis=0))
+
+    @triton.jit
+    def _scm_normalize_kernel(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, partial_ptr, out_ptr, norm_ptr,
+                              n, blocks_per_sample, r, c_eps,
+                              BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        b = pid // blocks_per_sample
+        blk = pid % blocks_per_sample
+        acc = tl.zeros([RBLOCK], dtype=tl.float32)
+        for i in range(0, blocks_per_sample, RBLOCK):  # same order in every program: same norm
+            k = i + tl.arange(0, RBLOCK)
+            acc += tl.load(partial_ptr + b * blocks_per_sample + k, mask=k < blocks_per_sample, other=0.0)
+        norm = tl.sqrt(tl.sum(acc, axis=0))
+        if blk == 0:
+            tl.store(norm_ptr + b, norm)
+        idx = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = idx < n
+        base = b.to(tl.int64) * n
+        g = _scm_g(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, b, base, idx, mask, r)
+        tl.store(out_ptr + base + idx, (g / (norm + c_eps)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------- checks
+
+
+def _check_float(x: object, arg: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{arg} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{arg} must be a floating-point tensor, got {x.dtype}")
+    return x
+
+
+def _check_batch(x: torch.Tensor, t: object, arg: str) -> torch.Tensor:
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ValueError(f"{arg} must be [B, ...] with B >= 1, got shape {tuple(x.shape)}")
+    t = _check_float(t, "t")
+    if t.shape != (x.shape[0],):
+        raise ValueError(f"t must have shape ({x.shape[0]},) (one time per sample of {arg}), got {tuple(t.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"t is on {t.device}, {arg} on {x.device}")
+    if x[0].numel() >= 2**31 - NOISE_GROUP:
+        raise ValueError(f"{arg}: {x[0].numel()} elements per sample, the kernels support < 2**31")
+    return t
+
+
+def _check_stream(seed: object, offset: object) -> None:
+    for name, val, hi in (("seed", seed, 2**63), ("offset", offset, 2**64)):
+        if isinstance(val, bool) or not isinstance(val, int):
+            raise TypeError(f"{name} must be an int, got {type(val).__name__}")
+        if not 0 <= val < hi:
+            raise ValueError(f"{name} must be in [0, 2**{hi.bit_length() - 1}), got {val}")
+
+
+def _cpu_generator(seed: int, offset: int) -> torch.Generator:
+    mixed = (seed * 0x9E3779B97F4A7C15 + offset * 0xBF58476D1CE4E5B9 + 1) % 2**64
+    return torch.Generator(device="cpu").manual_seed(mixed)
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype).view((-1,) + (1,) * (like.dim() - 1))
+
+
+# ----------------------------------------------------------------------------------- noising
+
+
+def trigflow_noise_ref(x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference noising given ε: x0, eps [B, ...], t [B] -> (x_t, v) in x0's dtype.
+
+    x_t = cos t·x0 + sin t·ε, v = cos t·ε − sin t·x0, computed in float32 (float64 for float64 x0).
+    """
+    x0 = _check_float(x0, "x0")
+    t = _check_batch(x0, t, "x0")
+    eps = _check_float(eps, "eps")
+    if eps.shape != x0.shape or eps.device != x0.device:
+        raise ValueError(f"eps must match x0: {tuple(eps.shape)} on {eps.device} vs {tuple(x0.shape)} on {x0.device}")
+    compute = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    c, s = _bcast(torch.cos(t.to(compute)), x0, compute), _bcast(torch.sin(t.to(compute)), x0, compute)
+    x, e = x0.to(compute), eps.to(compute)
+    return (c * x + s * e).to(x0.dtype), (c * e - s * x).to(x0.dtype)
+
+
+def _launch_noise(
+    x0: torch.Tensor | None,
+    t: torch.Tensor | None,
+    xt: torch.Tensor | None,
+    v: torch.Tensor | None,
+    eps: torch.Tensor | None,
+    seed: int,
+    offset: int,
+    mode: int,
+) -> None:
+    """Launch the noising kernel; tensors a mode does not touch are replaced by any valid one."""
+    some = next(x for x in (x0, xt, eps) if x is not None)
+    B, n = some.shape[0], some[0].numel()
+    if n == 0:
+        return
+    bps = triton.cdiv(n, NOISE_GROUP)
+    x0, t, xt, v, eps = (some if x is None else x for x in (x0, t, xt, v, eps))
+    _trigflow_noise_kernel[(B * bps,)](
+        x0, t, xt, v, eps, n, bps, seed, offset % 2**32, offset // 2**32,
+        MODE=mode, Q=NOISE_GROUP // 4, num_warps=NOISE_WARPS,
+    )
+
+
+def trigflow_eps(
+    like: torch.Tensor | Sequence[int],
+    *,
+    seed: int,
+    offset: int = 0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Regenerate the ε that `trigflow_noise(x0, t, seed=seed, offset=offset)` draws for an x0 like `like`.
+
+    like: a tensor [B, ...] (its shape, dtype and device are used unless given) or a shape.
+    Returns ε [B, ...]; dtype defaults to float32 for a shape. Bitwise equal to the ε of
+    `trigflow_noise(..., return_eps=True)` for the same shape, dtype and device.
+    """
+    _check_stream(seed, offset)
+    if isinstance(like, torch.Tensor):
+        shape, dtype, device = like.shape, dtype or like.dtype, device or like.device
+    else:
+        shape, dtype, device = torch.Size(like), dtype or torch.float32, torch.device(device or "cpu")
+    if len(shape) < 1 or shape[0] < 1:
+        raise ValueError(f"like must describe [B, ...] with B >= 1, got shape {tuple(shape)}")
+    if not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+    eps = torch.empty(shape, dtype=dtype, device=device)
+    if use_triton(eps):
+        _launch_noise(None, None, None, None, eps, seed, offset, mode=2)
+        return eps
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    gen = _cpu_generator(seed, offset)
+    return torch.randn(shape, generator=gen, dtype=compute).to(device=device, dtype=dtype)
+
+
+def trigflow_noise(
+    x0: torch.Tensor, t: torch.Tensor, *, seed: int, offset: int = 0, return_eps: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Fused TrigFlow noising with in-kernel ε: x0 [B, ...], t [B] -> (x_t, v) or (x_t, v, ε).
+
+    ε ~ N(0, I) is drawn from (seed, offset) (see the module docstring for the stream) and can be
+    regenerated by `trigflow_eps`. x_t = cos t·x0 + sin t·ε and v = cos t·ε − sin t·x0 are computed
+    in float32 and written in x0's dtype, as is ε. t may be any float dtype.
+    """
+    x0 = _check_float(x0, "x0")
+    t = _check_batch(x0, t, "x0")
+    _check_stream(seed, offset)
+    x0 = x0.detach().contiguous()
+    if use_triton(x0, t):
+        xt, v = torch.empty_like(x0), torch.empty_like(x0)
+        eps = torch.empty_like(x0) if return_eps else None
+        _launch_noise(x0, t.detach().contiguous(), xt, v, eps, seed, offset, mode=1 if return_eps else 0)
+        return (xt, v, eps) if return_eps else (xt, v)
+    eps = trigflow_eps(x0, seed=seed, offset=offset)
+    with torch.no_grad():
+        xt, v = trigflow_noise_ref(x0, t, eps)
+    return (xt, v, eps) if return_eps else (xt, v)
+
+
+# ----------------------------------------------------------------------------------- sCM tangent
+
+
+def _check_tangent_inputs(tensors: dict[str, object], t: object, r: object, c: object) -> torch.Tensor:
+    for name, x in tensors.items():
+        _check_float(x, name)
+    first, ref = next(iter(tensors.items()))
+    for name, x in tensors.items():
+        if x.shape != ref.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, {first} {tuple(ref.shape)}: all must match")
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device}, {first} on {ref.device}")
+    t = _check_batch(ref, t, first)
+    for name, val in (("r", r), ("c", c)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or val != val or abs(val) == float("inf"):
+            raise TypeError(f"{name} must be a finite float, got {val!r}")
+    if c < 0:
+        raise ValueError(f"c must be >= 0, got {c}")
+    return t
+
+
+def scm_tangent_ref(
+    F_minus: torch.Tensor,
+    dxt_dt: torch.Tensor,
+    x_t: torch.Tensor,
+    dF_dt: torch.Tensor,
+    t: torch.Tensor,
+    r: float,
+    c: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference sCM tangent: inputs [B, ...] (same shape), t [B] -> (g/(‖g‖+c) [B, ...], ‖g‖ [B]).
+
+    g = −cos²t·(F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + dF⁻/dt), in float32 (float64 if any input is
+    float64); ĝ in the promoted input dtype, ‖g‖ in the compute dtype.
+    """
+    named = {"F_minus": F_minus, "dxt_dt": dxt_dt, "x_t": x_t, "dF_dt": dF_dt}
+    t = _check_tangent_inputs(named, t, r, c)
+    out_dtype = F_minus.dtype
+    for x in (dxt_dt, x_t, dF_dt):
+        out_dtype = torch.promote_types(out_dtype, x.dtype)
+    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    cos, sin = _bcast(torch.cos(t.to(compute)), F_minus, compute), _bcast(torch.sin(t.to(compute)), F_minus, compute)
+    f, dx, xt, df = (x.to(compute) for x in (F_minus, dxt_dt, x_t, dF_dt))
+    g = -(cos * cos) * (f - dx) - (r * cos * sin) * (xt + df)
+    norm = g.flatten(1).square().sum(dim=1).sqrt()
+    return (g / (_bcast(norm, g, compute) + c)).to(out_dtype), norm
+
+
+def scm_tangent(
+    F_minus: torch.Tensor,
+    dxt_dt: torch.Tensor,
+    x_t: torch.Tensor,
+    dF_dt: torch.Tensor,
+    t: torch.Tensor,
+    r: float,
+    c: float = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused sCM tangent and its per-sample normalisation (module docstring): -> (ĝ, ‖g‖).
+
+    F_minus, dxt_dt, x_t, dF_dt: [B, ...] of one shape, any float dtypes; t [B]; r the tangent
+    warm-up factor; c the normalisation constant. ĝ [B, ...] in the promoted input dtype, ‖g‖ [B]
+    float32 (the Triton path computes in float32 throughout).
+    """
+    named = {"F_minus": F_minus, "dxt_dt": dxt_dt, "x_t": x_t, "dF_dt": dF_dt}
+    t = _check_tangent_inputs(named, t, r, c)
+    if not use_triton(F_minus, dxt_dt, x_t, dF_dt, t):
+        with torch.no_grad():
+            return scm_tangent_ref(F_minus, dxt_dt, x_t, dF_dt, t, r, c)
+    f, dx, xt, df = (x.detach().contiguous() for x in (F_minus, dxt_dt, x_t, dF_dt))
+    out_dtype = f.dtype
+    for x in (dx, xt, df):
+        out_dtype = torch.promote_types(out_dtype, x.dtype)
+    B = f.shape[0]
+    n = f[0].numel()
+    out = torch.empty(f.shape, dtype=out_dtype, device=f.device)
+    norm = torch.zeros(B, dtype=torch.float32, device=f.device)
+    if n == 0:
+        return out, norm
+    bps = triton.cdiv(n, TANGENT_BLOCK)
+    partial = torch.empty(B * bps, dtype=torch.float32, device=f.device)
+    tc = t.detach().contiguous()
+    _scm_sumsq_kernel[(B * bps,)](f, dx, xt, df, tc, partial, n, bps, float(r), BLOCK=TANGENT_BLOCK,
+                                  num_warps=TANGENT_WARPS)
+    _scm_normalize_kernel[(B * bps,)](f, dx, xt, df, tc, partial, out, norm, n, bps, float(r), float(c),
+                                      BLOCK=TANGENT_BLOCK, RBLOCK=REDUCE_BLOCK, num_warps=TANGENT_WARPS)
+    return out, norm
