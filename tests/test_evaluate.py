@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from methods.analyzer import FEATURE_NAMES, analyze
-from methods.data import MovingShapes
+from methods.data import MovingShapes, ShapesConfig
 from methods.evaluate import diversity, evaluate_clips, frechet_distance, reference_features
 
 
@@ -148,3 +148,14 @@ def test_input_errors(real):
         evaluate_clips(torch.zeros(2, 3, 4, 16, 16), torch.zeros(2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="feats_a"):
         frechet_distance(torch.zeros(5, 3), torch.zeros(5, 4))
+
+
+@pytest.mark.parametrize("cfg", [
+    ShapesConfig(antialias=1),
+    ShapesConfig(background=-0.6),
+    ShapesConfig(height=48, width=48, size_min=14, size_max=20),
+    ShapesConfig(frames=16, height=24, width=24, size_min=8, size_max=10, speed_min=0.5, speed_max=0.8),
+], ids=["hard-edges", "grey-background", "48px", "16x24x24"])
+def test_analyzer_other_geometries(cfg):
+    videos, _, labels = MovingShapes(cfg, seed=3).batch(range(128))
+    assert (analyze(videos).labels == labels).all(dim=1).double().mean() >= 0.98
