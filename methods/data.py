@@ -6,7 +6,7 @@ background; its prompt names the three attributes ("a red circle moving left").
 
 Size choice: clips are pixel-space videos [C=3, T=8, H=32, W=32] in [-1, 1]. A DiT with
 patch (1, 4, 4) sees 8 frames x 8x8 patches = 512 tokens, which a 2-core CPU can train on in
-minutes-to-hours; 32x32 frames still leave a shape of 10-14 px (about 3x3 patches), so circle,
+minutes-to-hours; 32x32 frames still leave a shape of 10-13 px (about 3x3 patches), so circle,
 square and triangle remain distinguishable and an 8-frame track of 1-2 px/frame makes the
 direction unambiguous.
 

@@ -3,6 +3,7 @@
 ``evaluate_clips(videos, labels)`` reports, from :func:`methods.analyzer.analyze`:
 
 * ``acc_shape``, ``acc_colour``, ``acc_direction``, ``acc_all`` — prompt accuracy;
+* ``detected`` — fraction of clips with a shape in at least two frames;
 * ``smoothness`` — mean residual (px) of a straight-line fit to the centroid track;
 * ``diversity`` — mean pairwise feature distance among clips that share a prompt;
 * ``fd`` — Fréchet distance (Heusel et al. 2017, Eq. 6) between the analyzer features of the
