@@ -17,7 +17,7 @@ class RunLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             kept = [
-                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] < resume_step
+                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step
             ]
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None:

@@ -1,0 +1,74 @@
+"""The `vdistill` CLI end to end on the tiny preset (CPU, seconds)."""
+
+import json
+
+import pytest
+
+from methods.cli import main
+
+
+def test_dry_run_prints_resolved_config(capsys):
+    assert main(["pretrain", "--preset", "shapes", "--steps", "7", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["steps"] == 7 and cfg["model"]["dim"] == 192
+
+
+def test_unknown_preset_is_a_clear_error(capsys):
+    assert main(["pretrain", "--preset", "huge"]) == 2
+    assert "unknown preset 'huge'" in capsys.readouterr().err
+
+
+def test_missing_model_is_a_clear_error(tmp_path, capsys):
+    assert main(["evaluate", "--model", str(tmp_path / "none.safetensors")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert main(["pretrain", "--preset", "tiny", "--steps", "4", "--out", str(out)]) == 0
+    assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
+    return out / "student_ema.safetensors"
+
+
+def test_sample_writes_clips_and_grids(tiny_model, tmp_path):
+    out = tmp_path / "samples"
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                str(tiny_model),
+                "--steps",
+                "2",
+                "--prompt",
+                "a red circle moving left",
+                "--prompt",
+                "a blue square moving up",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in out.glob("*.gif")) == [
+        "000_a_red_circle_moving_left.gif",
+        "001_a_blue_square_moving_up.gif",
+    ]
+    assert (out / "grid.png").stat().st_size > 0
+
+
+def test_sample_rejects_unknown_words(tiny_model, tmp_path, capsys):
+    assert (
+        main(["sample", "--model", str(tiny_model), "--prompt", "a red dragon moving left", "--out", str(tmp_path)])
+        == 2
+    )
+    assert "dragon" in capsys.readouterr().err
+
+
+def test_evaluate_writes_rows(tiny_model, tmp_path):
+    out = tmp_path / "eval.json"
+    assert main(["evaluate", "--model", str(tiny_model), "--steps", "1", "2", "--num", "8", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["steps"] for r in rows] == [1, 2]
+    assert all(0 <= r["acc_all"] <= 1 for r in rows)

@@ -1,0 +1,94 @@
+"""The shared trainer: exact resume, atomic checkpoints, exports, errors."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from methods import checkpoint as ckpt
+from methods.batches import Prefetched, ShapesBatches
+from methods.presets import tiny
+from methods.pretrain import FlowMatching
+from methods.text import WordTextEncoder
+from methods.trainer import TrainConfig, Trainer
+from models.dit import VideoDiT
+
+
+def _trainer(run_dir, steps, prefetch=True):
+    run = tiny()
+    run = replace(run, train=replace(run.train, steps=steps, ckpt_every=3, log_every=1))
+    torch.manual_seed(run.train.seed)
+    text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
+    data = ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed)
+    data = Prefetched(data) if prefetch else data
+    return Trainer(FlowMatching(VideoDiT(run.model), run.flow), data, run.train, run_dir, run_config=run.to_dict())
+
+
+def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
+    full = _trainer(tmp_path / "full", steps=6).fit()
+    _trainer(tmp_path / "cut", steps=3).fit()  # "interrupted" after the checkpoint at step 3
+    resumed_trainer = _trainer(tmp_path / "cut", steps=6)
+    resumed = resumed_trainer.fit(resume=True)
+    assert [r["step"] for r in resumed] == [4, 5, 6]
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[3:]]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full[3:]]
+    log_steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert log_steps == [1, 2, 3, 4, 5, 6]  # the resumed log continues, no duplicates
+    resumed_trainer.data.close()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "checkpoints" / "step_00000001.pt"
+
+    def broken_save(obj, f):
+        with open(f, "wb") as fh:
+            fh.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(path, {"step": 1})
+    assert not path.exists()
+    assert list(path.parent.iterdir()) == []  # no temp file left behind
+
+
+def test_corrupt_and_missing_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"\x00garbage")
+    with pytest.raises(ValueError, match="corrupt"):
+        ckpt.load_checkpoint(bad)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a vdistill training checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not safetensors|corrupt"):
+        ckpt.load_dit(bad)
+
+
+def test_export_round_trips_ema_weights(tmp_path):
+    trainer = _trainer(tmp_path, steps=3, prefetch=False)
+    trainer.fit()
+    paths = trainer.export()
+    model, meta = ckpt.load_dit(paths["ema"])
+    assert meta["recipe"] == "pretrain" and meta["step"] == 3
+    ema = dict(zip([n for n, _ in trainer.recipe.student.named_parameters()], trainer.ema.tensors(0)))
+    for name, p in model.named_parameters():
+        assert torch.equal(p, ema[name]), name
+    raw, _ = ckpt.load_dit(paths["raw"])
+    assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), model.parameters()))
+
+
+def test_checkpoints_are_pruned(tmp_path):
+    _trainer(tmp_path, steps=9, prefetch=False).fit()
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000006.pt", "step_00000009.pt"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"), ({"precision": "fp8"}, "precision"), ({"device": "tpu"}, "device")],
+)
+def test_bad_train_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
