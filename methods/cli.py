@@ -9,7 +9,7 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from methods import commands
@@ -72,11 +72,26 @@ def _add_demo(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
 
 
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student")
+    p.add_argument("method", help="reflow | progressive | consistency | rcm")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors (e.g. the shipped one)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--steps", type=int, help="override the method's number of training steps")
+    p.add_argument("--batch-size", type=int, help="override the batch size")
+    p.add_argument("--lr", type=float, help="override the learning rate")
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_sample, _add_evaluate, _add_demo):
+    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo):
         add(sub)
     return parser
 
@@ -102,11 +117,34 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from methods.distill import apply_overrides, distill, distiller
+
+    module = distiller(args.method)
+    overrides = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    train = replace(module.default_train(), **{k: v for k, v in overrides.items() if v is not None})
+    cfg = apply_overrides(module.Config(), args.set)
+    if args.dry_run:
+        print(json.dumps({"method": args.method, "train": asdict(train), "method_config": asdict(cfg)}, indent=2))
+        return 0
+    if not args.teacher.is_file():
+        raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
+    distill(args.method, args.teacher, args.out, train, cfg, resume=args.resume)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     handlers = {
         "pretrain": _pretrain,
+        "distill": _distill,
         "sample": commands.sample,
         "evaluate": commands.evaluate,
         "demo": commands.demo,

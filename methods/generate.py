@@ -15,7 +15,7 @@ import torch
 
 from methods.checkpoint import load_dit
 from methods.data import COLOURS, DIRECTIONS, SHAPES, ShapesConfig, prompt_for
-from methods.samplers import sample_rf
+from methods.samplers import consistency_times, sample_consistency, sample_rf
 from methods.text import WordTextEncoder
 from models.dit import VideoDiT
 from models.parameterization import guided
@@ -67,9 +67,12 @@ def generate(
     seed: int = 0,
     batch_size: int = 128,
 ) -> torch.Tensor:
-    """Clips [n, 3, T, H, W] in [-1, 1] for labels [n, 3] with the RF teacher sampler.
+    """Clips [n, 3, T, H, W] in [-1, 1] for labels [n, 3], with the sampler the model was exported for.
 
-    Noise for sample i depends only on (seed, i), so results do not depend on batch_size.
+    `bundle.meta["sampler"]` selects it: {"kind": "ode"} (teacher, ReFlow, progressive students:
+    Euler/Heun on the shifted grid) or {"kind": "consistency", "times": {steps: [RF times]}}
+    (consistency and rCM students). Noise for sample i depends only on (seed, i), so results do
+    not depend on batch_size.
     """
     scale = bundle.cfg_scale if cfg_scale is None else cfg_scale
     device = bundle.device
@@ -81,9 +84,20 @@ def generate(
         text = bundle.text.encode(prompts, device)
         velocity = guided(bundle.model, text, bundle.text.null(1, device), scale)
         with _autocast(device):
-            clips = sample_rf(velocity, noise, steps, solver)
+            clips = _run_sampler(bundle, velocity, noise, steps, solver, seed * 1_000_003 + start)
         out.append(clips.float().clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+def _run_sampler(bundle: ModelBundle, velocity, noise: torch.Tensor, steps: int, solver: str, seed: int):
+    spec = bundle.meta.get("sampler", {"kind": "ode"})
+    shift = float(spec.get("shift", 1.0))
+    if spec["kind"] == "ode":
+        return sample_rf(velocity, noise, steps, solver, shift)
+    if spec["kind"] == "consistency":
+        times = spec.get("times", {}).get(str(steps)) or consistency_times(steps, shift)
+        return sample_consistency(velocity, noise, times, torch.Generator().manual_seed(seed))
+    raise ValueError(f"model file names an unknown sampler {spec!r}")
 
 
 def _autocast(device: torch.device):

@@ -48,3 +48,35 @@ def sample_rf(
         heun = solver == "heun" and grid[i + 1] > 0
         x = x + h * 0.5 * (v + velocity(x_euler, s_next)) if heun else x_euler
     return x
+
+
+@torch.no_grad()
+def sample_consistency(
+    velocity: Velocity,
+    noise: torch.Tensor,
+    times: list[float],
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1) in RF coordinates.
+
+    At each RF time s_i (times[0] is usually 1, pure noise) the student's data prediction
+    x0 = x_s - s·v(x_s, s) — the consistency function, exact at s = 0 — is re-noised to s_{i+1}
+    with fresh noise: x = (1 - s_{i+1})·x0 + s_{i+1}·ε. Returns the last x0 prediction.
+    `generator` (CPU) makes the re-noising reproducible.
+    """
+    if not times or any(not 0 < s <= 1 for s in times) or any(a <= b for a, b in zip(times, times[1:])):
+        raise ValueError(f"times must be a non-empty, strictly decreasing list in (0, 1], got {times}")
+    b = noise.shape[0]
+    x = noise
+    for i, s in enumerate(times):
+        s_vec = torch.full((b,), s, device=noise.device)
+        x0 = x - s * velocity(x, s_vec).to(x.dtype)
+        if i + 1 < len(times):
+            eps = torch.randn(noise.shape, generator=generator).to(noise.device, noise.dtype)
+            x = (1 - times[i + 1]) * x0 + times[i + 1] * eps
+    return x0
+
+
+def consistency_times(steps: int, shift: float = 1.0) -> list[float]:
+    """Default RF times for `steps`-step consistency sampling: the first `steps` points of the ODE grid."""
+    return rf_time_grid(steps, shift)[:-1].tolist()

@@ -117,6 +117,7 @@ class Trainer:
         self.ema = EMA(recipe.student, [EMAProfile(sigma_rel=s) for s in cfg.ema_sigma_rels])
         self.step = 0
         self.run_config = {"train": asdict(cfg), **(run_config or {})}
+        self.export_meta: dict = {}  # extra metadata for exported weights (e.g. the student's sampler)
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -158,7 +159,7 @@ class Trainer:
 
     def export(self) -> dict[str, Path]:
         """Write the raw student and EMA profile 0 as safetensors next to the checkpoints."""
-        meta = {"recipe": self.recipe.name, "step": self.step, "run_config": self.run_config}
+        meta = {"recipe": self.recipe.name, "step": self.step, "run_config": self.run_config, **self.export_meta}
         paths = {"raw": self.run_dir / "student.safetensors", "ema": self.run_dir / "student_ema.safetensors"}
         save_weights(paths["raw"], self.recipe.student, meta)
         with self.ema.swapped(self.recipe.student, profile=0):
