@@ -28,6 +28,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
+    p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
     p.add_argument(
         "--profile-window",
         type=int,
@@ -82,6 +83,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--lr", type=float, help="override the learning rate")
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
     p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
@@ -108,6 +110,7 @@ def _pretrain(args) -> int:
         "precision": args.precision,
         "profile_window": tuple(args.profile_window) if args.profile_window else None,
         "tensorboard": args.tensorboard or None,
+        "time_limit_s": args.time_limit,
     }
     run = replace(run, train=replace(run.train, **{k: v for k, v in overrides.items() if v is not None}))
     if args.dry_run:
@@ -127,6 +130,7 @@ def _distill(args) -> int:
         "lr": args.lr,
         "device": args.device,
         "seed": args.seed,
+        "time_limit_s": args.time_limit,
     }
     train = replace(module.default_train(), **{k: v for k, v in overrides.items() if v is not None})
     cfg = apply_overrides(module.Config(), args.set)

@@ -57,6 +57,7 @@ class TrainConfig:
     precision: str = "bf16"  # autocast dtype on CUDA ("bf16" or "fp32"); CPU always runs fp32
     profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
     tensorboard: bool = False
+    time_limit_s: float | None = None  # stop early (checkpointed) once this much wall time has passed
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size"):
@@ -95,9 +96,7 @@ def _set_rng_state(state: dict) -> None:
 class Trainer:
     """Runs `recipe` on batches from `data` (an iterator of `Batch` with state_dict/load_state_dict)."""
 
-    def __init__(
-        self, recipe: Recipe, data, cfg: TrainConfig, run_dir: str | Path, run_config: dict | None = None
-    ):
+    def __init__(self, recipe: Recipe, data, cfg: TrainConfig, run_dir: str | Path, run_config: dict | None = None):
         self.recipe, self.data, self.cfg = recipe, data, cfg
         self.run_dir = Path(run_dir)
         self.device = cfg.resolved_device()
@@ -163,9 +162,7 @@ class Trainer:
         paths = {"raw": self.run_dir / "student.safetensors", "ema": self.run_dir / "student_ema.safetensors"}
         save_weights(paths["raw"], self.recipe.student, meta)
         with self.ema.swapped(self.recipe.student, profile=0):
-            save_weights(
-                paths["ema"], self.recipe.student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]}
-            )
+            save_weights(paths["ema"], self.recipe.student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]})
         return paths
 
     # ---- training ----------------------------------------------------------------------------
@@ -218,13 +215,18 @@ class Trainer:
                     metrics = self.train_step(self.step)
                 self.step += 1
                 bar.update(1)
-                if self.step % self.cfg.log_every == 0 or self.step == self.cfg.steps:
-                    metrics["wall_s"] = time.perf_counter() - start_time
-                    runlog.write(self.step, metrics)
-                    rows.append({"step": self.step, **metrics})
+                elapsed = time.perf_counter() - start_time
+                out_of_time = self.cfg.time_limit_s is not None and elapsed > self.cfg.time_limit_s
+                last = self.step == self.cfg.steps or out_of_time
+                if self.step % self.cfg.log_every == 0 or last:
+                    runlog.write(self.step, {**metrics, "wall_s": elapsed})
+                    rows.append({"step": self.step, **metrics, "wall_s": elapsed})
                     bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if self.step % self.cfg.ckpt_every == 0 or self.step == self.cfg.steps:
+                if self.step % self.cfg.ckpt_every == 0 or last:
                     self.save()
+                if out_of_time:
+                    log.warning("time limit of %.0f s reached at step %d; stopping", self.cfg.time_limit_s, self.step)
+                    break
         finally:
             window.close()
             bar.close()

@@ -92,3 +92,11 @@ def test_checkpoints_are_pruned(tmp_path):
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path, steps=50, prefetch=False)
+    trainer.cfg.time_limit_s = 0.0
+    rows = trainer.fit()
+    assert [r["step"] for r in rows] == [1]
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000001.pt"]
