@@ -1,0 +1,292 @@
+"""Benchmark the Triton attention kernels (forward, forward+JVP, backward) against PyTorch.
+
+One run times, side by side on the same inputs:
+  fwd      ours (`kernels.attention`) vs SDPA flash / cuDNN / memory-efficient backends
+  fwd+jvp  ours (`kernels.attention_jvp`, one fused pass), ours through `torch.func.jvp`, vs
+           `torch.func.jvp` over SDPA's math backend (only where the Nq×Nk scores fit) and the
+           `jvp_flash_attention` package (if importable)
+  bwd      ours vs the three SDPA backends (backward only: the forward graph is built once)
+Rows: ms (median, p20, p80 of `triton.testing.do_bench`), TFLOP/s from 4·B·H·Nq·Nk·D (fwd),
+12·… (fwd+jvp), 10·… (bwd), peak extra memory (max_memory_allocated over the call minus before).
+Every provider is checked against an fp32 reference (chunked over query rows, so it fits at 32k
+tokens) before it is timed; failures are recorded, never fatal. Inputs are transposed views of
+[B, N, H, D] tensors (the DiT's layout), bf16 by default.
+
+    python -m bench.bench_attention [--quick] [--out bench/results] [--dtype bf16|fp16]
+
+Budget on an H200: full run (4 shapes, autotuning included) ~150 s; --quick (Wan 480p shape, no
+autotuning) ~60 s. CPU smoke test of the script's logic:
+`TRITON_INTERPRET=1 python -m bench.bench_attention --device cpu --tiny`.
+The helpers below stand in for a shared harness (bench/harness.py did not exist when written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = {  # name: (B, H, Nq, Nk, D)
+    "wan1.3b-480p": (1, 12, 32760, 32760, 128),
+    "b2h16-8k-d64": (2, 16, 8192, 8192, 64),
+    "4k-d128": (1, 12, 4096, 4096, 128),
+    "cross-32760x512": (1, 12, 32760, 512, 128),
+}
+QUICK = ["wan1.3b-480p"]
+TINY = {"tiny-97x33": (1, 2, 97, 33, 16), "tiny-cross": (2, 1, 17, 40, 32)}
+FLOPS = {"fwd": 4, "fwd+jvp": 12, "bwd": 10}
+MATH_SCORE_BYTES = 4.5e9  # torch.func.jvp over math attention only where one fp32 Nq×Nk fits this
+TOL = 5e-2  # max |err| <= TOL · max |ref| (bf16 math-backend tangents reach ~1e-2; a masking bug gives ~1)
+
+
+def _meta(device: torch.device, argv: list[str]) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                check=False).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "argv": argv,
+    }
+
+
+def _timer(device: torch.device, rep_ms: int) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return lambda fn: tuple(do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+
+    def cpu_time(fn):
+        runs = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            runs.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(runs), min(runs), max(runs)
+
+    return cpu_time
+
+
+def _peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def reference(q, k, v, tq, tk, tv, do, scale: float, rows: int = 2048) -> dict[str, torch.Tensor]:
+    """fp32 O, Ȯ (DESIGN.md tangent formula) and dQ, dK, dV, chunked over query rows (no full Nq×Nk)."""
+    f = lambda t: t.float()
+    q, k, v, tq, tk, tv, do = map(f, (q, k, v, tq, tk, tv, do))
+    out = {name: torch.zeros_like(t) for name, t in (("o", q), ("t_o", q), ("dq", q), ("dk", k), ("dv", v))}
+    for i in range(0, q.shape[2], rows):
+        sl = slice(i, i + rows)
+        qc, tqc, doc = q[:, :, sl], tq[:, :, sl], do[:, :, sl]
+        p = torch.softmax(torch.matmul(qc, k.transpose(-1, -2)) * scale, -1)
+        o = torch.matmul(p, v)
+        ps = p * (torch.matmul(tqc, k.transpose(-1, -2)) + torch.matmul(qc, tk.transpose(-1, -2))) * scale
+        out["o"][:, :, sl] = o
+        out["t_o"][:, :, sl] = torch.matmul(ps, v) - ps.sum(-1, keepdim=True) * o + torch.matmul(p, tv)
+        ds = p * (torch.matmul(doc, v.transpose(-1, -2)) - (doc * o).sum(-1, keepdim=True))
+        out["dq"][:, :, sl] = torch.matmul(ds, k) * scale
+        out["dk"] += torch.matmul(ds.transpose(-1, -2), qc) * scale
+        out["dv"] += torch.matmul(p.transpose(-1, -2), doc)
+    return out
+
+
+def _err(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
+    """Worst max-abs error relative to the reference's max magnitude, over the compared tensors."""
+    return max(((g.float() - w).abs().max() / w.abs().max().clamp_min(1e-12)).item() for g, w in zip(got, want))
+
+
+class Runner:
+    """Checks, times and records providers; one provider's failure never stops the run."""
+
+    def __init__(self, device: torch.device, rep_ms: int):
+        self.device, self.timer, self.rows = device, _timer(device, rep_ms), []
+
+    def run(self, shape: str, dims, op: str, provider: str, fn: Callable[[], object],
+            check: Callable[[], float]) -> None:
+        B, H, Nq, Nk, D = dims
+        row = {"shape": shape, "B": B, "H": H, "Nq": Nq, "Nk": Nk, "D": D, "op": op, "provider": provider}
+        try:
+            t0 = time.perf_counter()
+            row["rel_err"] = check()  # first call: compiles / autotunes
+            row["first_call_s"] = time.perf_counter() - t0
+            if not row["rel_err"] <= TOL:
+                raise AssertionError(f"relative error {row['rel_err']:.3g} > {TOL}")
+            med, p20, p80 = self.timer(fn)
+            row.update(ms=med, p20_ms=p20, p80_ms=p80, tflops=FLOPS[op] * B * H * Nq * Nk * D / med / 1e9)
+            row["peak_extra_mb"] = _peak_extra_mb(fn, self.device)
+        except Exception as exc:  # noqa: BLE001 - recorded; the other providers still run
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        self.rows.append(row)
+
+
+def _sdpa(backend):
+    from torch.nn.attention import sdpa_kernel
+
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return fn
+
+
+def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: torch.device) -> None:
+    from torch.nn.attention import SDPBackend
+
+    import kernels
+
+    B, H, Nq, Nk, D = dims
+    scale = D**-0.5
+    g = torch.Generator(device=device).manual_seed(0)
+    make = lambda n: torch.randn(B, n, H, D, device=device, generator=g).to(dtype).transpose(1, 2)
+    q, k, v, tq, tk, tv, do = make(Nq), make(Nk), make(Nk), make(Nq), make(Nk), make(Nk), make(Nq)
+    ref = reference(q, k, v, tq, tk, tv, do, scale)
+    run = lambda op, prov, fn, check: runner.run(name, dims, op, prov, fn, check)
+    sdpa = {"sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION), "sdpa-cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION),
+            "sdpa-efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION)}
+
+    with torch.no_grad():
+        fwd = {"ours": lambda: kernels.attention(q, k, v)}
+        fwd.update({prov: (lambda f=f: f(q, k, v)) for prov, f in sdpa.items()})
+        for prov, fn in fwd.items():
+            run("fwd", prov, fn, lambda fn=fn: _err((fn(),), (ref["o"],)))
+
+        jvps = {
+            "ours (attention_jvp)": lambda: kernels.attention_jvp(q, k, v, tq, tk, tv),
+            "ours (torch.func.jvp)": lambda: torch.func.jvp(kernels.attention, (q, k, v), (tq, tk, tv)),
+        }
+        if B * H * Nq * Nk * 4 <= MATH_SCORE_BYTES:
+            math = _sdpa(SDPBackend.MATH)
+            jvps["torch.func.jvp(sdpa-math)"] = lambda: torch.func.jvp(math, (q, k, v), (tq, tk, tv))
+        else:
+            runner.rows.append({"shape": name, "op": "fwd+jvp", "provider": "torch.func.jvp(sdpa-math)",
+                                "error": f"skipped: one fp32 Nq×Nk score tensor is {B * H * Nq * Nk * 4 / 1e9:.0f} GB"})
+        try:
+            from jvp_flash_attention.jvp_attention import attention as jvp_fa
+
+            jvps["jvp_flash_attention"] = lambda: torch.func.jvp(jvp_fa, (q, k, v), (tq, tk, tv))
+        except ImportError:
+            pass
+        for prov, fn in jvps.items():
+            run("fwd+jvp", prov, fn, lambda fn=fn: _err(fn(), (ref["o"], ref["t_o"])))
+
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    bwd = {"ours": lambda a, b, c: kernels.attention(a, b, c)}
+    bwd.update(sdpa)
+    for prov, f in bwd.items():
+        try:
+            out = f(*inputs)
+        except Exception as exc:  # noqa: BLE001 - e.g. a backend that does not take this shape
+            runner.rows.append({"shape": name, "op": "bwd", "provider": prov, "error": f"{type(exc).__name__}: {exc}"})
+            continue
+        fn = lambda out=out: torch.autograd.grad(out, inputs, do, retain_graph=True)
+        run("bwd", prov, fn, lambda fn=fn: _err(fn(), (ref["dq"], ref["dk"], ref["dv"])))
+        del out
+
+
+def _best_configs() -> dict:
+    mod = lambda name: importlib.import_module(f"kernels.{name}")  # `kernels.attention_jvp` is also a function
+    bwd = mod("attention_bwd")
+    kernels_ = {"fwd": mod("attention_fwd")._attn_fwd_kernel, "fwd+jvp": mod("attention_jvp")._attn_fwd_jvp_kernel,
+                "bwd_dkdv": bwd._attn_bwd_dkdv_kernel, "bwd_dq": bwd._attn_bwd_dq_kernel}
+    return {name: {str(key): str(cfg) for key, cfg in getattr(k, "cache", {}).items()} for name, k in kernels_.items()}
+
+
+def _print_table(rows: list[dict]) -> None:
+    print(f"{'shape':<18} {'op':<8} {'provider':<28} {'ms':>9} {'p20':>9} {'p80':>9} {'TFLOP/s':>8} {'MiB':>8}  note")
+    for r in rows:
+        if "ms" in r:
+            mem = "-" if r.get("peak_extra_mb") is None else f"{r['peak_extra_mb']:.0f}"
+            print(f"{r['shape']:<18} {r['op']:<8} {r['provider']:<28} {r['ms']:>9.3f} {r['p20_ms']:>9.3f} "
+                  f"{r['p80_ms']:>9.3f} {r['tflops']:>8.1f} {mem:>8}  err {r['rel_err']:.1e}")
+        else:
+            print(f"{r['shape']:<18} {r['op']:<8} {r['provider']:<28} {'failed':>9}  {r['error'][:90]}")
+
+
+def _summary(rows: list[dict]) -> dict:
+    """Ratios the issue asks about, per shape: fwd+jvp / cuDNN fwd, ours fwd / flash fwd, ours bwd / flash bwd."""
+    ms = {(r["shape"], r["op"], r["provider"]): r["ms"] for r in rows if "ms" in r}
+    out = {}
+    for shape in dict.fromkeys(r["shape"] for r in rows):
+        get = lambda op, prov, shape=shape: ms.get((shape, op, prov))
+        pairs = {"fwd+jvp / sdpa-cudnn fwd": (get("fwd+jvp", "ours (attention_jvp)"), get("fwd", "sdpa-cudnn")),
+                 "ours fwd / sdpa-flash fwd": (get("fwd", "ours"), get("fwd", "sdpa-flash")),
+                 "ours bwd / sdpa-flash bwd": (get("bwd", "ours"), get("bwd", "sdpa-flash"))}
+        out[shape] = {k: (a / b if a and b else None) for k, (a, b) in pairs.items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="Wan 480p shape only, no autotuning (first config)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes (CPU/interpreter smoke test of the script)")
+    p.add_argument("--shapes", nargs="*", choices=sorted(SHAPES), help="subset of the benchmark shapes")
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16", help="input dtype (default bf16)")
+    p.add_argument("--device", default="cuda", help="cuda (default) or cpu (with TRITON_INTERPRET=1 and --tiny)")
+    p.add_argument("--rep-ms", type=int, default=60, help="do_bench repetition time per provider in ms")
+    p.add_argument("--no-autotune", action="store_true", help="use each kernel's first config (no autotuning)")
+    p.add_argument("--out", default="bench/results", help="directory for the JSON result file")
+    args = p.parse_args(argv)
+    if args.quick or args.no_autotune:
+        os.environ["VDISTILL_ATTN_AUTOTUNE"] = "0"  # read when kernels is first imported
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: use --device cpu --tiny with TRITON_INTERPRET=1 for a smoke test")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if device.type == "cpu":
+        dtype = torch.float32  # the interpreter's bf16 dots are wrong (DESIGN.md)
+    shapes = TINY if args.tiny else {n: SHAPES[n] for n in (QUICK if args.quick else args.shapes or SHAPES)}
+
+    t0 = time.perf_counter()
+    runner = Runner(device, args.rep_ms)
+    for name, dims in shapes.items():
+        bench_shape(runner, name, dims, dtype, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result = {**_meta(device, sys.argv[1:] if argv is None else argv), "dtype": str(dtype),
+              "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0", "rows": runner.rows,
+              "summary": _summary(runner.rows), "best_configs": _best_configs(),
+              "wall_s": time.perf_counter() - t0}
+    _print_table(runner.rows)
+    for shape, ratios in result["summary"].items():
+        print(shape, "  ".join(f"{k}: {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()))
+    print(f"wall {result['wall_s']:.1f} s")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"attention_{result['gpu'].replace(' ', '_')}_{stamp}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

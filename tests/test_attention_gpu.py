@@ -1,0 +1,108 @@
+"""Triton attention on CUDA: bf16/fp16 forward, tangent and gradients at long odd lengths.
+
+Rule (DESIGN.md): err(kernel vs fp32 reference) <= 2·err(torch in the same dtype vs fp32 reference)
++ atol. The same-dtype torch baseline is SDPA (flash backend where available) for O and dQ/dK/dV,
+and `torch.func.jvp` of attention written in that dtype for the tangent.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import attention, attention_jvp, attention_ref
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+SHAPES = [  # (B, H, Nq, Nk, D)
+    (1, 2, 999, 999, 64),
+    (1, 2, 1000, 1000, 128),
+    (1, 1, 4097, 4097, 128),
+    (2, 3, 999, 77, 64),  # cross-attention, short text
+    (1, 2, 1, 17, 128),
+]
+ATOL = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
+
+
+def _qkv(shape, dtype, seed=0, bnhd=True):
+    B, H, Nq, Nk, D = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def make(n):
+        if bnhd:  # the DiT's transposed view of [B, N, H, D]
+            return torch.randn(B, n, H, D, device="cuda", generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(B, H, n, D, device="cuda", generator=g).to(dtype)
+
+    return make(Nq), make(Nk), make(Nk)
+
+
+def _f32(*ts):
+    return tuple(t.float() for t in ts)
+
+
+def _lowp(q, k, v):
+    """Attention by torch entirely in the inputs' dtype (the same-precision tangent baseline)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.matmul(torch.softmax(s, -1), v)
+
+
+def _check(name, got, base, ref, atol):
+    err = (got.float() - ref).abs().max().item()
+    base_err = (base.float() - ref).abs().max().item()
+    assert err <= 2 * base_err + atol, f"{name}: kernel err {err:.3g} vs torch same-dtype err {base_err:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward(shape, dtype):
+    q, k, v = _qkv(shape, dtype)
+    o = attention(q, k, v)
+    assert o.stride() == q.stride()
+    _check("O", o, F.scaled_dot_product_attention(q, k, v), attention_ref(*_f32(q, k, v)), ATOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tangent(shape, dtype):
+    q, k, v = _qkv(shape, dtype)
+    tq, tk, tv = _qkv(shape, dtype, seed=1)
+    with torch.no_grad():
+        ref_o, ref_t = torch.func.jvp(attention_ref, _f32(q, k, v), _f32(tq, tk, tv))
+        base_o, base_t = torch.func.jvp(_lowp, (q, k, v), (tq, tk, tv))
+        o, t_o = attention_jvp(q, k, v, tq, tk, tv)
+        fused_o, fused_t = torch.func.jvp(attention, (q, k, v), (tq, tk, tv))
+    _check("O (jvp kernel)", o, base_o, ref_o, ATOL[dtype])
+    _check("tangent", t_o, base_t, ref_t, ATOL[dtype])
+    _check("tangent via torch.func.jvp", fused_t, base_t, ref_t, ATOL[dtype])
+    assert torch.equal(fused_o, o)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients(shape, dtype):
+    q, k, v = (t.requires_grad_() for t in _qkv(shape, dtype))
+    do = _qkv(shape, dtype, seed=2, bnhd=False)[0]
+    grads = torch.autograd.grad(attention(q, k, v), (q, k, v), do)
+    base = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v), (q, k, v), do)
+    qf, kf, vf = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(attention_ref(qf, kf, vf), (qf, kf, vf), do.float())
+    for name, g, b, r in zip(("dq", "dk", "dv"), grads, base, ref):
+        _check(name, g, b, r, ATOL[dtype])
+
+
+def test_fp32_inputs_are_tf32_accurate():
+    shape = (1, 2, 999, 1000, 64)
+    q, k, v = _qkv(shape, torch.float32)
+    ref = attention_ref(*(t.double() for t in (q, k, v)))
+    assert (attention(q, k, v).double() - ref).abs().max() < 5e-3  # TF32 dots: ~1e-3 relative
+
+
+def test_poisoned_output_fully_written(monkeypatch):
+    empty_like = torch.empty_like
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: empty_like(*a, **kw).fill_(float("nan")))
+    q, k, v = _qkv((1, 3, 1000, 999, 128), torch.bfloat16)
+    with torch.no_grad():
+        o, t_o = attention_jvp(q, k, v, *_qkv((1, 3, 1000, 999, 128), torch.bfloat16, seed=1))
+    assert torch.isfinite(o).all() and torch.isfinite(t_o).all()
+    assert torch.isfinite(attention(q, k, v)).all()
