@@ -80,6 +80,7 @@ if HAS_TRITON:
         ema0, ema1, ema2, ema3,  # fp32 flat EMA buffers (unused ones alias ema0)
         w0, w1, w2, w3,  # lerp weights 1 − β_k
         PARAM_DTYPE: tl.constexpr,  # 0 fp32, 1 bf16, 2 fp16
+        PARAM_BYTES: tl.constexpr,  # 4 or 2
         K: tl.constexpr,
         BLOCK: tl.constexpr,
         ALIGNED: tl.constexpr,  # every address is 16-byte aligned: allow vector loads
@@ -97,7 +98,9 @@ if HAS_TRITON:
         else:
             p_ptr = addr.to(tl.pointer_type(tl.float16))
         if ALIGNED:
-            p_ptr = tl.multiple_of(p_ptr, 16)
+            # 4 elements per vector access for every dtype (16 B fp32, 8 B half): params and fp32 EMA then
+            # share one register layout, so no shared-memory layout conversion is needed.
+            p_ptr = tl.multiple_of(p_ptr, 4 * PARAM_BYTES)
             seg = tl.multiple_of(seg, 32)
         offs = start + tl.arange(0, BLOCK)
         mask = offs < n
@@ -245,7 +248,7 @@ class EMA:
             _ema_update_kernel[(plan.n_programs,)](
                 plan.addr, plan.seg, plan.numel, plan.blk_tensor, plan.tensor_blk0,
                 *emas, *weights,
-                PARAM_DTYPE=plan.dtype_code, K=k, BLOCK=self.block, ALIGNED=plan.aligned,
+                PARAM_DTYPE=plan.dtype_code, PARAM_BYTES=4 if plan.dtype_code == 0 else 2, K=k, BLOCK=self.block, ALIGNED=plan.aligned,
                 num_warps=NUM_WARPS,
             )
 

@@ -8,16 +8,20 @@ Models", Sec. 2; σ_d = 1, see DESIGN.md):
 `trigflow_noise` draws ε inside the kernel and writes x_t and v in one pass (reads x0 once), so ε
 never has to be stored: `trigflow_eps` regenerates it from (seed, offset).
 
-Noise stream (Triton path, CUDA or interpreter): element (b, i) of a [B, ...] tensor, i the flat
-index inside sample b, takes normal number q = (i mod 4096) // 1024 of Philox4x32-10 with key
-`seed` and counter (c0, c1, c2, c3) = ((i // 4096)·1024 + i mod 1024, b, offset mod 2³²,
-offset // 2³²), the four uniforms turned into four normals by Box–Muller (`tl.pair_uniform_to_normal`).
-So ε depends only on (seed, offset, b, i): not on the batch size, dtype or device, and different
-offsets give independent streams. The CPU path without the interpreter draws ε with `torch.randn`
-from a `torch.Generator` seeded by a hash of (seed, offset): deterministic too, but a different
-stream from the Triton one.
+Noise stream (Triton path, CUDA or interpreter): element i (flat index inside sample b of a
+[B, ...] tensor) takes normal number i mod 4 of the Philox4x32-10 call with key `seed` and counter
+(i // 4, b, offset mod 2³², offset // 2³²); each call's four uint32 become four normals by two
+Box–Muller transforms. So ε depends only on (seed, offset, b, i): not on the batch size, dtype,
+device or launch configuration, and different offsets give independent streams. The CPU path
+without the interpreter draws ε with `torch.randn` from a `torch.Generator` seeded by a hash of
+(seed, offset): deterministic too, but a different stream from the Triton one.
 
-sCM tangent (same paper, Eq. 8 with the tangent normalisation of Sec. 4.2), per sample b:
+Box–Muller uses our own ln and sin/cos (plain `tl` arithmetic, |error| < 1e-7 and 3e-8) rather
+than libdevice's precise versions, which would make the kernel compute-bound: the same code runs
+in the interpreter and on the GPU.
+
+sCM training tangent (same paper, with tangent warm-up factor r and tangent normalisation; see
+DESIGN.md), per sample b:
 
     g = −cos²t·(F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + dF⁻/dt),      ĝ = g / (‖g‖₂ + c),
 
@@ -39,8 +43,8 @@ import torch
 
 from kernels._dispatch import HAS_TRITON, use_triton
 
-NOISE_GROUP = 4096  # elements per program of the noising kernel; part of the stream's definition
-NOISE_WARPS = 4
+NOISE_GROUP = 4096  # elements per program of the noising kernel (16 per thread)
+NOISE_WARPS = 8
 TANGENT_BLOCK = 4096
 TANGENT_WARPS = 8
 REDUCE_BLOCK = 1024
@@ -50,46 +54,77 @@ if HAS_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, idx, n, c, s, eps, MODE: tl.constexpr):
-        # MODE 0: x_t, v;  1: x_t, v, ε;  2: ε only
-        mask = idx < n
-        if MODE != 2:
-            x0 = tl.load(x0_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
-            tl.store(xt_ptr + base + idx, (c * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
-            tl.store(v_ptr + base + idx, (c * eps - s * x0).to(v_ptr.dtype.element_ty), mask=mask)
-        if MODE != 0:
-            tl.store(eps_ptr + base + idx, eps.to(eps_ptr.dtype.element_ty), mask=mask)
+    def _ln(u):
+        # ln u for u in (0, 1], |error| < 1e-7: u = m·2^e with m in [√½, √2), ln m = 2·atanh(s),
+        # s = (m − 1)/(m + 1), |s| < 0.172, series to s⁹ (next term < 1e-9). About 4× cheaper than libdevice.
+        bits = u.to(tl.int32, bitcast=True)
+        e = ((bits >> 23) & 0xFF) - 127
+        m = ((bits & 0x7FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
+        big = m > 1.4142135
+        m = tl.where(big, m * 0.5, m)
+        e = tl.where(big, e + 1, e)
+        s = (m - 1.0) / (m + 1.0)
+        s2 = s * s
+        ln_m = s * (2.0 + s2 * (0.6666666667 + s2 * (0.4 + s2 * (0.2857142857 + s2 * 0.2222222222))))
+        return e.to(tl.float32) * 0.6931471805599453 + ln_m
+
+    @triton.jit
+    def _cos_sin_turn(u):
+        # (cos θ, sin θ) for θ = 2πu − π/4, u in [0, 1): quadrant q = ⌊4u⌋ and a Taylor polynomial on
+        # |x| ≤ π/4 (|error| < 3e-8); θ is uniform on the circle whenever u is uniform.
+        y = u * 4.0
+        q = y.to(tl.int32)
+        x = (y - q.to(tl.float32) - 0.5) * 1.5707963267948966
+        x2 = x * x
+        sn = x * (1.0 + x2 * (-0.16666666667 + x2 * (0.0083333333333 + x2 * (-1.9841269841e-4 + x2 * 2.7557319224e-6))))
+        cs = 1.0 + x2 * (-0.5 + x2 * (0.041666666667 + x2 * (-1.3888888889e-3 + x2 * 2.4801587302e-5)))
+        odd = (q & 1) == 1  # quarter turn: (cos, sin) -> (−sin, cos)
+        a = tl.where(odd, -sn, cs)
+        b = tl.where(odd, cs, sn)
+        half = q >= 2  # half turn: negate both
+        return tl.where(half, -a, a), tl.where(half, -b, b)
+
+    @triton.jit
+    def _box_muller(r_a, r_b):
+        # two uint32 -> two independent N(0, 1): u1 in (0, 1] from 32 bits (radius ≤ 6.8), u2 in [0, 1) from 24 bits
+        u1 = (r_a.to(tl.float32) + 0.5) * 2.3283064365386963e-10
+        u2 = (r_b >> 8).to(tl.float32) * 5.960464477539063e-08
+        radius = tl.sqrt(-2.0 * _ln(u1))
+        c, s = _cos_sin_turn(u2)
+        return radius * c, radius * s
 
     @triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
     def _trigflow_noise_kernel(
         x0_ptr, t_ptr, xt_ptr, v_ptr, eps_ptr,  # [B, n] contiguous; t [B]
         n, blocks_per_sample, seed, off_lo, off_hi,
-        MODE: tl.constexpr,
-        Q: tl.constexpr,  # NOISE_GROUP // 4
+        MODE: tl.constexpr,  # 0: x_t, v;  1: x_t, v, ε;  2: ε only
+        Q: tl.constexpr,  # Philox calls per program (4·Q elements)
     ):
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
         blk = pid % blocks_per_sample
-        j = tl.arange(0, Q)
-        c0 = (blk * Q + j).to(tl.uint32)
+        c0 = (blk * Q + tl.arange(0, Q)).to(tl.uint32)
         zero = c0 * 0
         r0, r1, r2, r3 = tl.philox(seed, c0, zero + b.to(tl.uint32), zero + off_lo.to(tl.uint32),
                                    zero + off_hi.to(tl.uint32))
-        n0, n1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-        n2, n3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
+        n0, n1 = _box_muller(r0, r1)
+        n2, n3 = _box_muller(r2, r3)
+        # element 4k + q takes normal q of counter k. Joining keeps the 4 values in one thread, and the
+        # contiguity hint of 4 below gives the loads/stores the same layout: vector accesses and no
+        # shared-memory layout conversion.
+        eps = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), [4 * Q])
+        idx = tl.max_contiguous(tl.multiple_of(blk * (4 * Q) + tl.arange(0, 4 * Q), 4), 4)
+        mask = idx < n
+        base = b.to(tl.int64) * n
         if MODE != 2:
             tt = tl.load(t_ptr + b).to(tl.float32)
             c = tl.cos(tt)
             s = tl.sin(tt)
-        else:
-            c = 0.0
-            s = 0.0
-        base = b.to(tl.int64) * n
-        start = blk * (4 * Q)
-        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + j, n, c, s, n0, MODE)
-        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + Q + j, n, c, s, n1, MODE)
-        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + 2 * Q + j, n, c, s, n2, MODE)
-        _noise_part(x0_ptr, xt_ptr, v_ptr, eps_ptr, base, start + 3 * Q + j, n, c, s, n3, MODE)
+            x0 = tl.load(x0_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
+            tl.store(xt_ptr + base + idx, (c * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_ptr + base + idx, (c * eps - s * x0).to(v_ptr.dtype.element_ty), mask=mask)
+        if MODE != 0:
+            tl.store(eps_ptr + base + idx, eps.to(eps_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _scm_g(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, b, base, idx, mask, r):
