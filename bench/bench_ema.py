@@ -8,7 +8,8 @@ side by side in one run with `triton.testing.do_bench` (median, p20/p80):
             same parameter bytes (copy bandwidth = 2·bytes/time is the achievable ceiling).
   bf16-K1   bf16 params into fp32 EMA: ours vs `_foreach_lerp_` after `.float()` upcast copies, and
             vs `_foreach_mul_` + `_foreach_add_` with bf16 operands.
-  fp32-K2   two profiles in one pass vs two `_foreach_lerp_` calls (and bf16-K2 likewise).
+  fp32-K2   two profiles in one pass vs two `_foreach_lerp_` calls (and bf16-K2 likewise). By bytes
+            moved the best possible ratio is 24/20 = 1.2x for fp32 params and 30/18 = 1.67x for bf16.
 
 Bytes counted per element: params read once, every profile's EMA read and written once.
 Each provider is checked against `ema_update_ref` (one step from the same state) before timing.
@@ -205,12 +206,15 @@ def _goals(rows: list[dict]) -> list[dict]:
     bw = _ratio(rows, "fp32-K1", "ours", "device copy", key="gb_per_s")
     speed_bf16 = _ratio(rows, "bf16-K1", "foreach_lerp_ + .float()", "ours")
     speed_k2 = _ratio(rows, "fp32-K2", "2x foreach", "ours")
+    speed_k2_bf16 = _ratio(rows, "bf16-K2", "upcast + 2x", "ours")
     out = []
     for name, value, target in (
         ("fp32 EMA speed vs foreach_lerp_", speed_fp32, 0.95),
         ("fp32 EMA bandwidth / copy bandwidth", bw, 0.85),
         ("bf16->fp32 EMA speed vs foreach_lerp_ with upcast", speed_bf16, 2.5),
-        ("two profiles one pass vs two foreach_lerp_", speed_k2, 1.6),
+        # bytes moved bound this at 24/20 = 1.2x for fp32 params (30/18 = 1.67x for bf16 params)
+        ("two profiles one pass vs two foreach_lerp_ (fp32 params)", speed_k2, 1.6),
+        ("two profiles one pass vs upcast + two foreach_lerp_ (bf16 params)", speed_k2_bf16, 1.6),
     ):
         out.append({"goal": name, "value": value, "target": target, "met": value is not None and value >= target})
     return out
@@ -233,9 +237,8 @@ def main(argv: list[str] | None = None) -> dict:
     n_params = sum(torch.Size(s).numel() for s in shapes)
     rows: list[dict] = []
     runner = _Runner(_timer(device, args.rep_ms), rows)
-    cases = [("fp32-K1", torch.float32, 1), ("bf16-K1", torch.bfloat16, 1), ("fp32-K2", torch.float32, 2)]
-    if not args.quick:
-        cases.append(("bf16-K2", torch.bfloat16, 2))
+    cases = [("fp32-K1", torch.float32, 1), ("bf16-K1", torch.bfloat16, 1), ("fp32-K2", torch.float32, 2),
+             ("bf16-K2", torch.bfloat16, 2)]
     for name, dtype, k in cases:
         _case_single(runner, name, shapes, dtype, device, k, with_copy=name == "fp32-K1")
         gc.collect()  # free this case's parameters and EMA copies before the next
