@@ -11,10 +11,11 @@ p − (p − e)·(1 − w)), so the first power-EMA update (β_0 = 0) copies p e
 Layout: the fp32 EMA weights of one profile live in one flat buffer (each parameter's segment
 starts at a multiple of 32 elements); `tensors(k)` and `state_dict()` expose per-parameter views.
 One Triton launch per parameter dtype updates ALL parameters and ALL (≤ 4) profiles, reading
-each parameter once: a device table holds the parameters' addresses (int64, cast to a typed
-pointer in the kernel), EMA segment offsets and sizes, and a block → tensor map. bf16/fp16
-parameters are converted in registers, never copied. The tables are rebuilt only when a
-parameter's storage changes (its data_ptr moves).
+each parameter once: per-program device tables hold the address of the program's block of
+parameter elements (int64, cast to a typed pointer in the kernel), the matching offset in the
+flat EMA buffers and the element count (a block never spans two tensors). bf16/fp16 parameters
+are converted in registers, never copied. The tables are rebuilt only when a parameter's storage
+changes (its data_ptr moves).
 
 Dispatch (`kernels/_dispatch.py`): CUDA parameters run the Triton kernel; CPU parameters run
 `ema_update_ref` (`torch._foreach_lerp_`) unless TRITON_INTERPRET=1, where the same kernel runs
@@ -72,11 +73,9 @@ if HAS_TRITON:
 
     @triton.jit
     def _ema_update_kernel(
-        addr_table,  # int64 [T]: parameter addresses
-        seg_table,  # int64 [T]: start of each parameter's segment in the flat EMA buffers
-        numel_table,  # int64 [T]
-        blk_tensor,  # int32 [n_programs]: which parameter a program works on
-        tensor_blk0,  # int32 [T]: first program of each parameter
+        prog_addr,  # int64 [n_programs]: address of the program's first parameter element
+        prog_seg,  # int64 [n_programs]: matching element offset in the flat EMA buffers
+        prog_count,  # int32 [n_programs]: elements to update (BLOCK except at a tensor's end)
         ema0, ema1, ema2, ema3,  # fp32 flat EMA buffers (unused ones alias ema0)
         w0, w1, w2, w3,  # lerp weights 1 − β_k
         PARAM_DTYPE: tl.constexpr,  # 0 fp32, 1 bf16, 2 fp16
@@ -86,11 +85,9 @@ if HAS_TRITON:
         ALIGNED: tl.constexpr,  # every address is 16-byte aligned: allow vector loads
     ):
         pid = tl.program_id(0)
-        t = tl.load(blk_tensor + pid)
-        start = (pid - tl.load(tensor_blk0 + t)) * BLOCK
-        n = tl.load(numel_table + t)
-        seg = tl.load(seg_table + t)
-        addr = tl.load(addr_table + t)
+        addr = tl.load(prog_addr + pid)
+        seg = tl.load(prog_seg + pid)
+        count = tl.load(prog_count + pid)
         if PARAM_DTYPE == 0:
             p_ptr = addr.to(tl.pointer_type(tl.float32))
         elif PARAM_DTYPE == 1:
@@ -102,9 +99,9 @@ if HAS_TRITON:
             # share one register layout, so no shared-memory layout conversion is needed.
             p_ptr = tl.multiple_of(p_ptr, 4 * PARAM_BYTES)
             seg = tl.multiple_of(seg, 32)
-        offs = start + tl.arange(0, BLOCK)
-        mask = offs < n
-        if start + BLOCK <= n:  # full block: unmasked, vectorizable
+        offs = tl.arange(0, BLOCK)
+        mask = offs < count
+        if count == BLOCK:  # full block: unmasked, vectorizable
             _ema_block(p_ptr, ema0 + seg, ema1 + seg, ema2 + seg, ema3 + seg, offs, mask,
                        w0, w1, w2, w3, K, False)
         else:
@@ -131,14 +128,12 @@ def ema_update_ref(ema_tensors: Sequence[torch.Tensor], params: Sequence[torch.T
 
 @dataclasses.dataclass
 class _LaunchPlan:
-    """Device tables for one launch over all parameters of one dtype."""
+    """Per-program device tables for one launch over all parameters of one dtype."""
 
     dtype_code: int
     addr: torch.Tensor
     seg: torch.Tensor
-    numel: torch.Tensor
-    blk_tensor: torch.Tensor
-    tensor_blk0: torch.Tensor
+    count: torch.Tensor
     n_programs: int
     aligned: bool
 
@@ -195,8 +190,6 @@ class EMA:
                 raise ValueError(f"params[{name}] is on {p.device}, params[{self.names[0]}] on {self.device}")
             if not p.is_contiguous():
                 raise ValueError(f"params[{name}] is not contiguous (shape {tuple(p.shape)}, stride {p.stride()})")
-            if p.numel() >= 2**31 - block:
-                raise ValueError(f"params[{name}]: {p.numel()} elements, the kernel supports < 2**31 per tensor")
         numels = [p.numel() for p in self._params]
         self._segments: list[int] = []
         total = 0
@@ -246,7 +239,7 @@ class EMA:
         weights = [1.0 - b for b in betas] + [0.0] * (MAX_PROFILES - k)
         for plan in self._plans:
             _ema_update_kernel[(plan.n_programs,)](
-                plan.addr, plan.seg, plan.numel, plan.blk_tensor, plan.tensor_blk0,
+                plan.addr, plan.seg, plan.count,
                 *emas, *weights,
                 PARAM_DTYPE=plan.dtype_code, PARAM_BYTES=4 if plan.dtype_code == 0 else 2, K=k, BLOCK=self.block, ALIGNED=plan.aligned,
                 num_warps=NUM_WARPS,
@@ -259,21 +252,21 @@ class EMA:
             idx = [i for i, p in enumerate(self._params) if p.dtype == dtype and p.numel() > 0]
             if not idx:
                 continue
-            numels = [self._params[i].numel() for i in idx]
-            addrs = [self._params[i].data_ptr() for i in idx]
-            n_blocks = torch.tensor([-(-n // self.block) for n in numels], dtype=torch.int64)
-            blk0 = torch.cumsum(n_blocks, 0) - n_blocks
-            blk_tensor = torch.repeat_interleave(torch.arange(len(idx), dtype=torch.int32), n_blocks)
+            numel = torch.tensor([self._params[i].numel() for i in idx], dtype=torch.int64)
+            addr = torch.tensor([self._params[i].data_ptr() for i in idx], dtype=torch.int64)
+            seg = torch.tensor([self._segments[i] for i in idx], dtype=torch.int64)
+            n_blocks = (numel + self.block - 1) // self.block
+            owner = torch.repeat_interleave(torch.arange(len(idx)), n_blocks)  # program -> tensor
+            first = torch.cumsum(n_blocks, 0) - n_blocks
+            start = (torch.arange(len(owner)) - first[owner]) * self.block  # program's first element
             plans.append(
                 _LaunchPlan(
                     dtype_code=code,
-                    addr=torch.tensor(addrs, dtype=torch.int64).to(self.device),
-                    seg=torch.tensor([self._segments[i] for i in idx], dtype=torch.int64).to(self.device),
-                    numel=torch.tensor(numels, dtype=torch.int64).to(self.device),
-                    blk_tensor=blk_tensor.to(self.device),
-                    tensor_blk0=blk0.to(torch.int32).to(self.device),
-                    n_programs=int(n_blocks.sum()),
-                    aligned=flat_aligned and all(a % 16 == 0 for a in addrs),
+                    addr=(addr[owner] + start * self._params[idx[0]].element_size()).to(self.device),
+                    seg=(seg[owner] + start).to(self.device),
+                    count=torch.clamp(numel[owner] - start, max=self.block).to(torch.int32).to(self.device),
+                    n_programs=len(owner),
+                    aligned=flat_aligned and all(a % 16 == 0 for a in addr.tolist()),
                 )
             )
         return plans
