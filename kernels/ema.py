@@ -33,6 +33,8 @@ import torch
 from kernels._dispatch import HAS_TRITON, use_triton
 from kernels.ema_schedule import EMAProfile
 
+__all__ = ["EMA", "EMAProfile", "ema_update_ref"]
+
 MAX_PROFILES = 4
 BLOCK = 4096  # parameter elements per program
 NUM_WARPS = 8

@@ -43,6 +43,8 @@ import torch
 
 from kernels._dispatch import HAS_TRITON, use_triton
 
+__all__ = ["scm_tangent", "scm_tangent_ref", "trigflow_eps", "trigflow_noise", "trigflow_noise_ref"]
+
 NOISE_GROUP = 4096  # elements per program of the noising kernel (16 per thread)
 NOISE_WARPS = 8
 TANGENT_BLOCK = 4096
@@ -254,9 +256,9 @@ def _launch_noise(
 
 def trigflow_eps(
     like: torch.Tensor | Sequence[int],
-    *,
     seed: int,
     offset: int = 0,
+    *,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
