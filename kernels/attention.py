@@ -26,8 +26,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from kernels._dispatch import use_triton
-from kernels.attention_fwd import HEAD_DIMS
 from kernels.attention_ops import AttentionForwardADFunction, AttentionFunction, attention_fwd_jvp_op
+from kernels.attention_tuning import HEAD_DIMS
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

@@ -15,11 +15,12 @@ import triton
 import triton.language as tl
 
 from kernels._dispatch import INTERPRET
-from kernels.attention_fwd import LOG2E, configs, n_bucket, prune_for_head_dim
+from kernels.attention_tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row is the no-autotune default.
-DKDV_CONFIGS = [(64, 128, 8, 3), (32, 128, 4, 4), (64, 64, 4, 3), (32, 64, 4, 4)]
-DQ_CONFIGS = [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row is the conservative default. At D=128 on
+# sm_90 the dK/dV rows hold [BLOCK_N, D] K, V, dK, dV tiles: 32×128 / 8 warps fits without spills.
+DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (64, 128, 8, 3)]
+DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
 
 
 @triton.jit
@@ -69,8 +70,8 @@ def _dkdv_block(
 
 @triton.autotune(
     configs=configs(DKDV_CONFIGS),
-    key=["NQ_KEY", "NK_KEY", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": prune_for_head_dim},
+    key=KEY,
+    prune_configs_by={"early_config_prune": fit_smem("_attn_bwd_dkdv_kernel", lambda m, n, d: (2 * n * d, 2 * m * d))},
 )
 @triton.jit(do_not_specialize=["N_Q", "N_K", "NQ_KEY", "NK_KEY"])
 def _attn_bwd_dkdv_kernel(
@@ -131,8 +132,8 @@ def _dq_block(dq, q, do, lse2, delta, k_ptrs, v_ptrs, start_n, offs_n, N_K, stri
 
 @triton.autotune(
     configs=configs(DQ_CONFIGS),
-    key=["NQ_KEY", "NK_KEY", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": prune_for_head_dim},
+    key=KEY,
+    prune_configs_by={"early_config_prune": fit_smem("_attn_bwd_dq_kernel", lambda m, n, d: (2 * m * d, 2 * n * d))},
 )
 @triton.jit(do_not_specialize=["N_Q", "N_K", "NQ_KEY", "NK_KEY"])
 def _attn_bwd_dq_kernel(
@@ -191,10 +192,12 @@ def attention_bwd_triton(
     qk_scale = scale * LOG2E
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
     keys = (H, Nq, Nk, n_bucket(Nq), n_bucket(Nk))
-    _attn_bwd_dkdv_kernel[lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H)](
+    launch(
+        _attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H),
         q, k, v, do, lse, delta, dk, dv, qk_scale, scale, *common, *dk.stride(), *dv.stride(), *keys, HEAD_DIM=D,
     )
-    _attn_bwd_dq_kernel[lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)](
+    launch(
+        _attn_bwd_dq_kernel, lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
         q, k, v, do, lse, delta, dq, qk_scale, scale, *common, *dq.stride(), *keys, HEAD_DIM=D,
     )
     return dq, dk, dv

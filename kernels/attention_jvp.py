@@ -4,7 +4,8 @@ With S = c·QKᵀ, P = softmax(S), O = PV and tangents (Q̇, K̇, V̇) (DESIGN.m
     Ṡ = c(Q̇Kᵀ + QK̇ᵀ),   μ = rowsum(P⊙Ṡ),   Ȯ = (P⊙Ṡ)V − μ⊙O + PV̇.
 Streaming over KV blocks with the unnormalised P̃ = exp(S − m): keep l = rowsum(P̃), Õ = P̃V,
 T̃ = P̃V̇ + (P̃⊙Ṡ)V (the DESIGN's Ã + B̃ in one accumulator) and r = rowsum(P̃⊙Ṡ), all rescaled by
-the same α when the running max m grows. Epilogue: O = Õ/l, μ = r/l, Ȯ = T̃/l − μO.
+the same α when the running max m grows (lazily: see `attention_fwd._new_max`).
+Epilogue: O = Õ/l, μ = r/l, Ȯ = T̃/l − μO.
 Per KV block: 6 tile matmuls (QKᵀ, Q̇Kᵀ, QK̇ᵀ, P̃V, P̃V̇, (P̃⊙Ṡ)V), one exp — 12·B·H·Nq·Nk·D FLOPs.
 No Nq×Nk tensor is ever stored; extra memory is O and Ȯ plus an fp32 LSE per row.
 Q and Q̇ are loaded once per program; fp32 accumulators; exp2 with log2(e) folded into the scale.
@@ -16,17 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.attention_fwd import LOG2E, configs, n_bucket, prune_for_head_dim
+from kernels.attention_fwd import _new_max, lazy_tau
+from kernels.attention_tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages): two live [BLOCK_M, D] fp32 accumulators plus Q and Q̇
-# favour narrow KV tiles; the first row is the best public config at D=128 and the default.
-JVP_CONFIGS = [(128, 32, 8, 4), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 8, 3)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE): two live [BLOCK_M, D] fp32 accumulators
+# favour narrow KV tiles (BLOCK_M 128 / BLOCK_N 32 / 8 warps: 239 registers, no spills at D=128 on
+# sm_90); the first row is the conservative default.
+JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 4, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True),
+               (128, 64, 8, 3, True)]
 
 
 @triton.jit
 def _jvp_block(
     acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
-    stride_kn, stride_tkn, stride_vn, stride_tvn, qk_scale, scale, MASK_N: tl.constexpr,
+    stride_kn, stride_tkn, stride_vn, stride_tvn, qk_scale, scale, MASK_N: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr,
 ):
     """One KV block of the fused forward+tangent online softmax; masked only for the tail."""
     kn = start_n + offs_n
@@ -42,26 +46,33 @@ def _jvp_block(
         v = tl.load(v_ptrs + kn[:, None] * stride_vn)
         tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn)
     kt = tl.trans(k)
-    s = tl.dot(q, kt) * qk_scale  # log2 units
-    sd = tl.dot(q, tl.trans(tk), acc=tl.dot(tq, kt)) * scale  # Ṡ, natural units
+    s = tl.dot(q, kt)
+    sd = tl.dot(q, tl.trans(tk), acc=tl.dot(tq, kt)) * scale  # Ṡ
     if MASK_N:
         s = tl.where(valid[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = _new_max(m_i, tl.max(s, 1) * qk_scale, LAZY, TAU)
     alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])  # masked columns: p = 0, so Ṡ there never counts
+    p = tl.exp2(s * qk_scale - m_new[:, None])  # masked columns: p = 0, so Ṡ there never counts
     ps = p * sd
     l_i = l_i * alpha + tl.sum(p, 1)
     r_i = r_i * alpha + tl.sum(ps, 1)
+    if LAZY:
+        if tl.min(alpha, 0) < 1.0:  # block-uniform branch: most blocks skip the rescale
+            acc_o = acc_o * alpha[:, None]
+            acc_t = acc_t * alpha[:, None]
+    else:
+        acc_o = acc_o * alpha[:, None]
+        acc_t = acc_t * alpha[:, None]
     p_lo = p.to(v.dtype)
-    acc_o = tl.dot(p_lo, v, acc=acc_o * alpha[:, None])
-    acc_t = tl.dot(ps.to(v.dtype), v, acc=tl.dot(p_lo, tv, acc=acc_t * alpha[:, None]))
+    acc_o = tl.dot(p_lo, v, acc=acc_o)
+    acc_t = tl.dot(ps.to(v.dtype), v, acc=tl.dot(p_lo, tv, acc=acc_t))
     return acc_o, acc_t, l_i, r_i, m_new
 
 
 @triton.autotune(
     configs=configs(JVP_CONFIGS),
-    key=["NQ_KEY", "NK_KEY", "HEAD_DIM"],
-    prune_configs_by={"early_config_prune": prune_for_head_dim},
+    key=KEY,
+    prune_configs_by={"early_config_prune": fit_smem("_attn_fwd_jvp_kernel", lambda m, n, d: (2 * m * d, 4 * n * d))},
 )
 @triton.jit(do_not_specialize=["N_Q", "N_K", "NQ_KEY", "NK_KEY"])
 def _attn_fwd_jvp_kernel(
@@ -71,6 +82,7 @@ def _attn_fwd_jvp_kernel(
     sob, soh, son, sod, stob, stoh, ston, stod, slb, slh,
     H, N_Q, N_K, NQ_KEY, NK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -97,12 +109,12 @@ def _attn_fwd_jvp_kernel(
     for start_n in range(0, n_full, BLOCK_N):
         acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
             acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
-            skn, stkn, svn, stvn, qk_scale, scale, False,
+            skn, stkn, svn, stvn, qk_scale, scale, False, LAZY_RESCALE, LAZY_TAU,
         )
     if n_full < N_K:
         acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
             acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, n_full, offs_n, N_K,
-            skn, stkn, svn, stvn, qk_scale, scale, True,
+            skn, stkn, svn, stvn, qk_scale, scale, True, LAZY_RESCALE, LAZY_TAU,
         )
 
     inv_l = 1.0 / l_i
@@ -128,11 +140,12 @@ def attention_fwd_jvp_triton(
     t_o = torch.empty_like(q)
     lse = torch.empty((B, H, Nq), device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H)
-    _attn_fwd_jvp_kernel[grid](
+    launch(
+        _attn_fwd_jvp_kernel, grid,
         q, k, v, tq, tk, tv, o, t_o, lse, scale * LOG2E, scale,
         *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
         *o.stride(), *t_o.stride(), lse.stride(0), lse.stride(1),
         H, Nq, Nk, n_bucket(Nq), n_bucket(Nk),
-        HEAD_DIM=D,
+        HEAD_DIM=D, LAZY_TAU=lazy_tau(q.dtype),
     )
     return o, t_o, lse

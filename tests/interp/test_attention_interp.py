@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
+import triton
 
 import kernels
 from kernels import attention, attention_jvp, attention_ref
@@ -39,6 +40,17 @@ def poisoned_outputs(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(empty(*a, **kw)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
+
+
+@pytest.fixture(params=[True, False], ids=["lazy-rescale", "eager-rescale"])
+def rescale(request, monkeypatch):
+    """Run the forward and forward+tangent kernels with the lazy (default) or the eager rescale."""
+    kernels_ = (("kernels.attention_fwd", "_attn_fwd_kernel"), ("kernels.attention_jvp", "_attn_fwd_jvp_kernel"))
+    for module, name in kernels_:
+        kernel = getattr(sys.modules[module], name)
+        config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "LAZY_RESCALE": request.param}, num_warps=1, num_stages=1)
+        monkeypatch.setattr(kernel, "configs", [config])
+    return request.param
 
 
 def _tensor(B, H, N, D, layout, dtype, g):
@@ -81,7 +93,7 @@ def test_forward_and_lse(shape, layout):
 
 @pytest.mark.parametrize("layout", ["contiguous", "bnhd"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_tangent_against_func_jvp_and_finite_differences(shape, layout):
+def test_tangent_against_func_jvp_and_finite_differences(shape, layout, rescale):
     q, k, v = _qkv(shape, layout)
     tq, tk, tv = _qkv(shape, layout, seed=1)
     o, t_o = attention_jvp(q, k, v, tq, tk, tv)
@@ -93,6 +105,24 @@ def test_tangent_against_func_jvp_and_finite_differences(shape, layout):
     (qd, kd, vd), (tqd, tkd, tvd) = _f64(q, k, v), _f64(tq, tk, tv)
     fd = (ref(qd + h * tqd, kd + h * tkd, vd + h * tvd) - ref(qd - h * tqd, kd - h * tkd, vd - h * tvd)) / (2 * h)
     _close(t_o, fd, "tangent vs central differences")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_large_score_range(dtype, rescale):
+    """Scores spanning ~±60 (log2 units): the running max jumps past the lazy threshold repeatedly."""
+    shape = (1, 2, 33, 97, 32)
+    q, k, v = _qkv(shape, "bnhd", dtype=dtype)
+    tq, tk, tv = _qkv(shape, "bnhd", dtype=dtype, seed=1)
+    ramp = torch.linspace(0.2, 4.0, 97, dtype=dtype)[:, None]  # later keys score ever higher
+    k = (k * ramp).to(dtype)
+    q = (q * 4).to(dtype)
+    want_o, want_t = torch.func.jvp(attention_ref, _f64(q, k, v), _f64(tq, tk, tv))
+    o, t_o = attention_jvp(q, k, v, tq, tk, tv)
+    scale = want_t.abs().max().item()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # fp16 operands: P̃ and P̃⊙Ṡ rounded to fp16
+    assert (o.double() - want_o).abs().max() <= tol, "O"
+    assert (t_o.double() - want_t).abs().max() <= tol * max(scale, 1.0), "tangent"
+    assert (attention(q, k, v).double() - want_o).abs().max() <= tol, "forward kernel O"
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "bnhd", "d_strided"])
