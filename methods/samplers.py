@@ -41,13 +41,26 @@ def sample_rf(
     x = noise
     b = noise.shape[0]
     for i in range(steps):
-        s, s_next = grid[i].expand(b), grid[i + 1].expand(b)
-        h = (grid[i + 1] - grid[i]).to(x.dtype)
-        v = velocity(x, s)
-        x_euler = x + h * v
-        heun = solver == "heun" and grid[i + 1] > 0
-        x = x + h * 0.5 * (v + velocity(x_euler, s_next)) if heun else x_euler
+        x = ode_step(velocity, x, grid[i].expand(b), grid[i + 1].expand(b), solver)
     return x
+
+
+def ode_step(velocity: Velocity, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, solver: str = "euler"):
+    """One Euler or Heun step of dx/ds = v from per-sample times s [B] to s_next [B]; x [B, ...].
+
+    Heun's correction is skipped (Euler) where s_next == 0, as in `sample_rf`. Used by the
+    distillation recipes for their teacher steps (progressive, consistency).
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    h = (s_next - s).reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    v = velocity(x, s)
+    x_euler = x + h * v
+    if solver == "euler" or not bool((s_next > 0).any()):
+        return x_euler
+    x_heun = x + h * 0.5 * (v + velocity(x_euler, s_next))
+    last = (s_next == 0).reshape_as(h)
+    return torch.where(last, x_euler, x_heun)
 
 
 @torch.no_grad()

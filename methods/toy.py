@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from methods.recipe import Batch
 from methods.samplers import sample_rf
 from models.dit import sinusoidal_embedding
 from models.parameterization import rf_interpolate
@@ -50,6 +51,30 @@ class ToyVelocityNet(nn.Module):
     def forward(self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         temb = sinusoidal_embedding(time * 100.0, self.freq_dim).to(x.dtype)
         return self.net(torch.cat([x, temb], dim=-1))
+
+
+class ToyBatches:
+    """Endless toy `Batch`es (x0 [B, 2], placeholder text) for the `Trainer`; batch k depends only on
+    (seed, k), and the position is resumable like the video batch sources."""
+
+    def __init__(self, batch_size: int, seed: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.seed, self.position = batch_size, seed, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        x0 = toy_data(self.batch_size, seed=self.seed * 1_000_003 + self.position)
+        self.position += 1
+        return Batch(x0, toy_text(self.batch_size), TOY_TEXT)
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = int(state["position"])
 
 
 def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
