@@ -2,7 +2,8 @@
 
 One run times, side by side on the same inputs:
   fwd      ours (`kernels.attention`) vs SDPA flash / cuDNN / memory-efficient backends
-  fwd+jvp  ours (`kernels.attention_jvp`, one fused pass), ours through `torch.func.jvp`, vs
+  fwd+jvp  ours (`kernels.attention_jvp`, one fused pass), ours through `torch.func.jvp` (same
+           kernel), ours through the autograd.Function fallback (forward kernel + fused kernel), vs
            `torch.func.jvp` over SDPA's math backend (only where the Nq×Nk scores fit) and the
            `jvp_flash_attention` package (if importable)
   bwd      ours vs the three SDPA backends (backward only: the forward graph is built once)
@@ -157,6 +158,19 @@ def _sdpa(backend):
     return fn
 
 
+def _function_jvp(q, k, v, tq, tk, tv, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fallback forward-AD path (forward kernel, then AttentionForwardADFunction.jvp's fused kernel),
+    timed to justify routing plain forward AD to the one-pass kernel instead."""
+    import torch.autograd.forward_ad as fwAD
+
+    from kernels.attention_ops import AttentionForwardADFunction
+
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(p, t) for p, t in ((q, tq), (k, tk), (v, tv))]
+        out = fwAD.unpack_dual(AttentionForwardADFunction.apply(*duals, scale)[0])
+        return out.primal, out.tangent
+
+
 def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: torch.device) -> None:
     from torch.nn.attention import SDPBackend
 
@@ -181,6 +195,7 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
         jvps = {
             "ours (attention_jvp)": lambda: kernels.attention_jvp(q, k, v, tq, tk, tv),
             "ours (torch.func.jvp)": lambda: torch.func.jvp(kernels.attention, (q, k, v), (tq, tk, tv)),
+            "ours (Function fwd + jvp)": lambda: _function_jvp(q, k, v, tq, tk, tv, scale),
         }
         if B * H * Nq * Nk * 4 <= MATH_SCORE_BYTES:
             math = _sdpa(SDPBackend.MATH)

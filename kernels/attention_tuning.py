@@ -83,7 +83,7 @@ def n_bucket(n: int) -> int:
 def launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs); if autotuning fails to compile some config (e.g. an older Triton),
     log it and pin the kernel to its first, conservative config for this and all later calls."""
-    name = kernel.fn.__name__
+    name = getattr(kernel.fn, "__name__", repr(kernel.fn))
     try:
         kernel[grid](*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any compiler error; a second failure is raised below

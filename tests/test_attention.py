@@ -8,12 +8,15 @@ and tests/test_attention_gpu.py (CUDA).
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
 import kernels
+from kernels import attention_tuning as tuning
+from kernels._dispatch import INTERPRET
 from kernels.attention import _check_kernel_inputs
 from kernels.attention_ops import (
     AttentionForwardADFunction,
@@ -22,6 +25,8 @@ from kernels.attention_ops import (
     attention_fwd_jvp_op,
     attention_fwd_op,
 )
+
+pytestmark = pytest.mark.skipif(INTERPRET, reason="reference-path tests: run without TRITON_INTERPRET")
 
 SHAPES = [  # (B, H, Nq, Nk, D)
     (1, 1, 1, 1, 16),
@@ -199,3 +204,51 @@ def test_kernel_only_limits_are_refused():
     with pytest.raises(ValueError, match="Nq = 0"):
         _check_kernel_inputs(torch.empty(1, 1, 0, 64))
     _check_kernel_inputs(torch.empty(1, 1, 4, 128, dtype=torch.bfloat16))
+
+
+class _FakeQ:
+    is_cuda = True
+    device = torch.device("cuda", 0)
+
+    @staticmethod
+    def element_size() -> int:
+        return 2
+
+
+def test_fit_smem_lowers_stages_drops_misfits_and_honours_no_autotune(monkeypatch):
+    monkeypatch.setattr(tuning, "_smem_limit", lambda index: 100_000)
+    monkeypatch.setattr(tuning, "_pinned", set())
+    cfgs = tuning.configs([(128, 64, 8, 4, True), (64, 32, 4, 3, False), (256, 256, 8, 2, True)])
+    prune = tuning.fit_smem("k", lambda m, n, d: (m * d, 2 * n * d))
+    # bytes = 2·(m·d + stages·2·n·d) at d = 128: 128×64 fits with 2 stages, 64×32 with 3, 256×256 never
+    got = prune(cfgs, {"Q": _FakeQ()}, HEAD_DIM=128)
+    summary = [(c.kwargs["BLOCK_M"], c.num_stages, c.kwargs["LAZY_RESCALE"]) for c in got]
+    assert summary == [(128, 2, True), (64, 3, False)]
+    monkeypatch.setattr(tuning, "AUTOTUNE", False)
+    assert len(prune(cfgs, {"Q": _FakeQ()}, HEAD_DIM=128)) == 1
+
+
+def test_launch_pins_first_config_after_a_compile_failure(monkeypatch, caplog):
+    monkeypatch.setattr(tuning, "_pinned", set())
+
+    class FakeKernel:
+        """Fails while it may autotune over all configs, works once pinned to the first."""
+
+        def __init__(self, name):
+            self.fn, self.configs, self.cache, self.calls = SimpleNamespace(__name__=name), [0, 1], {1: 0}, 0
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                self.calls += 1
+                if self.fn.__name__ not in tuning._pinned or self.fn.__name__ == "always_fails":
+                    raise RuntimeError("PassManager::run failed")
+
+            return run
+
+    kernel = FakeKernel("flaky")
+    with caplog.at_level("WARNING"):
+        tuning.launch(kernel, (1,), 0, x=1)
+    assert kernel.calls == 2 and kernel.cache == {} and "flaky" in tuning._pinned
+    assert "autotuning failed" in caplog.text
+    with pytest.raises(RuntimeError, match="PassManager"):
+        tuning.launch(FakeKernel("always_fails"), (1,))
