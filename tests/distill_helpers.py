@@ -1,4 +1,5 @@
-"""Shared by the recipe tests: train a recipe on the 2-D toy with the real `Trainer`, and score samples."""
+"""Shared by the recipe tests: train a recipe with the real `Trainer` on the 2-D toy (and score its
+samples) or on a tiny DiT (for exact-resume checks)."""
 
 from __future__ import annotations
 
@@ -7,10 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from methods.batches import ShapesBatches
+from methods.generate import ModelBundle
+from methods.presets import tiny
 from methods.recipe import Recipe
 from methods.samplers import sample_consistency
+from methods.text import WordTextEncoder
 from methods.toy import ToyBatches, energy_distance, sliced_wasserstein, toy_data, toy_text
 from methods.trainer import TrainConfig, Trainer
+from models.dit import VideoDiT
 
 N_EVAL = 4000
 DATA_SEED, NOISE_SEED = 123, 1  # the same seeds for every method and the teacher
@@ -47,3 +53,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_dit_trainer(module, cfg, run_dir: Path, steps: int, ckpt_every: int = 3) -> Trainer:
+    """A `Trainer` running `module.build_recipe(teacher, cfg)` from a seeded random tiny DiT teacher
+    (guidance scale 2) on tiny moving-shapes batches; identical for identical arguments."""
+    run = tiny()
+    train = TrainConfig(
+        steps=steps, batch_size=2, lr=1e-3, warmup_steps=0, log_every=1, ckpt_every=ckpt_every,
+        ema_sigma_rels=(0.05,), device="cpu",
+    )
+    torch.manual_seed(0)
+    text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
+    teacher = ModelBundle(VideoDiT(run.model).eval(), text, run.data, 2.0, {})
+    recipe = module.build_recipe(teacher, cfg)
+    return Trainer(recipe, ShapesBatches(run.data, text, train.batch_size, seed=0), train, run_dir)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from toy_helpers import N_EVAL, NOISE_SEED, distances, fit_toy, one_thread  # noqa: F401
+from distill_helpers import N_EVAL, NOISE_SEED, distances, fit_toy, one_thread  # noqa: F401
 
 from methods import reflow
 from methods.recipe import Batch
