@@ -9,10 +9,12 @@ Models", Sec. 2; σ_d = 1, see DESIGN.md):
 never has to be stored: `trigflow_eps` regenerates it from (seed, offset).
 
 Noise stream (Triton path, CUDA or interpreter): element i (flat index inside sample b of a
-[B, ...] tensor) takes normal number i mod 4 of the Philox4x32-10 call with key `seed` and counter
-(i // 4, b, offset mod 2³², offset // 2³²); each call's four uint32 become four normals by two
-Box–Muller transforms. So ε depends only on (seed, offset, b, i): not on the batch size, dtype,
-device or launch configuration, and different offsets give independent streams. The CPU path
+[B, ...] tensor) takes n_(i mod 4) of the Philox4x32-10 call (Triton's `tl.philox`) with key
+`seed` and counter (i // 4, b, offset mod 2³², offset // 2³²). Its outputs r0..r3 give
+(n0, n1) = BoxMuller(r0, r1) and (n2, n3) = BoxMuller(r2, r3), where BoxMuller(a, b) =
+ρ·(cos θ, sin θ), ρ = sqrt(−2 ln((a + ½)·2⁻³²)), θ = 2π·⌊b/2⁸⌋·2⁻²⁴ − π/4. So ε depends only on
+(seed, offset, b, i): not on the batch size, dtype, device or launch configuration, and different
+offsets give independent streams (tests/interp/test_trigflow_interp.py rebuilds it in NumPy). The CPU path
 without the interpreter draws ε with `torch.randn` from a `torch.Generator` seeded by a hash of
 (seed, offset): deterministic too, but a different stream from the Triton one.
 
@@ -111,10 +113,10 @@ if HAS_TRITON:
                                    zero + off_hi.to(tl.uint32))
         n0, n1 = _box_muller(r0, r1)
         n2, n3 = _box_muller(r2, r3)
-        # element 4k + q takes normal q of counter k. Joining keeps the 4 values in one thread, and the
-        # contiguity hint of 4 below gives the loads/stores the same layout: vector accesses and no
-        # shared-memory layout conversion.
-        eps = tl.reshape(tl.join(tl.join(n0, n1), tl.join(n2, n3)), [4 * Q])
+        # element 4k + q takes normal q of counter k ([k, i, j] of the joins is element 4k + 2i + j).
+        # Joining keeps the 4 values in one thread, and the contiguity hint of 4 below gives the
+        # loads/stores the same layout: vector accesses and no shared-memory layout conversion.
+        eps = tl.reshape(tl.join(tl.join(n0, n2), tl.join(n1, n3)), [4 * Q])
         idx = tl.max_contiguous(tl.multiple_of(blk * (4 * Q) + tl.arange(0, 4 * Q), 4), 4)
         mask = idx < n
         base = b.to(tl.int64) * n

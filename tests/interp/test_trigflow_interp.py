@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -90,3 +91,32 @@ def test_kernel_tangent_half_output_and_odd_shape():
     assert out.dtype == torch.float16
     torch.testing.assert_close(norm, rnorm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+
+
+def _philox4x32_10(c: list[np.ndarray], seed: int) -> list[np.ndarray]:
+    """Philox4x32-10 (Salmon et al. 2011) in NumPy uint64 arithmetic, key = (seed lo, seed hi)."""
+    mask = np.uint64(0xFFFFFFFF)
+    c = [x.astype(np.uint64) for x in c]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        p0 = np.uint64(0xD2511F53) * c[0]
+        p2 = np.uint64(0xCD9E8D57) * c[2]
+        c = [(p2 >> np.uint64(32)) ^ c[1] ^ k0, p2 & mask, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & mask]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & mask, (k1 + np.uint64(0xBB67AE85)) & mask
+    return c
+
+
+def test_kernel_noise_follows_documented_stream():
+    seed, offset, B, n = 12_345_678_901, 2**32 + 3, 2, 4 * 9 + 3
+    got = trigflow_eps((B, n), seed, offset).double().numpy()
+    i = np.arange(n)
+    for b in range(B):
+        ctr = [i // 4, np.full(n, b), np.full(n, offset % 2**32), np.full(n, offset // 2**32)]
+        r = _philox4x32_10(ctr, seed)
+        normals = []
+        for a, bb in ((r[0], r[1]), (r[2], r[3])):
+            rho = np.sqrt(-2 * np.log((a.astype(np.float64) + 0.5) * 2.0**-32))
+            theta = 2 * np.pi * (bb >> np.uint64(8)).astype(np.float64) * 2.0**-24 - np.pi / 4
+            normals += [rho * np.cos(theta), rho * np.sin(theta)]
+        want = np.choose(i % 4, normals)
+        np.testing.assert_allclose(got[b], want, rtol=2e-6, atol=2e-6)
