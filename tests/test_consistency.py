@@ -1,0 +1,90 @@
+"""Consistency distillation: the 1-step student beats the 1-step teacher on the 2-D toy; boundary
+condition; EMA target; exact resume with the target network in the extra state."""
+
+import pytest
+import torch
+from distill_helpers import (  # noqa: F401
+    N_EVAL,
+    NOISE_SEED,
+    distances,
+    fit_toy,
+    one_thread,
+    tiny_dit_trainer,
+    toy_sample_consistency,
+)
+
+from methods import consistency
+from methods.recipe import Batch
+from methods.toy import TOY_TEXT, ToyVelocityNet, toy_data, toy_sample_ode, toy_teacher, toy_text
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
+    torch.manual_seed(0)
+    cfg = consistency.Config(intervals=32, solver="euler", target_decay=0.95)
+    recipe = consistency.Consistency(toy_teacher(), cfg)
+    fit_toy(recipe, tmp_path, steps=400)
+    times = consistency.sampler_meta(cfg)["times"]
+    teacher = distances(toy_sample_ode(toy_teacher(), N_EVAL, 1, seed=NOISE_SEED))
+    student = distances(toy_sample_consistency(recipe.student, times["1"]))
+    print(f"1 step: teacher {teacher}, consistency student {student}")
+    print(f"2 steps: consistency student {distances(toy_sample_consistency(recipe.student, times['2']))}")
+    assert student["sw"] < teacher["sw"] / 2 and student["energy"] < teacher["energy"] / 2
+
+
+def test_boundary_condition_is_exact():
+    model = ToyVelocityNet()
+    x = toy_data(16)
+    out = consistency.consistency_output(model, x, torch.zeros(16), toy_text(16))
+    assert torch.equal(out, x)
+    assert not torch.allclose(consistency.consistency_output(model, x, torch.full((16,), 0.5), toy_text(16)), x)
+
+
+def test_target_network_is_an_ema_of_the_student():
+    torch.manual_seed(0)
+    recipe = consistency.Consistency(ToyVelocityNet(), consistency.Config(target_decay=0.9))
+    batch = Batch(toy_data(8), toy_text(8), TOY_TEXT)
+    before = [p.clone() for p in recipe.target.parameters()]
+    with torch.no_grad():
+        for p in recipe.student.parameters():
+            p.add_(1.0)
+    recipe.auxiliary_step(batch, 0)
+    for t, b, s in zip(recipe.target.parameters(), before, recipe.student.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+    loss, _ = recipe.loss(batch, 1)
+    loss.backward()
+    assert all(p.grad is None for p in recipe.target.parameters())
+    assert all(p.grad is not None for p in recipe.student.parameters())
+
+
+@pytest.mark.parametrize("target_decay", [0.0, 0.9])
+def test_resume_is_exact(tmp_path, target_decay):
+    cfg = consistency.Config(intervals=8, target_decay=target_decay, loss="pseudo_huber")
+    full = tiny_dit_trainer(consistency, cfg, tmp_path / "full", steps=5).fit()
+    tiny_dit_trainer(consistency, cfg, tmp_path / "cut", steps=3).fit()
+    resumed = tiny_dit_trainer(consistency, cfg, tmp_path / "cut", steps=5).fit(resume=True)
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full[3:]]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full[3:]]
+
+
+def test_sampler_meta_times_come_from_the_schedule():
+    meta = consistency.sampler_meta(consistency.Config(shift=3.0, sample_steps=(1, 2, 4)))
+    assert meta["kind"] == "consistency" and sorted(meta["times"]) == ["1", "2", "4"]
+    assert meta["times"]["1"] == [1.0] and len(meta["times"]["4"]) == 4
+    assert all(a > b for a, b in zip(meta["times"]["4"], meta["times"]["4"][1:]))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"intervals": 0}, "intervals"),
+        ({"solver": "rk4"}, "solver"),
+        ({"target_decay": 1.0}, "target_decay"),
+        ({"sample_steps": ()}, "sample_steps"),
+        ({"loss": "l1"}, "loss"),
+    ],
+)
+def test_bad_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        consistency.Config(**kwargs)
