@@ -326,7 +326,8 @@ class EMA:
     @contextlib.contextmanager
     def swapped(self, module: torch.nn.Module, profile: int = 0) -> Iterator[torch.nn.Module]:
         """Context manager: `module` holds the EMA weights of `profile` inside, its own weights after
-        (restored bit-exactly from a copy, also when the body raises)."""
+        (restored bit-exactly from a copy, also when the body raises). Do not call `update()` inside:
+        it would average the EMA weights into themselves."""
         params = list(module.parameters())
         backup = [p.detach().clone() for p in params]
         self.copy_to(params, profile)
