@@ -6,7 +6,9 @@ One run times, side by side on the same inputs:
            kernel), ours through the autograd.Function fallback (forward kernel + fused kernel), vs
            `torch.func.jvp` over SDPA's math backend (only where the Nq×Nk scores fit) and the
            `jvp_flash_attention` package (if importable)
-  bwd      ours vs the three SDPA backends (backward only: the forward graph is built once)
+  bwd      ours (default: PyTorch's flash backward fed with our O and LSE, validated once against
+           our Triton backward), ours with the Triton backward, vs the three SDPA backends
+           (backward only: the forward graph is built once)
 Rows: ms (median, p20, p80 of `triton.testing.do_bench`), TFLOP/s from 4·B·H·Nq·Nk·D (fwd),
 12·… (fwd+jvp), 10·… (bwd), peak extra memory (max_memory_allocated over the call minus before).
 Every provider is checked against an fp32 reference (chunked over query rows, so it fits at 32k
@@ -171,6 +173,16 @@ def _function_jvp(q, k, v, tq, tk, tv, scale: float) -> tuple[torch.Tensor, torc
         return out.primal, out.tangent
 
 
+def _with_bwd_backend(name: str, fn: Callable[[], object]):
+    """fn() with kernels.attention_bwd_select.BACKEND set to name (ours: auto = validated flash bwd)."""
+    select = importlib.import_module("kernels.attention_bwd_select")
+    old, select.BACKEND = select.BACKEND, name
+    try:
+        return fn()
+    finally:
+        select.BACKEND = old
+
+
 def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: torch.device) -> None:
     from torch.nn.attention import SDPBackend
 
@@ -213,7 +225,7 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
             run("fwd+jvp", prov, fn, lambda fn=fn: _err(fn(), (ref["o"], ref["t_o"])))
 
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    bwd = {"ours": lambda a, b, c: kernels.attention(a, b, c)}
+    bwd = {"ours": kernels.attention, "ours (triton bwd)": kernels.attention}
     bwd.update(sdpa)
     for prov, f in bwd.items():
         try:
@@ -222,6 +234,8 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
             runner.rows.append({"shape": name, "op": "bwd", "provider": prov, "error": f"{type(exc).__name__}: {exc}"})
             continue
         fn = lambda out=out: torch.autograd.grad(out, inputs, do, retain_graph=True)
+        if prov == "ours (triton bwd)":
+            fn = lambda fn=fn: _with_bwd_backend("triton", fn)
         run("bwd", prov, fn, lambda fn=fn: _err(fn(), (ref["dq"], ref["dk"], ref["dv"])))
         del out
 
@@ -289,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**_meta(device, sys.argv[1:] if argv is None else argv), "dtype": str(dtype),
               "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0", "rows": runner.rows,
               "summary": _summary(runner.rows), "best_configs": _best_configs(),
+              "flash_bwd_state": dict(importlib.import_module("kernels.attention_bwd_select")._flash_state),
               "wall_s": time.perf_counter() - t0}
     _print_table(runner.rows)
     for shape, ratios in result["summary"].items():

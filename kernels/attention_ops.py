@@ -22,6 +22,7 @@ import torch.autograd.forward_ad as fwAD
 
 from kernels._dispatch import use_triton
 from kernels.attention_bwd import attention_bwd_triton
+from kernels.attention_bwd_select import attention_bwd_cuda
 from kernels.attention_fwd import attention_fwd_triton
 from kernels.attention_jvp import attention_fwd_jvp_triton
 
@@ -84,8 +85,10 @@ def _(q, k, v, tq, tk, tv, scale):
 def attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dQ, dK, dV), each in its primal's dtype and layout, from dO, O and LSE."""
+    """Gradients (dQ, dK, dV) in the primals' dtypes, from dO, O and LSE (CUDA: `attention_bwd_select`)."""
     if use_triton(do, q, k, v, o, lse):
+        if q.is_cuda:
+            return attention_bwd_cuda(do, q, k, v, o, lse, scale)
         return attention_bwd_triton(do, q, k, v, o, lse, scale)
     ct = _compute_dtype(q)
     qc, kc, vc, doc = q.to(ct), k.to(ct), v.to(ct), do.to(ct)

@@ -15,6 +15,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 import kernels
+from kernels import attention_bwd_select as bwd_select
 from kernels import attention_tuning as tuning
 from kernels._dispatch import INTERPRET
 from kernels.attention import _check_kernel_inputs
@@ -252,3 +253,36 @@ def test_launch_pins_first_config_after_a_compile_failure(monkeypatch, caplog):
     assert "autotuning failed" in caplog.text
     with pytest.raises(RuntimeError, match="PassManager"):
         tuning.launch(FakeKernel("always_fails"), (1,))
+
+
+def test_backward_backend_selection(monkeypatch):
+    """auto: flash backward validated once against Triton, then used; errors, disagreement, fp32 -> Triton."""
+    calls = []
+    grads = tuple(torch.ones(2) for _ in range(3))
+    monkeypatch.setattr(bwd_select, "attention_bwd_triton", lambda *a: calls.append("triton") or grads)
+    monkeypatch.setattr(bwd_select, "_flash_bwd", lambda *a: calls.append("flash") or grads)
+    monkeypatch.setattr(bwd_select, "_flash_state", {})
+    half = [torch.empty(1, 1, 4, 16, dtype=torch.bfloat16)] * 5
+    args = (*half, torch.empty(1, 1, 4), 0.25)
+    bwd_select.attention_bwd_cuda(*args)
+    bwd_select.attention_bwd_cuda(*args)
+    assert calls == ["flash", "triton", "flash"]
+
+    calls.clear()
+    monkeypatch.setattr(bwd_select, "_flash_state", {})
+    monkeypatch.setattr(bwd_select, "_flash_bwd", lambda *a: calls.append("flash") or tuple(2 * g for g in grads))
+    assert bwd_select.attention_bwd_cuda(*args) is grads  # disagreement: the Triton result
+    bwd_select.attention_bwd_cuda(*args)
+    assert calls == ["flash", "triton", "triton"]
+
+    calls.clear()
+    monkeypatch.setattr(bwd_select, "_flash_state", {})
+    monkeypatch.setattr(bwd_select, "_flash_bwd", lambda *a: (_ for _ in ()).throw(RuntimeError("no flash")))
+    bwd_select.attention_bwd_cuda(*args)
+    fp32 = (*[torch.empty(1, 1, 4, 16)] * 5, torch.empty(1, 1, 4), 0.25)
+    bwd_select.attention_bwd_cuda(*fp32)
+    assert calls == ["triton", "triton"]
+
+    monkeypatch.setattr(bwd_select, "BACKEND", "cudnn")
+    with pytest.raises(ValueError, match="VDISTILL_ATTN_BWD"):
+        bwd_select.attention_bwd_cuda(*args)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels import attention, attention_jvp, attention_ref
+from kernels import attention_bwd_select as bwd_select
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -78,9 +79,11 @@ def test_tangent(shape, dtype):
     assert torch.equal(fused_o, o)
 
 
+@pytest.mark.parametrize("backend", ["triton", "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gradients(shape, dtype):
+def test_gradients(shape, dtype, backend, monkeypatch):
+    monkeypatch.setattr(bwd_select, "BACKEND", backend)  # auto: PyTorch's flash backward on our O, LSE
     q, k, v = (t.requires_grad_() for t in _qkv(shape, dtype))
     do = _qkv(shape, dtype, seed=2, bnhd=False)[0]
     grads = torch.autograd.grad(attention(q, k, v), (q, k, v), do)
@@ -92,10 +95,22 @@ def test_gradients(shape, dtype):
 
 
 def test_fp32_inputs_are_tf32_accurate():
+    """fp32 runs TF32 tensor-core dots (~1e-3 relative): forward, tangent and gradients."""
     shape = (1, 2, 999, 1000, 64)
-    q, k, v = _qkv(shape, torch.float32)
-    ref = attention_ref(*(t.double() for t in (q, k, v)))
-    assert (attention(q, k, v).double() - ref).abs().max() < 5e-3  # TF32 dots: ~1e-3 relative
+    q, k, v = (t.requires_grad_() for t in _qkv(shape, torch.float32))
+    tq, tk, tv = _qkv(shape, torch.float32, seed=1)
+    f64 = lambda *ts: tuple(t.detach().double() for t in ts)
+    ref_o, ref_t = torch.func.jvp(attention_ref, f64(q, k, v), f64(tq, tk, tv))
+    rel = lambda got, want: ((got.double() - want).abs().max() / want.abs().max()).item()
+    o = attention(q, k, v)
+    assert rel(o, ref_o) < 5e-3
+    with torch.no_grad():
+        assert rel(attention_jvp(q, k, v, tq, tk, tv)[1], ref_t) < 5e-3
+    do = torch.randn_like(o)
+    refs = tuple(t.requires_grad_() for t in f64(q, k, v))
+    attention_ref(*refs).backward(do.double())
+    for got, want in zip(torch.autograd.grad(o, (q, k, v), do), refs):
+        assert rel(got, want.grad) < 5e-3
 
 
 def test_poisoned_output_fully_written(monkeypatch):
