@@ -5,15 +5,19 @@ tensors run the Triton flash-attention kernels (`attention_fwd.py`, `attention_j
 `attention_bwd.py`, wired through `attention_ops.py`); CPU tensors run `attention_ref`, unless
 TRITON_INTERPRET=1 was set before import, in which case the same Triton code runs interpreted.
 
-Forward-mode AD. An autograd.Function's `forward` never sees tangents, so `jvp` would need a second
-pass after the forward (2 + 6 tile matmuls per KV block instead of 6, plus a second sweep over
-K, V). Instead `attention` looks for forward-AD tangents on its inputs (`torch.autograd.forward_ad`
-duals, which is also how `torch.func.jvp` presents them) and, when it is safe — one forward-AD
-level, no reverse-mode graph to record — computes O and Ȯ with the one-pass fused kernel
-(12·B·H·Nq·Nk·D FLOPs) and returns them as a dual. Otherwise (nested transforms, vmap, or
-inputs that also require grad) it goes through `AttentionForwardADFunction`, whose `jvp` runs the
-same fused kernel after the plain forward: correct, one forward's work more. Without tangents (and
-under torch.compile, which cannot trace a Function with `jvp`) it is `AttentionFunction`.
+Forward-mode AD. An autograd.Function's `forward` never sees tangents, so its `jvp` runs after a
+full forward. The cheapest such `jvp` would reuse the saved LSE (P = exp(S − LSE), no online
+rescale): 5 tile matmuls per KV block on top of the forward's 2, i.e. 14·B·H·Nq·Nk·D FLOPs and two
+sweeps over K, V. The one-pass kernel needs 6 matmuls (12·B·H·Nq·Nk·D) and one sweep. So
+`attention` looks for forward-AD tangents on its inputs (`torch.autograd.forward_ad` duals, which
+is also how `torch.func.jvp` presents them) and, when it is safe — one forward-AD level, no
+reverse-mode graph to record (sCM's JVP pass runs under no_grad) — computes O and Ȯ with the
+one-pass kernel and returns them as a dual. Inputs that also require grad go through
+`AttentionForwardADFunction` (forward kernel, then the same one-pass kernel in `jvp`: correct, one
+forward more; `bench/bench_attention.py` times both). Nested transforms (second order) raise
+NotImplementedError. Without tangents, and under torch.compile (Dynamo cannot trace a Function
+with `jvp`), it is `AttentionFunction`.
+Backward on CUDA: see `attention_bwd_select.py` (PyTorch's flash backward on our O and LSE, or ours).
 Kernel precision: fp32 accumulators; fp32 inputs use TF32 tensor-core dots on GPU.
 """
 

@@ -58,7 +58,7 @@ def fit_smem(name: str, tiles: Callable[[int, int, int], tuple[int, int]]):
     def prune(cfgs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
         q = named_args["Q"]
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        if not q.is_cuda:
+        if not q.is_cuda or d is None:
             return cfgs[:1]
         limit = _smem_limit(q.device.index if q.device.index is not None else torch.cuda.current_device())
         fitted = []
