@@ -75,7 +75,16 @@ def _timer(device: torch.device, rep_ms: int) -> Callable[[Callable[[], object]]
     if device.type == "cuda":
         from triton.testing import do_bench
 
-        return lambda fn: tuple(do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
+        def cuda_time(fn):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            one_ms = (time.perf_counter() - t0) * 1e3
+            rep = min(max(rep_ms, 12 * one_ms), 1500)  # at least ~12 timed calls for p20/p80, even at 32k tokens
+            return tuple(do_bench(fn, warmup=max(5, rep // 5), rep=rep, quantiles=[0.5, 0.2, 0.8]))
+
+        return cuda_time
 
     def cpu_time(fn):
         runs = []
