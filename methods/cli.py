@@ -89,11 +89,39 @@ def _add_distill(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
 
 
+def _add_reflow_pairs(sub) -> None:
+    p = sub.add_parser("reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
+    p.add_argument("--out", type=Path, required=True, help="shard directory (a rerun keeps existing shards)")
+    p.add_argument("--num", type=int, required=True, help="number of pairs")
+    p.add_argument("--shard-size", type=int, default=256, help="pairs per shard")
+    p.add_argument("--steps", type=int, default=16, help="teacher ODE steps per pair")
+    p.add_argument("--solver", choices=["euler", "heun"], default="heun", help="ODE solver")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--batch-size", type=int, default=64, help="clips per teacher batch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def _reflow_pairs(args) -> int:
+    from methods.generate import ModelBundle
+    from methods.reflow_pairs import write_pairs
+
+    if not args.teacher.is_file():
+        raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
+    teacher = ModelBundle.load(args.teacher, commands.resolve_device(args.device))
+    paths = write_pairs(
+        teacher, args.out, args.num, shard_size=args.shard_size, steps=args.steps, solver=args.solver,
+        seed=args.seed, batch_size=args.batch_size, source=str(args.teacher),
+    )
+    print(f"{len(paths)} pair shards in {args.out}; train with: vdistill distill reflow --set pairs={args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo):
+    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo, _add_reflow_pairs):
         add(sub)
     return parser
 
@@ -152,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         "sample": commands.sample,
         "evaluate": commands.evaluate,
         "demo": commands.demo,
+        "reflow-pairs": _reflow_pairs,
     }
     try:
         return handlers[args.command](args)

@@ -77,6 +77,27 @@ def apply_overrides(cfg, assignments: list[str]):
     return dataclasses.replace(cfg, **changes)
 
 
+RESUME_KEYS = ("method", "method_config", "model", "data", "text_max_len", "teacher_cfg_scale")
+
+
+def check_resumable(out: str | Path, run_config: dict) -> None:
+    """ValueError if the run in `out` (its config.json) was made with another teacher/student set-up."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cannot resume: {path} is corrupt ({e})") from e
+    new = json.loads(json.dumps(run_config, default=str))
+    for key in RESUME_KEYS:
+        if saved.get(key) != new.get(key):
+            raise ValueError(
+                f"cannot resume the run in {out}: its {key} differs from this run's "
+                f"(saved {saved.get(key)}, now {new.get(key)}); use another --out"
+            )
+
+
 def distill(
     method: str,
     teacher_path: str | Path,
@@ -105,6 +126,8 @@ def distill(
         "cfg_scale": 1.0,  # guidance is baked into the student
         "teacher_run": teacher_run.get("train"),
     }
+    if resume:
+        check_resumable(out, run_config)
     data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed))
     trainer = Trainer(recipe, data, train, out, run_config=run_config)
     trainer.export_meta = {"sampler": module.sampler_meta(cfg)}

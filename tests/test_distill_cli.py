@@ -1,0 +1,124 @@
+"""`vdistill distill` and `vdistill reflow-pairs` end to end on a tiny teacher (CPU), and bad input:
+clear errors and no partial files."""
+
+import json
+
+import pytest
+import torch
+from distill_helpers import one_thread  # noqa: F401
+
+from methods.checkpoint import read_weights_meta
+from methods.cli import main
+from methods.shards import read_shard, write_shard
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAST = {  # options that keep each run to a few seconds on CPU
+    "reflow": ["--set", "pair_steps=2", "--set", "pair_solver=euler"],
+    "progressive": ["--set", "teacher_steps=4", "--set", "stage_steps=1"],  # stages 4->2->1 at steps 0, 1
+    "consistency": ["--set", "intervals=4", "--set", "solver=euler"],
+}
+
+
+def _distill(method, teacher, out, *extra):
+    args = ["distill", method, "--teacher", str(teacher), "--out", str(out), "--steps", "3", "--batch-size", "2"]
+    return main([*args, "--device", "cpu", *FAST[method], *extra])
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    assert main(["pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    return out / "student_ema.safetensors"
+
+
+@pytest.mark.parametrize("method", ["reflow", "progressive", "consistency"])
+def test_distill_then_evaluate(method, teacher, tmp_path):
+    out = tmp_path / method
+    assert _distill(method, teacher, out) == 0
+    meta = read_weights_meta(out / "student_ema.safetensors")
+    assert meta["recipe"] == method and meta["step"] == 3 and meta["run_config"]["cfg_scale"] == 1.0
+    assert meta["sampler"]["kind"] == ("consistency" if method == "consistency" else "ode")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 3 and torch.isfinite(torch.tensor(rows[-1]["loss"]))
+    result = tmp_path / "eval.json"
+    args = ["evaluate", "--model", str(out / "student_ema.safetensors"), "--steps", "1", "2", "--num", "8"]
+    assert main([*args, "--device", "cpu", "--out", str(result)]) == 0
+    assert [r["steps"] for r in json.loads(result.read_text())["rows"]] == [1, 2]
+
+
+def test_repeated_rectification_and_resume(teacher, tmp_path):
+    first = tmp_path / "reflow1"
+    assert _distill("reflow", teacher, first) == 0
+    second = tmp_path / "reflow2"  # 2-rectified flow: the 1-rectified student is the teacher
+    assert _distill("reflow", first / "student_ema.safetensors", second) == 0
+    assert read_weights_meta(second / "student_ema.safetensors")["run_config"]["teacher_cfg_scale"] == 1.0
+    assert _distill("reflow", teacher, first, "--steps", "4", "--resume") == 0
+    steps = [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [3, 4]  # default log_every = 50: the end of each call
+
+
+def test_offline_pairs(teacher, tmp_path):
+    pairs = tmp_path / "pairs"
+    args = ["reflow-pairs", "--teacher", str(teacher), "--out", str(pairs), "--num", "5", "--shard-size", "2"]
+    assert main([*args, "--steps", "2", "--device", "cpu"]) == 0
+    shards = sorted(p.name for p in pairs.iterdir())
+    assert shards == ["pairs_00000.safetensors", "pairs_00001.safetensors", "pairs_00002.safetensors"]
+    last = read_shard(pairs / shards[2])
+    (pairs / shards[2]).unlink()  # an interrupted run: a rerun writes the missing shard again, identically
+    assert main([*args, "--steps", "2", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in pairs.iterdir()) == shards
+    again = read_shard(pairs / shards[2])
+    assert torch.equal(again[0], last[0]) and torch.equal(again[1], last[1]) and again[3] == last[3]
+    assert last[0].shape[:2] == (1, 6)  # 5 pairs in shards of 2; [noise, data] along the 3 channels
+    out = tmp_path / "student"
+    assert _distill("reflow", teacher, out, "--set", f"pairs={pairs}") == 0
+    assert (out / "student_ema.safetensors").is_file()
+
+
+def test_pairs_of_another_geometry_are_refused(teacher, tmp_path, capsys):
+    write_shard(tmp_path / "pairs" / "p.safetensors", torch.zeros(4, 6, 2, 8, 8), torch.zeros(4, 8, 32))
+    out = tmp_path / "student"
+    assert _distill("reflow", teacher, out, "--set", f"pairs={tmp_path / 'pairs'}") == 2
+    assert "pairs: shards in" in capsys.readouterr().err
+
+
+def test_unknown_method_missing_and_corrupt_teacher(teacher, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["distill", "dmd9", "--teacher", str(teacher), "--out", str(out)]) == 2
+    assert "unknown distillation method 'dmd9'" in capsys.readouterr().err
+    assert _distill("reflow", tmp_path / "none.safetensors", out) == 2
+    assert "does not exist" in capsys.readouterr().err
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00garbage")
+    assert _distill("consistency", bad, out) == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert _distill("progressive", teacher, out, "--set", "teacher_steps=12") == 2
+    assert "power of two" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_consistency_student_is_not_a_teacher(teacher, tmp_path, capsys):
+    cd = tmp_path / "cd"
+    assert _distill("consistency", teacher, cd) == 0
+    assert _distill("progressive", cd / "student_ema.safetensors", tmp_path / "pd") == 2
+    assert "must be a flow (ODE) model" in capsys.readouterr().err
+    assert not (tmp_path / "pd").exists()
+
+
+def test_resume_refuses_corrupt_checkpoint_and_other_setup(teacher, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _distill("consistency", teacher, out) == 0
+    before = _files(out)
+    assert _distill("consistency", teacher, out, "--steps", "5", "--set", "intervals=8", "--resume") == 2
+    assert "method_config differs" in capsys.readouterr().err
+    assert _distill("progressive", teacher, out, "--steps", "5", "--resume") == 2
+    assert "method differs" in capsys.readouterr().err
+    (out / "checkpoints" / "step_00000003.pt").write_bytes(b"\x00truncated")
+    assert _distill("consistency", teacher, out, "--steps", "5", "--resume") == 2
+    assert "corrupt" in capsys.readouterr().err
+    assert _files(out) == before  # nothing new, nothing half-written
