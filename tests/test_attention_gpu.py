@@ -7,14 +7,39 @@ and `torch.func.jvp` of attention written in that dtype for the tangent.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 from kernels import attention, attention_jvp, attention_ref
 from kernels import attention_bwd_select as bwd_select
+from kernels import attention_tuning as tuning
+from kernels.attention_fwd import FWD_CONFIGS
+from kernels.attention_jvp import JVP_CONFIGS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.fixture(autouse=True)
+def no_autotuning(monkeypatch):
+    """Each kernel's first config that fits (autotuning every odd shape would cost minutes of compiles);
+    the benchmark checks the autotuned configs."""
+    monkeypatch.setattr(tuning, "AUTOTUNE", False)
+
+
+@pytest.fixture(params=[False, True], ids=["eager-rescale", "lazy-rescale"])
+def rescale(request, monkeypatch):
+    """Forward and forward+tangent kernels pinned to their default tile with eager or lazy rescale."""
+    for module, name, (m, n, w, s, _) in (
+        ("kernels.attention_fwd", "_attn_fwd_kernel", FWD_CONFIGS[0]),
+        ("kernels.attention_jvp", "_attn_fwd_jvp_kernel", JVP_CONFIGS[0]),
+    ):
+        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n, "LAZY_RESCALE": request.param}, num_warps=w, num_stages=s)
+        monkeypatch.setattr(getattr(sys.modules[module], name), "configs", [config])
+    return request.param
 
 SHAPES = [  # (B, H, Nq, Nk, D)
     (1, 2, 999, 999, 64),
@@ -56,7 +81,7 @@ def _check(name, got, base, ref, atol):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward(shape, dtype):
+def test_forward(shape, dtype, rescale):
     q, k, v = _qkv(shape, dtype)
     o = attention(q, k, v)
     assert o.stride() == q.stride()
@@ -65,7 +90,7 @@ def test_forward(shape, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_tangent(shape, dtype):
+def test_tangent(shape, dtype, rescale):
     q, k, v = _qkv(shape, dtype)
     tq, tk, tv = _qkv(shape, dtype, seed=1)
     with torch.no_grad():
