@@ -31,7 +31,7 @@ import torch.autograd.forward_ad as fwAD
 
 from kernels._dispatch import use_triton
 from kernels.attention_ops import AttentionForwardADFunction, AttentionFunction, attention_fwd_jvp_op
-from kernels.attention_tuning import HEAD_DIMS
+from kernels.attention_tuning import MAX_HEAD_DIM
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -56,8 +56,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 def _check_kernel_inputs(q: torch.Tensor) -> None:
     """What the Triton kernels support beyond `_check`: head dim, dtype, a non-empty query."""
-    if q.shape[3] not in HEAD_DIMS:
-        raise ValueError(f"attention: head dim D = q.shape[3] = {q.shape[3]} is not supported by the kernel; use one of {HEAD_DIMS}")
+    if q.shape[3] > MAX_HEAD_DIM:
+        raise ValueError(f"attention: head dim D = q.shape[3] = {q.shape[3]} is not supported by the kernel (D <= {MAX_HEAD_DIM})")
     if q.dtype not in KERNEL_DTYPES:
         raise TypeError(f"attention: q dtype {q.dtype} is not supported by the kernel; use float16, bfloat16 or float32")
     if q.shape[2] == 0:
@@ -122,8 +122,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """Attention O = softmax(scale·QKᵀ)V. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D].
 
     Any strides (e.g. `x.transpose(1, 2)` of a [B, N, H, D] tensor, read without a copy), Nq ≠ Nk
-    allowed; scale defaults to 1/√D. The kernel path takes D in (16, 32, 64, 128) and fp16, bf16 or
-    fp32. Differentiable by `.backward()`, `torch.func.jvp` and `torch.autograd.forward_ad`, and
+    allowed; scale defaults to 1/√D. The kernel path takes fp16, bf16 or fp32 and D <= 128; D in
+    (16, 32, 64, 128) runs in place, other D are zero-padded to the next of those (a copy). Differentiable by `.backward()`, `torch.func.jvp` and `torch.autograd.forward_ad`, and
     traceable by `torch.compile`. O has q's dtype and memory layout.
     """
     _check(q, k, v)

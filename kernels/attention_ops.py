@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
 
 from kernels._dispatch import use_triton
 from kernels.attention_bwd import attention_bwd_triton
 from kernels.attention_bwd_select import attention_bwd_cuda
 from kernels.attention_fwd import attention_fwd_triton
 from kernels.attention_jvp import attention_fwd_jvp_triton
+from kernels.attention_tuning import padded_head_dim
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -38,6 +40,12 @@ def _like(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _pad_head_dim(*ts: torch.Tensor) -> list[torch.Tensor]:
+    """Zero-pad the last dim to the kernel's compiled head dim (a copy; only for D not in HEAD_DIMS)."""
+    d_pad = padded_head_dim(ts[0].shape[-1])
+    return [F.pad(t, (0, d_pad - t.shape[-1])) for t in ts]
+
+
 def _math_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     ct = _compute_dtype(q)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
@@ -49,7 +57,10 @@ def _math_probs(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[torch.T
 def attention_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """O [B, H, Nq, D] (q's dtype and layout) and LSE [B, H, Nq] (fp32) of softmax(scale·QKᵀ)V."""
     if use_triton(q, k, v):
-        return attention_fwd_triton(q, k, v, scale)
+        if padded_head_dim(q.shape[-1]) == q.shape[-1]:
+            return attention_fwd_triton(q, k, v, scale)
+        o, lse = attention_fwd_triton(*_pad_head_dim(q, k, v), scale)
+        return _like(q, o[..., : q.shape[-1]]), lse
     p, lse = _math_probs(q, k, scale)
     return _like(q, torch.matmul(p, v.to(p.dtype))), lse.float()
 
@@ -65,7 +76,10 @@ def attention_fwd_jvp_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """O, its tangent Ȯ (both [B, H, Nq, D] in q's dtype and layout) and LSE [B, H, Nq] (fp32)."""
     if use_triton(q, k, v, tq, tk, tv):
-        return attention_fwd_jvp_triton(q, k, v, tq, tk, tv, scale)
+        if padded_head_dim(q.shape[-1]) == q.shape[-1]:
+            return attention_fwd_jvp_triton(q, k, v, tq, tk, tv, scale)
+        o, t_o, lse = attention_fwd_jvp_triton(*_pad_head_dim(q, k, v, tq, tk, tv), scale)
+        return _like(q, o[..., : q.shape[-1]]), _like(q, t_o[..., : q.shape[-1]]), lse
     p, lse = _math_probs(q, k, scale)
     ct = p.dtype
     vc = v.to(ct)
@@ -87,9 +101,11 @@ def attention_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (dQ, dK, dV) in the primals' dtypes, from dO, O and LSE (CUDA: `attention_bwd_select`)."""
     if use_triton(do, q, k, v, o, lse):
-        if q.is_cuda:
-            return attention_bwd_cuda(do, q, k, v, o, lse, scale)
-        return attention_bwd_triton(do, q, k, v, o, lse, scale)
+        backward = attention_bwd_cuda if q.is_cuda else attention_bwd_triton
+        if padded_head_dim(q.shape[-1]) == q.shape[-1]:
+            return backward(do, q, k, v, o, lse, scale)
+        grads = backward(*_pad_head_dim(do, q, k, v, o), lse, scale)
+        return tuple(_like(p, g[..., : p.shape[-1]]) for p, g in zip((q, k, v), grads))
     ct = _compute_dtype(q)
     qc, kc, vc, doc = q.to(ct), k.to(ct), v.to(ct), do.to(ct)
     p = torch.exp(torch.matmul(qc, kc.transpose(-1, -2)) * scale - lse.to(ct).unsqueeze(-1))

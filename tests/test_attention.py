@@ -198,8 +198,9 @@ def test_validation_errors_name_the_argument():
 
 
 def test_kernel_only_limits_are_refused():
-    with pytest.raises(ValueError, match=r"head dim D = q.shape\[3\] = 48"):
-        _check_kernel_inputs(torch.empty(1, 1, 4, 48))
+    with pytest.raises(ValueError, match=r"head dim D = q.shape\[3\] = 160"):
+        _check_kernel_inputs(torch.empty(1, 1, 4, 160))
+    _check_kernel_inputs(torch.empty(1, 1, 4, 48))  # zero-padded to 64
     with pytest.raises(TypeError, match="float64"):
         _check_kernel_inputs(torch.empty(1, 1, 4, 64, dtype=torch.float64))
     with pytest.raises(ValueError, match="Nq = 0"):

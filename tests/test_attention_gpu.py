@@ -47,6 +47,7 @@ SHAPES = [  # (B, H, Nq, Nk, D)
     (1, 1, 4097, 4097, 128),
     (2, 3, 999, 77, 64),  # cross-attention, short text
     (1, 2, 1, 17, 128),
+    (2, 2, 257, 257, 24),  # zero-padded head dim (the `tiny` DiT)
 ]
 ATOL = {torch.bfloat16: 2e-3, torch.float16: 5e-4}
 
