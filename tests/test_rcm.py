@@ -91,7 +91,16 @@ def test_dmd_gradient_matches_direct_autograd():
         torch.testing.assert_close(a, w, rtol=1e-4, atol=1e-7)
 
 
-def _toy_student(teacher, cfg, steps=500, batch=256, lr=1e-4):
+@pytest.fixture
+def one_thread():
+    """The toy loops are many tiny ops: one thread is faster and makes the runs reproducible."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _toy_student(teacher, cfg, steps=300, batch=128, lr=1e-4):
     torch.manual_seed(0)
     recipe = RCM(teacher, cfg)
     opt = torch.optim.Adam(recipe.student.parameters(), lr=lr)
@@ -101,8 +110,8 @@ def _toy_student(teacher, cfg, steps=500, batch=256, lr=1e-4):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        recipe.auxiliary_step(data, step)
-    assert logs["nan_samples"] == 0 and ("dmd_loss" in logs) == (cfg.dmd_weight > 0)
+        logs.update(recipe.auxiliary_step(data, step))
+    assert logs["nan_samples"] == 0 and ("critic_loss" in logs) == (cfg.dmd_weight > 0)
     return recipe
 
 
@@ -115,19 +124,22 @@ def _toy_sw(recipe, cfg, steps, data):
     return sliced_wasserstein(x, data)
 
 
-def test_toy_scm_and_rcm_students_beat_the_teacher_at_one_step():
-    teacher = toy_teacher()
-    data = toy_data(2048, seed=123)
-    teacher_1 = sliced_wasserstein(toy_sample_ode(teacher, 2048, 1), data)
-    base = Config(tangent_warmup=200, mid_times_2=(0.8,))
+def test_toy_scm_and_rcm_students_beat_the_teacher_at_one_step(one_thread):
+    """1-step students at least 2x closer to the data than the 1-step teacher; rCM at 2 steps no worse
+    than sCM at 2 steps up to the metric's resolution (SW between two independent data sets)."""
+    n = 8192
+    teacher, data = toy_teacher(), toy_data(n, seed=123)
+    teacher_1 = sliced_wasserstein(toy_sample_ode(teacher, n, 1), data)
+    floor = sliced_wasserstein(toy_data(n, seed=7), data)
+    base = Config(tangent_warmup=100, mid_times_2=(0.8,), critic_lr=1e-3, critic_updates=2)
     scm_cfg, rcm_cfg = replace(base, dmd_weight=0.0), replace(base, dmd_weight=0.01)
     scm, rcm = _toy_student(teacher, scm_cfg), _toy_student(teacher, rcm_cfg)
     runs = (("scm", scm, scm_cfg), ("rcm", rcm, rcm_cfg))
     sw = {(name, k): _toy_sw(r, c, k, data) for name, r, c in runs for k in (1, 2)}
-    msg = f"teacher 1-step {teacher_1:.3f}, students {sw}"
+    msg = f"teacher 1-step {teacher_1:.3f}, data-vs-data {floor:.3f}, students {sw}"
     assert sw["scm", 1] < teacher_1 / 2, msg
     assert sw["rcm", 1] < teacher_1 / 2, msg
-    assert sw["rcm", 2] <= sw["scm", 2], msg
+    assert sw["rcm", 2] <= sw["scm", 2] + floor, msg
 
 
 def test_trigflow_sampling_equals_rf_consistency_sampler():
@@ -147,7 +159,7 @@ def test_trigflow_sampling_equals_rf_consistency_sampler():
 
 def _trainer(run_dir, steps, cfg):
     run = tiny()
-    train = replace(run.train, steps=steps, ckpt_every=3, log_every=1, batch_size=2)
+    train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=2)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
     recipe = RCM(_tiny_dit(), cfg, cfg_scale=2.0)
@@ -156,13 +168,13 @@ def _trainer(run_dir, steps, cfg):
 
 def test_resume_with_critic_is_exact(tmp_path):
     cfg = Config(tangent_warmup=2, dmd_start=1, target="ema", adaptive_weight=True, max_sim_steps=2)
-    full = _trainer(tmp_path / "full", 5, cfg).fit()
-    _trainer(tmp_path / "cut", 3, cfg).fit()
-    resumed = _trainer(tmp_path / "cut", 5, cfg).fit(resume=True)
-    assert [r["step"] for r in resumed] == [4, 5]
+    full = _trainer(tmp_path / "full", 4, cfg).fit()
+    _trainer(tmp_path / "cut", 2, cfg).fit()
+    resumed = _trainer(tmp_path / "cut", 4, cfg).fit(resume=True)
+    assert [r["step"] for r in resumed] == [3, 4]
     assert "critic_loss" in full[-1] and "dmd_loss" in full[-1]
     for key in ("loss", "grad_norm", "critic_loss", "dmd_loss", "scm_loss"):
-        assert [r[key] for r in resumed] == [r[key] for r in full[3:]], key
+        assert [r[key] for r in resumed] == [r[key] for r in full[2:]], key
 
 
 def test_distill_rcm_cli_end_to_end(tmp_path):
