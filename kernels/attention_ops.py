@@ -41,7 +41,7 @@ def _like(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 
 def _pad_head_dim(*ts: torch.Tensor) -> list[torch.Tensor]:
-    """Zero-pad the last dim to the kernel's compiled head dim (a copy; only for D not in HEAD_DIMS)."""
+    """Zero-pad the last dim to the compiled head dim 16/32/64/128 (a copy; only for other D <= 128)."""
     d_pad = padded_head_dim(ts[0].shape[-1])
     return [F.pad(t, (0, d_pad - t.shape[-1])) for t in ts]
 
