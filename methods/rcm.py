@@ -241,6 +241,11 @@ class RCM(Recipe):
         if samples is None or samples[0] != step or step % self.cfg.critic_every:
             return logs
         _, x_hat, text = samples
+        logs["critic_loss"] = self.critic_step(x_hat, text)
+        return logs
+
+    def critic_step(self, x_hat: torch.Tensor, text: torch.Tensor) -> float:
+        """`critic_updates` flow-matching updates of the critic on student samples x̂ [B, ...]; last loss."""
         opt = self._critic_optimizer()
         self.critic.train()
         for _ in range(self.cfg.critic_updates):
@@ -251,8 +256,7 @@ class RCM(Recipe):
             if self.cfg.critic_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.critic_grad_clip)
             opt.step()
-        logs["critic_loss"] = float(loss.detach())
-        return logs
+        return float(loss.detach())
 
     # ---- state -----------------------------------------------------------------------------------
     def extra_state(self) -> dict:

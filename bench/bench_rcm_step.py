@@ -1,0 +1,343 @@
+"""Time one rCM training iteration by phase: Triton kernels vs the reference path, same run.
+
+Phases of an iteration with DMD on (`methods/rcm.py`, in the trainer's order, bf16 autocast):
+  noise        t from the proposal, x_t = cos t·x0 + sin t·ε
+  teacher      dx_t/dt = F_teacher(x_t, t) with CFG (2B rows)
+  jvp          the rearranged JVP pass of the student (forward AD, no_grad)
+  student_fwd  one no-grad simulation step + the student's forward on [x_t; x_gen] (2B rows)
+  tangent      ĝ = g/(‖g‖+c) and the sCM loss
+  dmd          re-noise x̂, teacher (CFG) and critic data predictions, DMD surrogate
+  student_bwd  backward of sCM + λ·DMD
+  optimizer    grad clipping + fused AdamW
+  ema          power EMA of the student, two profiles
+  critic       one flow-matching update of the critic (forward, backward, AdamW)
+Providers: "triton" (Triton flash attention with the fused forward+tangent kernel, fused
+TrigFlow noising and tangent, fused multi-tensor EMA) and "reference" (math attention
+`attention_ref` and forward AD through it, eager noising with torch.randn, `scm_tangent_ref`,
+foreach-lerp EMA). The attention switch swaps the module attribute `kernels.attention` (there is
+no backend switch in kernels/attention.py); the DiT resolves it at call time.
+
+Shapes: the `small` preset (3×8×32×32 clips, 512 tokens, batch 32) and a Wan2.1-1.3B-width DiT
+with 2 layers at 32,760 tokens (latent 16×21×60×104, patch (1,2,2), batch 1, 512 text tokens).
+Per phase: CUDA events around each phase, synchronised once per iteration; median (p20, p80)
+over the timed iterations; step = sum of phases; peak memory = max_memory_allocated over the
+provider's iterations; tokens/s = B·N / step. Before timing, the triton provider's JVP pass is
+checked against the reference provider's on the same inputs (relative L2 error of dF/dt, bf16);
+where the reference does not fit (math attention at 32k: the N×N scores alone are ~51 GB in
+fp32 per head group), the triton pass is checked for finiteness and the failure is recorded.
+
+    python -m bench.bench_rcm_step [--quick] [--out bench/results] [--iters 3] [--autotune]
+
+Budget on an H200: ~60-90 s (autotuning off by default: each kernel's first config).
+CPU smoke run of the logic: `TRITON_INTERPRET=1 python -m bench.bench_rcm_step --device cpu --tiny`.
+The helpers below stand in for a shared harness (bench/harness.py did not exist when written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # name: (DiT size, overrides, clip (C, T, H, W), batch, text tokens)
+    "small": ("small", {}, (3, 8, 32, 32), 32, 8),
+    "wan1.3b-2L-32k": ("wan-1.3b", {"layers": 2}, (16, 21, 60, 104), 1, 512),
+}
+TINY = {"tiny": ("tiny", {"dim": 32, "heads": 2}, (3, 2, 8, 8), 2, 5)}
+QUICK = ("wan1.3b-2L-32k",)
+PHASES = ("noise", "teacher", "jvp", "student_fwd", "tangent", "dmd", "student_bwd", "optimizer", "ema", "critic")
+CFG_SCALE = 5.0
+SIM_STEPS = 2  # student backward simulation: one no-grad step, then the step with grad
+
+
+def noise_eager(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Eager TrigFlow noising: ε = torch.randn, x_t = cos t·x0 + sin t·ε (fp32 math)."""
+    eps = torch.randn(x0.shape, device=x0.device, dtype=torch.float32)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    return (torch.cos(t).view(shape) * x0.float() + torch.sin(t).view(shape) * eps).to(x0.dtype)
+
+
+class PhaseTimer:
+    """Marks phase boundaries with CUDA events (perf_counter on CPU); `collect()` after a sync."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object, object]] = []
+
+    def _mark(self):
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        start = self._mark()
+        yield
+        self.marks.append((name, start, self._mark()))
+
+    def collect(self) -> dict[str, float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            out = {n: a.elapsed_time(b) for n, a, b in self.marks}
+        else:
+            out = {n: (b - a) * 1e3 for n, a, b in self.marks}
+        self.marks = []
+        return out
+
+
+@contextlib.contextmanager
+def attention_backend(kernels_mod, reference: bool):
+    """Swap `kernels.attention` for `attention_ref` (math attention, forward AD through torch ops)."""
+    original = kernels_mod.attention
+    if reference:
+        kernels_mod.attention = kernels_mod.attention_ref
+    try:
+        yield
+    finally:
+        kernels_mod.attention = original
+
+
+def _meta(device: torch.device, argv: list[str]) -> dict:
+    import triton
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "bench": "rcm_step",
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": commit,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "argv": argv,
+        "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0",
+    }
+
+
+class Setup:
+    """Networks, optimisers and inputs of one shape (shared by both providers)."""
+
+    def __init__(self, spec: tuple, device: torch.device):
+        from kernels.ema import EMA, EMAProfile
+        from methods.rcm import RCM, Config
+        from models.dit import build_dit
+
+        size, overrides, clip, batch, text_len = spec
+        torch.manual_seed(0)
+        teacher = build_dit(size, device=device, **overrides)
+        torch.nn.init.normal_(teacher.head.weight, std=0.02)  # zero-initialised head: make F non-trivial
+        cfg = Config(tangent_warmup=0, dmd_start=0, max_sim_steps=SIM_STEPS)
+        self.recipe = RCM(teacher, cfg, cfg_scale=CFG_SCALE).to(device)
+        self.params = [p for p in self.recipe.student.parameters() if p.requires_grad]
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.params, lr=1e-5, fused=fused, foreach=not fused)
+        self.ema = EMA(self.recipe.student, [EMAProfile(sigma_rel=0.05), EMAProfile(sigma_rel=0.1)])
+        text_dim = teacher.cfg.text_dim
+        self.x0 = torch.randn(batch, *clip, device=device)
+        self.text = torch.randn(batch, text_len, text_dim, device=device)
+        self.null = torch.zeros(1, text_len, text_dim, device=device)
+        self.tokens = batch * math.prod(d // p for d, p in zip(clip[1:], teacher.cfg.patch))
+        self.device = device
+        self.n_params = sum(p.numel() for p in self.params)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def jvp_pass(self) -> torch.Tensor:
+        """dF/dt of the student at a fixed (x_t, t) (for the provider check)."""
+        from methods.trigflow_student import guided_trig_velocity
+
+        r, b = self.recipe, self.x0.shape[0]
+        t = torch.linspace(0.3, 1.3, b, device=self.device)
+        g = torch.Generator(device=self.device).manual_seed(1)
+        x_t = torch.randn(self.x0.shape, device=self.device, generator=g)
+        with self.autocast(), torch.no_grad():
+            dxdt = guided_trig_velocity(r.teacher, self.text, self.null, CFG_SCALE)(x_t, t).float()
+            return r.tangent_pass(x_t, t, self.text, dxdt)[1]
+
+    def iteration(self, timer: PhaseTimer, fused: bool, step: int) -> None:
+        """One rCM iteration (DMD on), phases timed."""
+        from kernels.ema import ema_update_ref
+        from kernels.trigflow import scm_tangent, scm_tangent_ref, trigflow_noise
+        from methods.rcm_dmd import dmd_loss, simulate_to_last_step
+        from methods.trigflow_student import guided_trig_velocity, sample_trig_time, trig_velocity
+        from models.parameterization import trig_x0
+
+        r, cfg, x0, text = self.recipe, self.recipe.cfg, self.x0, self.text
+        b = x0.shape[0]
+        with timer("noise"):
+            t = sample_trig_time(b, cfg.p_mean, cfg.p_std, self.device)
+            x_t = trigflow_noise(x0, t, seed=0, offset=2 * step)[0] if fused else noise_eager(x0, t)
+        with self.autocast():
+            with timer("teacher"), torch.no_grad():
+                dxdt = guided_trig_velocity(r.teacher, text, self.null, r.cfg_scale)(x_t, t).float()
+            with timer("jvp"):
+                _, df_dt = r.tangent_pass(x_t, t, text, dxdt)
+            with timer("student_fwd"):
+                g_x, g_t = simulate_to_last_step(
+                    trig_velocity(r.student, text), torch.randn_like(x0), SIM_STEPS, cfg.dmd_p_mean, cfg.dmd_p_std
+                )
+                both = trig_velocity(r.student, torch.cat([text, text]))(torch.cat([x_t, g_x]), torch.cat([t, g_t]))
+                f_theta, f_gen = both.chunk(2)
+                x_hat = trig_x0(g_x, g_t, f_gen.to(g_x.dtype))
+            with timer("tangent"):
+                tangent = scm_tangent if fused else scm_tangent_ref
+                f_minus = f_theta.detach().float()
+                g_hat, _ = tangent(f_minus, dxdt, x_t, df_dt, t, 1.0, cfg.tangent_c)
+                loss = (f_theta.float() - f_minus - g_hat.float()).square().flatten(1).mean(1).mean()
+            with timer("dmd"):
+                t_d = sample_trig_time(b, cfg.dmd_p_mean, cfg.dmd_p_std, self.device)
+                per_dmd, _ = dmd_loss(x_hat, t_d, r.teacher, r.critic, text, self.null, r.cfg_scale,
+                                      seed=0, offset=2 * step + 1)
+                loss = loss + cfg.dmd_weight * per_dmd.mean()
+        with timer("student_bwd"):
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+        with timer("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.opt.step()
+        with timer("ema"):
+            if fused:
+                self.ema.update()
+            else:
+                for k, beta in enumerate(self.ema.betas()):
+                    ema_update_ref(self.ema.tensors(k), self.params, beta)
+        with timer("critic"), self.autocast():
+            r.critic_step(x_hat.detach(), text)
+
+
+def _summary(samples: list[float]) -> tuple[float, float, float]:
+    if len(samples) == 1:
+        return samples[0], samples[0], samples[0]
+    q = statistics.quantiles(samples, n=10, method="inclusive")
+    return statistics.median(samples), q[1], q[7]
+
+
+def _run_provider(setup: Setup, kernels_mod, provider: str, iters: int, warmup: int) -> dict:
+    fused = provider == "triton"
+    timer = PhaseTimer(setup.device)
+    cuda = setup.device.type == "cuda"
+    per_iter: list[dict[str, float]] = []
+    try:
+        with attention_backend(kernels_mod, reference=not fused):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            for i in range(warmup + iters):
+                setup.iteration(timer, fused, i)
+                times = timer.collect()
+                if i >= warmup:
+                    per_iter.append(times)
+    except torch.cuda.OutOfMemoryError as exc:
+        done = [n for n, _, _ in timer.marks]
+        phase = PHASES[len(done)] if len(done) < len(PHASES) else "?"
+        return {"error": f"OOM in phase {phase}: {str(exc).splitlines()[0][:160]}"}
+    except Exception as exc:  # noqa: BLE001 - recorded per provider, never fatal
+        return {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    finally:
+        timer.marks = []
+        setup.opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+    row: dict = {"phases_ms": {}}
+    for name in PHASES:
+        med, p20, p80 = _summary([it[name] for it in per_iter])
+        row["phases_ms"][name] = {"median": med, "p20": p20, "p80": p80}
+    step_med, step_p20, step_p80 = _summary([sum(it.values()) for it in per_iter])
+    row.update(step_ms=step_med, step_p20_ms=step_p20, step_p80_ms=step_p80,
+               tokens_per_s=setup.tokens / (step_med / 1e3), iters=len(per_iter))
+    if cuda:
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return row
+
+
+def _check(setup: Setup, kernels_mod) -> dict:
+    """Relative L2 error of the triton provider's dF/dt vs the reference provider's."""
+    ours = setup.jvp_pass()
+    if not torch.isfinite(ours).all():
+        return {"check": "non-finite dF/dt from the triton path"}
+    try:
+        with attention_backend(kernels_mod, reference=True):
+            ref = setup.jvp_pass()
+    except torch.cuda.OutOfMemoryError:
+        return {"check": "reference OOM: triton dF/dt finite, not compared"}
+    err = float((ours - ref).norm() / ref.norm().clamp_min(1e-12))
+    return {"check_rel_err": err, "check": "ok" if err < 5e-2 else "MISMATCH"}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="the Wan 32k shape only")
+    p.add_argument("--iters", type=int, default=3, help="timed iterations per provider")
+    p.add_argument("--warmup", type=int, default=1, help="untimed iterations per provider (compilation)")
+    p.add_argument("--autotune", action="store_true", help="autotune the attention kernels (slower start)")
+    p.add_argument("--providers", nargs="+", default=["triton", "reference"], choices=["triton", "reference"])
+    p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: smoke test with --tiny)")
+    p.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
+    p.add_argument("--out", type=Path, help="directory for the JSON result")
+    args = p.parse_args(argv)
+    if not args.autotune:
+        os.environ.setdefault("VDISTILL_ATTN_AUTOTUNE", "0")  # read when kernels is first imported
+    import kernels
+
+    device = torch.device(args.device)
+    shapes = TINY if args.tiny else {n: SHAPES[n] for n in (QUICK if args.quick else SHAPES)}
+    result = {**_meta(device, argv), "rows": []}
+    for name, spec in shapes.items():
+        try:
+            setup = Setup(spec, device)
+        except Exception as exc:  # noqa: BLE001
+            result["rows"].append({"shape": name, "error": f"setup: {type(exc).__name__}: {str(exc)[:200]}"})
+            continue
+        check = _check(setup, kernels)
+        for provider in args.providers:
+            row = {"shape": name, "provider": provider, "tokens": setup.tokens, "params": setup.n_params}
+            row.update(_run_provider(setup, kernels, provider, args.iters, args.warmup))
+            if provider == "triton":
+                row.update(check)
+            result["rows"].append(row)
+        del setup
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    _print_table(result["rows"])
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+        path = args.out / f"rcm_step_{stamp}.json"
+        path.write_text(json.dumps(result, indent=2))
+        print(f"wrote {path}")
+    return result
+
+
+def _print_table(rows: list[dict]) -> None:
+    head = f"{'shape':<16}{'provider':<10}{'step ms':>10}{'tok/s':>11}{'peak GiB':>9}  " + " ".join(
+        f"{ph[:8]:>8}" for ph in PHASES)
+    print(head)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<16}{r.get('provider', ''):<10}  {r['error']}")
+            continue
+        phases = " ".join(f"{r['phases_ms'][ph]['median']:>8.2f}" for ph in PHASES)
+        print(f"{r['shape']:<16}{r['provider']:<10}{r['step_ms']:>10.2f}{r['tokens_per_s']:>11.0f}"
+              f"{r.get('peak_mem_gib', float('nan')):>9.2f}  {phases}  {r.get('check', '')}")
+
+
+if __name__ == "__main__":
+    main()
