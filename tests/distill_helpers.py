@@ -68,3 +68,14 @@ def tiny_dit_trainer(module, cfg, run_dir: Path, steps: int, ckpt_every: int = 3
     teacher = ModelBundle(VideoDiT(run.model).eval(), text, run.data, 2.0, {})
     recipe = module.build_recipe(teacher, cfg)
     return Trainer(recipe, ShapesBatches(run.data, text, train.batch_size, seed=0), train, run_dir)
+
+
+class ConstantVelocity(torch.nn.Module):
+    """v(x, s) = c for every x and s: a perfectly straight flow, which every ODE step integrates exactly."""
+
+    def __init__(self, dim: int = 2):
+        super().__init__()
+        self.c = torch.nn.Parameter(torch.linspace(-1.0, 1.0, dim))
+
+    def forward(self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        return self.c.expand_as(x)

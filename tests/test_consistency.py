@@ -6,6 +6,7 @@ import torch
 from distill_helpers import (  # noqa: F401
     N_EVAL,
     NOISE_SEED,
+    ConstantVelocity,
     distances,
     fit_toy,
     one_thread,
@@ -39,6 +40,17 @@ def test_boundary_condition_is_exact():
     out = consistency.consistency_output(model, x, torch.zeros(16), toy_text(16))
     assert torch.equal(out, x)
     assert not torch.allclose(consistency.consistency_output(model, x, torch.full((16,), 0.5), toy_text(16)), x)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+def test_straight_teacher_is_already_consistent(solver):
+    # For a straight flow the teacher step is exact and f(x, s) = x - s·c is constant along it: zero loss.
+    recipe = consistency.Consistency(ConstantVelocity(), consistency.Config(intervals=8, solver=solver))
+    batch = Batch(toy_data(64), toy_text(64), TOY_TEXT)
+    assert recipe.loss(batch, 0)[0].item() < 1e-12
+    torch.manual_seed(0)
+    recipe = consistency.Consistency(ToyVelocityNet(), consistency.Config(intervals=8, solver=solver))
+    assert recipe.loss(batch, 0)[0].item() > 1e-8
 
 
 def test_target_network_is_an_ema_of_the_student():
