@@ -45,7 +45,9 @@ def sample_rf(
     return x
 
 
-def ode_step(velocity: Velocity, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, solver: str = "euler"):
+def ode_step(
+    velocity: Velocity, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, solver: str = "euler"
+) -> torch.Tensor:
     """One Euler or Heun step of dx/ds = v from per-sample times s [B] to s_next [B]; x [B, ...].
 
     Heun's correction is skipped (Euler) where s_next == 0, as in `sample_rf`. Used by the
