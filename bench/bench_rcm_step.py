@@ -14,8 +14,7 @@ Phases of an iteration with DMD on (`methods/rcm.py`, in the trainer's order, bf
 Providers: "triton" (Triton flash attention with the fused forward+tangent kernel, fused
 TrigFlow noising and tangent, fused multi-tensor EMA) and "reference" (math attention
 `attention_ref` and forward AD through it, eager noising with torch.randn, `scm_tangent_ref`,
-foreach-lerp EMA). The attention switch swaps the module attribute `kernels.attention` (there is
-no backend switch in kernels/attention.py); the DiT resolves it at call time.
+foreach-lerp EMA), switched with `kernels.reference_kernels()`.
 
 Shapes: the `small` preset (3×8×32×32 clips, 512 tokens, batch 32) and a Wan2.1-1.3B-width DiT
 with 2 layers at 32,760 tokens (latent 16×21×60×104, patch (1,2,2), batch 1, 512 text tokens).
@@ -95,18 +94,6 @@ class PhaseTimer:
             out = {n: (b - a) * 1e3 for n, a, b in self.marks}
         self.marks = []
         return out
-
-
-@contextlib.contextmanager
-def attention_backend(kernels_mod, reference: bool):
-    """Swap `kernels.attention` for `attention_ref` (math attention, forward AD through torch ops)."""
-    original = kernels_mod.attention
-    if reference:
-        kernels_mod.attention = kernels_mod.attention_ref
-    try:
-        yield
-    finally:
-        kernels_mod.attention = original
 
 
 def _meta(device: torch.device, argv: list[str]) -> dict:
@@ -229,13 +216,15 @@ def _summary(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), q[1], q[7]
 
 
-def _run_provider(setup: Setup, kernels_mod, provider: str, iters: int, warmup: int) -> dict:
+def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
+    from kernels import reference_kernels
+
     fused = provider == "triton"
     timer = PhaseTimer(setup.device)
     cuda = setup.device.type == "cuda"
     per_iter: list[dict[str, float]] = []
     try:
-        with attention_backend(kernels_mod, reference=not fused):
+        with reference_kernels(enabled=not fused):
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -267,13 +256,15 @@ def _run_provider(setup: Setup, kernels_mod, provider: str, iters: int, warmup: 
     return row
 
 
-def _check(setup: Setup, kernels_mod) -> dict:
+def _check(setup: Setup) -> dict:
     """Relative L2 error of the triton provider's dF/dt vs the reference provider's."""
+    from kernels import reference_kernels
+
     ours = setup.jvp_pass()
     if not torch.isfinite(ours).all():
         return {"check": "non-finite dF/dt from the triton path"}
     try:
-        with attention_backend(kernels_mod, reference=True):
+        with reference_kernels():
             ref = setup.jvp_pass()
     except torch.cuda.OutOfMemoryError:
         return {"check": "reference OOM: triton dF/dt finite, not compared"}
@@ -295,7 +286,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if not args.autotune:
         os.environ.setdefault("VDISTILL_ATTN_AUTOTUNE", "0")  # read when kernels is first imported
-    import kernels
 
     device = torch.device(args.device)
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in (QUICK if args.quick else SHAPES)}
@@ -306,10 +296,10 @@ def main(argv: list[str] | None = None) -> dict:
         except Exception as exc:  # noqa: BLE001
             result["rows"].append({"shape": name, "error": f"setup: {type(exc).__name__}: {str(exc)[:200]}"})
             continue
-        check = _check(setup, kernels)
+        check = _check(setup)
         for provider in args.providers:
             row = {"shape": name, "provider": provider, "tokens": setup.tokens, "params": setup.n_params}
-            row.update(_run_provider(setup, kernels, provider, args.iters, args.warmup))
+            row.update(_run_provider(setup, provider, args.iters, args.warmup))
             if provider == "triton":
                 row.update(check)
             result["rows"].append(row)

@@ -67,8 +67,8 @@ def _add_evaluate(sub) -> None:
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the default job: sample and score the shipped teacher at few and many steps")
     p.add_argument("--model", type=Path, help="exported .safetensors (default: the shipped teacher)")
-    p.add_argument("--num", type=int, default=32, help="clips per step count")
-    p.add_argument("--steps", type=int, nargs="+", default=[2, 8, 50], help="step counts")
+    p.add_argument("--num", type=int, default=16, help="clips per step count")
+    p.add_argument("--steps", type=int, nargs="+", default=[4, 16], help="step counts")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
 
