@@ -1,0 +1,224 @@
+"""One prepared GPU session: correctness, the moving-shapes teacher and students, and kernel benchmarks.
+
+The lent GPU comes in short leases, so everything that needs it runs from this one script, in two
+parts that fit one call each (`--part train`, `--part bench`). Every step runs as a subprocess with
+its own time limit; a failing step is logged and the session goes on. Outputs land in `--out`
+($OUT on the device machine), packed into a few files because only 8 come back:
+
+    summary.txt                 one line per step: status, seconds, log file
+    teacher.safetensors         the shipped teacher (part train)
+    train_results.tar.gz        run configs, metrics.jsonl, evaluation JSONs, sample grids, logs
+    bench_results.tar.gz        benchmark JSONs and logs (part bench)
+
+    python -m bench.device_session --part train --out $OUT
+    python -m bench.device_session --part bench --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+METHODS = ("reflow", "progressive", "consistency", "rcm")
+# Training-step cost of each recipe relative to a pretraining step of the same batch, measured on
+# CPU (methods' reports): online ReFlow runs 6 Heun teacher steps; rCM runs teacher, JVP, 2B
+# student rows, DMD and a critic update. Used to size each run to the time budget.
+COST = {"reflow": 6.5, "progressive": 1.9, "consistency": 1.9, "rcm": 6.0}
+BATCH = {"reflow": 64, "progressive": 64, "consistency": 64, "rcm": 32}
+PARALLEL_SLOWDOWN = 2.0  # four runs share one GPU and the CPU renderer
+PROGRESSIVE_STAGE_SHARE = (0.125, 0.125, 0.125, 0.125, 0.2, 0.3)  # 64->32->...->1
+
+
+class Session:
+    def __init__(self, out: Path, work: Path):
+        self.out, self.work = out, work
+        self.logs = work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.summary: list[str] = []
+        self.env = {"OMP_NUM_THREADS": "4"}  # several runs share 16 cores
+
+    def _record(self, name: str, rc: int | str, seconds: float) -> None:
+        line = f"{name:<28} {str(rc):>8} {seconds:7.1f}s  logs/{name}.log"
+        self.summary.append(line)
+        print(line, flush=True)
+        (self.out / "summary.txt").write_text("\n".join(self.summary) + "\n")
+
+    def start(self, name: str, cmd: list[str], env: dict | None = None) -> tuple[str, subprocess.Popen, float]:
+        log = (self.logs / f"{name}.log").open("w")
+        print(f"[start] {name}: {' '.join(cmd)}", flush=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env, **(env or {})}
+        )
+        return name, proc, time.perf_counter()
+
+    def wait(self, job: tuple[str, subprocess.Popen, float], timeout: float) -> int | str:
+        name, proc, t0 = job
+        try:
+            rc: int | str = proc.wait(timeout=max(1.0, timeout - (time.perf_counter() - t0)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            rc = "timeout"
+        self._record(name, rc, time.perf_counter() - t0)
+        return rc
+
+    def run(self, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> int | str:
+        return self.wait(self.start(name, cmd, env), timeout)
+
+    def pack(self, archive: str) -> None:
+        with tarfile.open(self.out / archive, "w:gz") as tar:
+            for path in sorted(self.work.rglob("*")):
+                if path.is_file() and path.suffix not in (".pt", ".safetensors"):
+                    tar.add(path, arcname=str(path.relative_to(self.work)))
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "methods.cli", *args]
+
+
+def teacher_step_seconds(run_dir: Path) -> float:
+    """Mean wall time of one pretraining step, from the run's metrics.jsonl."""
+    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
+    return rows[-1]["wall_s"] / rows[-1]["step"]
+
+
+def distill_args(method: str, distill_s: float, step_s: float, teacher_batch: int) -> list[str]:
+    """--steps (and schedule options) so that `method` fits `distill_s` seconds."""
+    per_step = step_s * COST[method] * PARALLEL_SLOWDOWN * BATCH[method] / teacher_batch
+    steps = max(8, int(distill_s / per_step))
+    args = ["--steps", str(steps), "--batch-size", str(BATCH[method])]
+    if method == "progressive":
+        stages = [max(1, round(f * steps)) for f in PROGRESSIVE_STAGE_SHARE]
+        args += ["--set", "stage_steps=" + ",".join(map(str, stages))]
+    if method == "rcm":
+        args += ["--set", f"tangent_warmup={max(1, steps // 6)}"]
+    return args
+
+
+def part_train(s: Session, preset: str, teacher_s: float, distill_s: float, num: int) -> None:
+    runs = s.work / "runs"
+    teacher_dir = runs / "teacher"
+    # GPU tests share the GPU with the teacher run: they check correctness, they are not timed.
+    tests = s.start("gpu_tests", [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs"])
+    cmd = cli("pretrain", "--preset", preset, "--out", str(teacher_dir), "--time-limit", str(teacher_s))
+    if s.run("pretrain_teacher", cmd, timeout=teacher_s + 120) != 0:
+        # Keep the session useful if a kernel fails on this GPU: the references are exact, only slower.
+        s.env["VDISTILL_KERNELS"] = "reference"
+        s.run("pretrain_teacher_reference", cmd, timeout=teacher_s + 120)
+    s.wait(tests, timeout=teacher_s + 240)
+    teacher = teacher_dir / "student_ema.safetensors"
+    if not teacher.exists():
+        return
+    (s.out / "teacher.safetensors").write_bytes(teacher.read_bytes())
+    evals = [
+        s.start(
+            "eval_teacher",
+            cli(
+                "evaluate",
+                "--model",
+                str(teacher),
+                "--steps",
+                "1",
+                "2",
+                "4",
+                "8",
+                "16",
+                "50",
+                "--num",
+                str(num),
+                "--out",
+                str(runs / "eval_teacher.json"),
+            ),
+        )
+    ]
+    jobs = [
+        s.start(
+            f"distill_{m}",
+            cli("distill", m, "--teacher", str(teacher), "--out", str(runs / m), "--time-limit", str(distill_s)),
+        )
+        for m in METHODS
+    ]
+    for job in jobs:
+        s.wait(job, timeout=distill_s + 150)
+    for m in METHODS:
+        student = runs / m / "student_ema.safetensors"
+        if student.exists():
+            evals.append(
+                s.start(
+                    f"eval_{m}",
+                    cli(
+                        "evaluate",
+                        "--model",
+                        str(student),
+                        "--steps",
+                        "1",
+                        "2",
+                        "4",
+                        "--num",
+                        str(num),
+                        "--out",
+                        str(runs / f"eval_{m}.json"),
+                    ),
+                )
+            )
+            evals.append(
+                s.start(
+                    f"sample_{m}",
+                    cli("sample", "--model", str(student), "--steps", "2", "--out", str(runs / "samples" / m)),
+                )
+            )
+    evals.append(
+        s.start(
+            "sample_teacher",
+            cli("sample", "--model", str(teacher), "--steps", "50", "--out", str(runs / "samples" / "teacher")),
+        )
+    )
+    for job in evals:
+        s.wait(job, timeout=240)
+
+
+def part_bench(s: Session, quick: bool) -> None:
+    res = s.work / "results"
+    q = ["--quick"] if quick else []
+    s.run("bench_attention", [sys.executable, "-m", "bench.bench_attention", "--out", str(res), *q], timeout=170)
+    s.run("bench_ema", [sys.executable, "-m", "bench.bench_ema", "--out", str(res), *q], timeout=75)
+    s.run("bench_trigflow", [sys.executable, "-m", "bench.bench_trigflow", "--out", str(res), *q], timeout=75)
+    s.run("bench_rcm_step", [sys.executable, "-m", "bench.bench_rcm_step", "--out", str(res), *q], timeout=120)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=["train", "bench"], required=True, help="which half of the session to run")
+    p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")), help="returned files")
+    p.add_argument("--work", type=Path, default=Path("/tmp/vdistill_session"), help="scratch directory")
+    p.add_argument("--preset", default="shapes", help="teacher preset (tiny: a CPU dry run of this script)")
+    p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training time limit")
+    p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
+    p.add_argument("--num", type=int, default=256, help="clips per evaluation")
+    p.add_argument("--quick", action="store_true", help="benchmarks in their --quick mode")
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    s = Session(args.out, args.work / args.part)
+    import torch
+
+    info = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
+    s.summary.append(json.dumps(info))
+    try:
+        if args.part == "train":
+            part_train(s, args.preset, args.teacher_seconds, args.distill_seconds, args.num)
+        else:
+            part_bench(s, args.quick)
+    finally:
+        s.pack(f"{args.part}_results.tar.gz")
+    print("\n".join(s.summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
