@@ -26,12 +26,10 @@ import time
 from pathlib import Path
 
 METHODS = ("reflow", "progressive", "consistency", "rcm")
-# Training-step cost of each recipe relative to a pretraining step of the same batch, measured on
-# CPU (methods' reports): online ReFlow runs 6 Heun teacher steps; rCM runs teacher, JVP, 2B
-# student rows, DMD and a critic update. Used to size each run to the time budget.
-COST = {"reflow": 6.5, "progressive": 1.9, "consistency": 1.9, "rcm": 6.0}
-BATCH = {"reflow": 64, "progressive": 64, "consistency": 64, "rcm": 32}
-PARALLEL_SLOWDOWN = 2.0  # four runs share one GPU and the CPU renderer
+# Seconds per training step of each recipe with four runs sharing one H200 (measured in this
+# session's first run, clips rendered on the CPU; default batch sizes). Used to size each run so
+# that its schedule (progressive stages, rCM warm-up) completes inside the time budget.
+STEP_S = {"reflow": 1.0, "progressive": 0.27, "consistency": 0.34, "rcm": 0.33}
 PROGRESSIVE_STAGE_SHARE = (0.125, 0.125, 0.125, 0.125, 0.2, 0.3)  # 64->32->...->1
 
 
@@ -82,91 +80,63 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "methods.cli", *args]
 
 
-def teacher_step_seconds(run_dir: Path) -> float:
-    """Mean wall time of one pretraining step, from the run's metrics.jsonl."""
-    rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln]
-    return rows[-1]["wall_s"] / rows[-1]["step"]
-
-
-def distill_args(method: str, distill_s: float, step_s: float, teacher_batch: int) -> list[str]:
+def distill_args(method: str, distill_s: float) -> list[str]:
     """--steps (and schedule options) so that `method` fits `distill_s` seconds."""
-    per_step = step_s * COST[method] * PARALLEL_SLOWDOWN * BATCH[method] / teacher_batch
-    steps = max(8, int(distill_s / per_step))
-    args = ["--steps", str(steps), "--batch-size", str(BATCH[method])]
+    steps = max(8, int(distill_s / STEP_S[method]))
+    args = ["--steps", str(steps), "--time-limit", str(distill_s)]
     if method == "progressive":
         stages = [max(1, round(f * steps)) for f in PROGRESSIVE_STAGE_SHARE]
         args += ["--set", "stage_steps=" + ",".join(map(str, stages))]
     if method == "rcm":
         args += ["--set", f"tangent_warmup={max(1, steps // 6)}"]
+    if method == "reflow":
+        args += ["--set", "pair_steps=4"]
     return args
 
 
-def part_train(s: Session, preset: str, teacher_s: float, distill_s: float, num: int) -> None:
+def evaluate(s: Session, name: str, model: Path, steps: list[int], num: int, out: Path):
+    return s.start(
+        name, cli("evaluate", "--model", str(model), "--steps", *map(str, steps), "--num", str(num), "--out", str(out))
+    )
+
+
+def part_train(s: Session, args: argparse.Namespace) -> None:
     runs = s.work / "runs"
     teacher_dir = runs / "teacher"
     # GPU tests share the GPU with the teacher run: they check correctness, they are not timed.
-    tests = s.start("gpu_tests", [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs"])
-    cmd = cli("pretrain", "--preset", preset, "--out", str(teacher_dir), "--time-limit", str(teacher_s))
-    if s.run("pretrain_teacher", cmd, timeout=teacher_s + 120) != 0:
+    tests = (
+        None
+        if args.skip_tests
+        else s.start("gpu_tests", [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs"])
+    )
+    cmd = cli("pretrain", "--preset", args.preset, "--out", str(teacher_dir), "--time-limit", str(args.teacher_seconds))
+    cmd += ["--init", str(args.init)] if args.init else []
+    if s.run("pretrain_teacher", cmd, timeout=args.teacher_seconds + 120) != 0:
         # Keep the session useful if a kernel fails on this GPU: the references are exact, only slower.
         s.env["VDISTILL_KERNELS"] = "reference"
-        s.run("pretrain_teacher_reference", cmd, timeout=teacher_s + 120)
-    s.wait(tests, timeout=teacher_s + 240)
+        s.run("pretrain_teacher_reference", cmd, timeout=args.teacher_seconds + 120)
+    if tests is not None:
+        s.wait(tests, timeout=args.teacher_seconds + 240)
     teacher = teacher_dir / "student_ema.safetensors"
     if not teacher.exists():
         return
     (s.out / "teacher.safetensors").write_bytes(teacher.read_bytes())
-    evals = [
-        s.start(
-            "eval_teacher",
-            cli(
-                "evaluate",
-                "--model",
-                str(teacher),
-                "--steps",
-                "1",
-                "2",
-                "4",
-                "8",
-                "16",
-                "50",
-                "--num",
-                str(num),
-                "--out",
-                str(runs / "eval_teacher.json"),
-            ),
-        )
-    ]
+    evals = [evaluate(s, "eval_teacher", teacher, [1, 2, 4, 8, 16, 50], args.num, runs / "eval_teacher.json")]
     jobs = [
         s.start(
             f"distill_{m}",
-            cli("distill", m, "--teacher", str(teacher), "--out", str(runs / m), "--time-limit", str(distill_s)),
+            cli(
+                "distill", m, "--teacher", str(teacher), "--out", str(runs / m), *distill_args(m, args.distill_seconds)
+            ),
         )
         for m in METHODS
     ]
     for job in jobs:
-        s.wait(job, timeout=distill_s + 150)
+        s.wait(job, timeout=args.distill_seconds + 150)
     for m in METHODS:
         student = runs / m / "student_ema.safetensors"
         if student.exists():
-            evals.append(
-                s.start(
-                    f"eval_{m}",
-                    cli(
-                        "evaluate",
-                        "--model",
-                        str(student),
-                        "--steps",
-                        "1",
-                        "2",
-                        "4",
-                        "--num",
-                        str(num),
-                        "--out",
-                        str(runs / f"eval_{m}.json"),
-                    ),
-                )
-            )
+            evals.append(evaluate(s, f"eval_{m}", student, [1, 2, 4], args.num, runs / f"eval_{m}.json"))
             evals.append(
                 s.start(
                     f"sample_{m}",
@@ -198,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")), help="returned files")
     p.add_argument("--work", type=Path, default=Path("/tmp/vdistill_session"), help="scratch directory")
     p.add_argument("--preset", default="shapes", help="teacher preset (tiny: a CPU dry run of this script)")
+    p.add_argument("--init", type=Path, help="continue the teacher from these exported weights")
+    p.add_argument("--skip-tests", action="store_true", help="do not run the GPU tests beside the teacher")
     p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training time limit")
     p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
     p.add_argument("--num", type=int, default=256, help="clips per evaluation")
@@ -211,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     s.summary.append(json.dumps(info))
     try:
         if args.part == "train":
-            part_train(s, args.preset, args.teacher_seconds, args.distill_seconds, args.num)
+            part_train(s, args)
         else:
             part_bench(s, args.quick)
     finally:

@@ -17,19 +17,20 @@ from methods.text import TextEncoder
 
 
 class ShapesBatches:
-    """Moving-shapes clips with text embeddings from a `TextEncoder`."""
+    """Moving-shapes clips with text embeddings from a `TextEncoder`, rendered on `device`."""
 
-    def __init__(self, data_cfg: ShapesConfig, text: TextEncoder, batch_size: int, seed: int = 0):
-        self.stream = ShapesStream(MovingShapes(data_cfg, seed=seed), batch_size, seed=seed)
+    def __init__(self, data_cfg: ShapesConfig, text: TextEncoder, batch_size: int, seed: int = 0, device: str = "cpu"):
+        self.stream = ShapesStream(MovingShapes(data_cfg, seed=seed), batch_size, seed=seed, device=device)
         self.text = text
-        self.null = text.null(1)
+        self.device = device
+        self.null = text.null(1, device)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> Batch:
         videos, prompts, labels = next(self.stream)
-        return Batch(videos, self.text.encode(prompts), self.null, labels)
+        return Batch(videos, self.text.encode(prompts, self.device), self.null, labels)
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()

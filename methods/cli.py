@@ -27,6 +27,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
     p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast precision on CUDA")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init", type=Path, help="start from an exported model's weights (continued training)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
     p.add_argument(
@@ -110,8 +111,15 @@ def _reflow_pairs(args) -> int:
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
     teacher = ModelBundle.load(args.teacher, commands.resolve_device(args.device))
     paths = write_pairs(
-        teacher, args.out, args.num, shard_size=args.shard_size, steps=args.steps, solver=args.solver,
-        seed=args.seed, batch_size=args.batch_size, source=str(args.teacher),
+        teacher,
+        args.out,
+        args.num,
+        shard_size=args.shard_size,
+        steps=args.steps,
+        solver=args.solver,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        source=str(args.teacher),
     )
     print(f"{len(paths)} pair shards in {args.out}; train with: vdistill distill reflow --set pairs={args.out}")
     return 0
@@ -144,7 +152,7 @@ def _pretrain(args) -> int:
     if args.dry_run:
         print(json.dumps(run.to_dict(), indent=2, default=str))
         return 0
-    commands.pretrain(run, args.out, resume=args.resume)
+    commands.pretrain(run, args.out, resume=args.resume, init=args.init)
     return 0
 
 

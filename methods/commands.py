@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from methods.batches import Prefetched, ShapesBatches
+from methods.checkpoint import load_dit
 from methods.data import parse_prompt, prompt_for
 from methods.evaluate import evaluate_clips, reference_features
 from methods.generate import ModelBundle, balanced_labels, generate
@@ -33,12 +34,22 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def pretrain(run: RunConfig, out: Path, resume: bool = False) -> dict[str, Path]:
-    """Flow-matching pretraining of `run.model` on moving shapes; returns the exported weight files."""
+def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None = None) -> dict[str, Path]:
+    """Flow-matching pretraining of `run.model` on moving shapes; returns the exported weight files.
+
+    `init`: start from an exported model's weights (continued training; its config must match).
+    """
     torch.manual_seed(run.train.seed)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
-    data = Prefetched(ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed))
-    recipe = FlowMatching(VideoDiT(run.model), run.flow)
+    device = str(run.train.resolved_device())
+    data = Prefetched(ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed, device=device))
+    model = VideoDiT(run.model)
+    if init is not None:
+        start, _ = load_dit(init)
+        if start.cfg != run.model:
+            raise ValueError(f"--init {init}: its model config {start.cfg} differs from the preset's {run.model}")
+        model.load_state_dict(start.state_dict())
+    recipe = FlowMatching(model, run.flow)
     trainer = Trainer(recipe, data, run.train, out, run_config=run.to_dict())
     try:
         trainer.fit(resume=resume)

@@ -139,20 +139,21 @@ def render(cfg: ShapesConfig, labels: torch.Tensor, start: torch.Tensor, speed: 
 
     labels [B, 3] long (shape, colour, direction); start [B, 2] centre (x, y) at frame 0 in
     pixels (pixel i covers [i, i+1)); speed [B] pixels/frame; size [B] bounding-box side.
-    Returns videos [B, 3, T, H, W] float32 in [-1, 1].
+    Returns videos [B, 3, T, H, W] float32 in [-1, 1], on the device of the inputs.
     """
     b, t, h, w, a = labels.shape[0], cfg.frames, cfg.height, cfg.width, cfg.antialias
-    sub = (torch.arange(a, dtype=torch.float32) + 0.5) / a
-    ys = (torch.arange(h, dtype=torch.float32)[:, None] + sub[None, :]).reshape(-1)  # [H*a]
-    xs = (torch.arange(w, dtype=torch.float32)[:, None] + sub[None, :]).reshape(-1)  # [W*a]
-    frame = torch.arange(t, dtype=torch.float32)
-    step = DIRECTION_STEPS[labels[:, 2]][:, None, :]  # [B, 1, 2]
+    dev = labels.device
+    sub = (torch.arange(a, dtype=torch.float32, device=dev) + 0.5) / a
+    ys = (torch.arange(h, dtype=torch.float32, device=dev)[:, None] + sub[None, :]).reshape(-1)  # [H*a]
+    xs = (torch.arange(w, dtype=torch.float32, device=dev)[:, None] + sub[None, :]).reshape(-1)  # [W*a]
+    frame = torch.arange(t, dtype=torch.float32, device=dev)
+    step = DIRECTION_STEPS.to(dev)[labels[:, 2]][:, None, :]  # [B, 1, 2]
     centre = start[:, None, :] + (speed[:, None, None] * frame[None, :, None]) * step  # [B, T, 2]
     dx = xs.view(1, 1, 1, -1) - centre[..., 0].view(b, t, 1, 1)  # [B, T, 1, W*a]
     dy = ys.view(1, 1, -1, 1) - centre[..., 1].view(b, t, 1, 1)  # [B, T, H*a, 1]
     inside = _coverage(labels[:, 0], dx, dy, size / 2)  # [B, T, H*a, W*a]
     cover = inside.view(b, t, h, a, w, a).mean(dim=(3, 5))  # [B, T, H, W]
-    colour = PALETTE[labels[:, 1]].view(b, 3, 1, 1, 1)
+    colour = PALETTE.to(dev)[labels[:, 1]].view(b, 3, 1, 1, 1)
     return cfg.background + cover[:, None] * (colour - cfg.background)
 
 
@@ -198,8 +199,14 @@ class MovingShapes:
             start.append(float(rng.uniform(lo, hi)))
         return labels, start, speed, size
 
-    def batch(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """Clips at ``indices``: videos [B, 3, T, H, W] float32, prompts list[str], labels [B, 3] long."""
+    def batch(
+        self, indices: Sequence[int] | torch.Tensor, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
+        """Clips at ``indices``: videos [B, 3, T, H, W] float32, prompts list[str], labels [B, 3] long.
+
+        ``device``: where the clips are rendered (a GPU renders a training batch in well under a
+        millisecond; the CPU takes tens). The clips do not depend on it beyond rounding.
+        """
         indices = [int(i) for i in indices]
         if not indices:
             raise ValueError("indices must not be empty")
@@ -208,8 +215,10 @@ class MovingShapes:
         start = torch.tensor([d[1] for d in drawn], dtype=torch.float32)
         speed = torch.tensor([d[2] for d in drawn], dtype=torch.float32)
         size = torch.tensor([d[3] for d in drawn], dtype=torch.float32)
-        videos = render(self.cfg, labels, start, speed, size)
-        return videos, [prompt_for(lab) for lab in labels.tolist()], labels
+        prompts = [prompt_for(lab) for lab in labels.tolist()]
+        dev = torch.device(device)
+        videos = render(self.cfg, labels.to(dev), start.to(dev), speed.to(dev), size.to(dev))
+        return videos, prompts, labels.to(dev)
 
     def sample(self, index: int) -> Clip:
         """Clip ``index``: video [3, T, H, W], prompt, labels [3]."""
@@ -225,7 +234,9 @@ class ShapesStream:
     stream yields exactly the batches the original would have yielded next.
     """
 
-    def __init__(self, dataset: MovingShapes, batch_size: int, seed: int = 0) -> None:
+    def __init__(
+        self, dataset: MovingShapes, batch_size: int, seed: int = 0, device: torch.device | str = "cpu"
+    ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not isinstance(seed, int) or seed < 0:
@@ -233,6 +244,7 @@ class ShapesStream:
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
+        self.device = device
         self.step = 0
 
     def indices(self, step: int) -> list[int]:
@@ -244,7 +256,7 @@ class ShapesStream:
         return self
 
     def __next__(self) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        batch = self.dataset.batch(self.indices(self.step))
+        batch = self.dataset.batch(self.indices(self.step), self.device)
         self.step += 1
         return batch
 

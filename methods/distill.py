@@ -128,7 +128,7 @@ def distill(
     }
     if resume:
         check_resumable(out, run_config)
-    data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed))
+    data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed, device=str(device)))
     trainer = Trainer(recipe, data, train, out, run_config=run_config)
     trainer.export_meta = {"sampler": module.sampler_meta(cfg)}
     try:
