@@ -183,7 +183,7 @@ def _function_jvp(q, k, v, tq, tk, tv, scale: float) -> tuple[torch.Tensor, torc
 
 
 def _with_bwd_backend(name: str, fn: Callable[[], object]):
-    """fn() with kernels.attention_bwd_select.BACKEND set to name (ours: auto = validated flash bwd)."""
+    """fn() with kernels.attention_bwd_select.BACKEND set to name (ours: the default, Triton)."""
     select = importlib.import_module("kernels.attention_bwd_select")
     old, select.BACKEND = select.BACKEND, name
     try:
@@ -234,7 +234,7 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
             run("fwd+jvp", prov, fn, lambda fn=fn: _err(fn(), (ref["o"], ref["t_o"])))
 
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    bwd = {"ours": kernels.attention, "ours (triton bwd)": kernels.attention}
+    bwd = {"ours": kernels.attention, "ours (flash bwd)": kernels.attention}
     bwd.update(sdpa)
     for prov, f in bwd.items():
         try:
@@ -243,8 +243,8 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
             runner.rows.append({"shape": name, "op": "bwd", "provider": prov, "error": f"{type(exc).__name__}: {exc}"})
             continue
         fn = lambda out=out: torch.autograd.grad(out, inputs, do, retain_graph=True)
-        if prov == "ours (triton bwd)":
-            fn = lambda fn=fn: _with_bwd_backend("triton", fn)
+        if prov == "ours (flash bwd)":
+            fn = lambda fn=fn: _with_bwd_backend("auto", fn)
         run("bwd", prov, fn, lambda fn=fn: _err(fn(), (ref["dq"], ref["dk"], ref["dv"])))
         del out
 
