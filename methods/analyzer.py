@@ -107,7 +107,9 @@ def analyze(videos: torch.Tensor) -> Analysis:
     cx, cy = (m * xs).sum((2, 3)) / denom, (m * ys).sum((2, 3)) / denom  # [B, T]
     var = ((m * (xs - cx[..., None, None]).square()).sum((2, 3))
            + (m * (ys - cy[..., None, None]).square()).sum((2, 3))) / denom
-    compact = area / (2 * torch.pi * var).clamp_min(1e-12)  # 1 for a disc
+    # + 1/6: each pixel is a unit square (variance 1/12 per axis), so the second moment of any
+    # blob is bounded below and compactness stays <= ~1 even for a one-pixel speck.
+    compact = area / (2 * torch.pi * (var + 1 / 6))  # 1 for a disc
 
     rows, cols = mask.any(dim=3), mask.any(dim=2)  # [B, T, H], [B, T, W]
     y0 = rows.to(torch.int8).argmax(dim=2)

@@ -1,5 +1,7 @@
 """Evaluator: ground-truth accuracy, corruptions score worse, Fréchet distance maths."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -159,3 +161,16 @@ def test_input_errors(real):
 def test_analyzer_other_geometries(cfg):
     videos, _, labels = MovingShapes(cfg, seed=3).batch(range(128))
     assert (analyze(videos).labels == labels).all(dim=1).double().mean() >= 0.98
+
+
+def test_one_pixel_specks_keep_features_bounded():
+    """A generated clip whose foreground is a single pixel must not blow up the FD (compactness ~ area/var)."""
+    clips = MovingShapes(seed=3).batch(range(16))[0].clone()
+    clips[:4] = -1.0
+    for y, x in ((5, 7), (4, 6), (4, 8), (6, 7)):  # only the centre has >= 3 foreground neighbours:
+        clips[:4, 0, :, y, x] = 1.0  # the mask keeps a single pixel per frame
+    feats = analyze(clips).features
+    compact = feats[:, FEATURE_NAMES.index("compactness")]
+    assert torch.isfinite(feats).all() and compact.max() < 1.2
+    fd = frechet_distance(feats, reference_features(n=256))
+    assert math.isfinite(fd) and fd < 1e3
