@@ -13,7 +13,7 @@ from methods.batches import Prefetched, ShapesBatches
 from methods.checkpoint import load_dit
 from methods.data import parse_prompt, prompt_for
 from methods.evaluate import evaluate_clips, reference_features
-from methods.generate import ModelBundle, balanced_labels, generate
+from methods.generate import ModelBundle, balanced_labels, generate, spread_labels
 from methods.media import save_annotated_grid, save_gif, save_grid_png, save_mp4
 from methods.presets import RunConfig
 from methods.pretrain import FlowMatching
@@ -62,7 +62,7 @@ def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None 
 
 def sample(args) -> int:
     bundle = ModelBundle.load(args.model, resolve_device(args.device))
-    prompts = args.prompt or [prompt_for(lab) for lab in balanced_labels(72)[::9].tolist()]
+    prompts = args.prompt or [prompt_for(lab) for lab in spread_labels(8).tolist()]
     labels = torch.tensor([parse_prompt(p) for p in prompts])
     clips = generate(bundle, labels, args.steps, cfg_scale=args.cfg, solver=args.solver, seed=args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -82,9 +82,10 @@ def evaluate_model(
     solver: str = "euler",
     cfg_scale: float | None = None,
     seed: int = 0,
+    labels: torch.Tensor | None = None,
 ) -> list[dict]:
-    """One metrics row per step count (`num` clips balanced over the prompts)."""
-    labels = balanced_labels(num)
+    """One metrics row per step count (`num` clips balanced over the prompts, or `labels` [num, 3])."""
+    labels = balanced_labels(num) if labels is None else labels
     reference = reference_features(cfg=bundle.data)
     rows = []
     for n in steps:
@@ -121,8 +122,8 @@ def demo(args) -> int:
     device = resolve_device(args.device)
     bundle = ModelBundle.load(path, device)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate_model(bundle, args.steps, args.num)
-    labels = balanced_labels(72)[::9]  # 8 prompts spread over shapes, colours and directions
+    rows = evaluate_model(bundle, args.steps, args.num, labels=spread_labels(args.num))
+    labels = spread_labels(8)
     prompts = [prompt_for(lab) for lab in labels.tolist()]
     for n in args.steps:
         clips = generate(bundle, labels, n)

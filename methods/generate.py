@@ -55,6 +55,13 @@ def sample_noise(shape: tuple[int, ...], seed: int, indices: range) -> torch.Ten
     return torch.stack([torch.randn(shape, generator=g) for g in gens])
 
 
+def spread_labels(n: int) -> torch.Tensor:
+    """[n, 3] distinct-as-possible labels for small n: the 72 combinations taken with stride 29
+    (coprime to 72), so even 8 or 16 clips mix shapes, colours and directions."""
+    combos = balanced_labels(72)
+    return combos[(torch.arange(n) * 29) % len(combos)]
+
+
 @torch.no_grad()
 def generate(
     bundle: ModelBundle,
