@@ -20,25 +20,21 @@ tokens) before it is timed; failures are recorded, never fatal. Inputs are trans
 Budget on an H200: full run (4 shapes, autotuning included) ~150 s; --quick (Wan 480p shape, no
 autotuning) ~60 s. CPU smoke test of the script's logic:
 `TRITON_INTERPRET=1 python -m bench.bench_attention --device cpu --tiny`.
-The helpers below stand in for a shared harness (bench/harness.py did not exist when written).
+Metadata, timing primitives and JSON output come from `bench/harness.py`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib
-import json
 import os
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from bench.harness import Timer, Timing, cpu_bench_ms, do_bench_ms, run_meta, utc_stamp, write_json
 
 SHAPES = {  # name: (B, H, Nq, Nk, D)
     "wan1.3b-480p": (1, 12, 32760, 32760, 128),
@@ -53,48 +49,21 @@ MATH_SCORE_BYTES = 4.5e9  # torch.func.jvp over math attention only where one fp
 TOL = 5e-2  # max |err| <= TOL · max |ref| (bf16 math-backend tangents reach ~1e-2; a masking bug gives ~1)
 
 
-def _meta(device: torch.device, argv: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    import triton
+def _timer(device: torch.device, rep_ms: int) -> Timer:
+    """do_bench with rep_ms grown to >= 12 calls (p20/p80 stay meaningful at 32k tokens), capped at 1.5 s."""
+    if device.type != "cuda":
+        return lambda fn: cpu_bench_ms(fn, warmup=0)
 
-    return {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "argv": argv,
-    }
+    def cuda_time(fn: Callable[[], object]) -> Timing:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        one_ms = (time.perf_counter() - t0) * 1e3
+        rep = min(max(rep_ms, 12 * one_ms), 1500)
+        return do_bench_ms(fn, max(5, rep // 5), rep)
 
-
-def _timer(device: torch.device, rep_ms: int) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        def cuda_time(fn):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            one_ms = (time.perf_counter() - t0) * 1e3
-            rep = min(max(rep_ms, 12 * one_ms), 1500)  # at least ~12 timed calls for p20/p80, even at 32k tokens
-            return tuple(do_bench(fn, warmup=max(5, rep // 5), rep=rep, quantiles=[0.5, 0.2, 0.8]))
-
-        return cuda_time
-
-    def cpu_time(fn):
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(runs), min(runs), max(runs)
-
-    return cpu_time
+    return cuda_time
 
 
 def _peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -309,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
         bench_shape(runner, name, dims, dtype, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    result = {**_meta(device, sys.argv[1:] if argv is None else argv), "dtype": str(dtype),
+    result = {**run_meta(device, argv), "dtype": str(dtype),
               "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0", "rows": runner.rows,
               "summary": _summary(runner.rows), "best_configs": _best_configs(),
               "flash_bwd_state": dict(importlib.import_module("kernels.attention_bwd_select")._flash_state),
@@ -318,12 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
     for shape, ratios in result["summary"].items():
         print(shape, "  ".join(f"{k}: {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()))
     print(f"wall {result['wall_s']:.1f} s")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    path = out / f"attention_{result['gpu'].replace(' ', '_')}_{stamp}.json"
-    path.write_text(json.dumps(result, indent=1))
-    print(f"wrote {path}")
+    write_json(args.out, f"attention_{result['gpu'].replace(' ', '_')}_{utc_stamp('%Y%m%dT%H%M%SZ')}.json", result,
+               indent=1)
     return result
 
 

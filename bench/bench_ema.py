@@ -18,25 +18,19 @@ upcast; two profiles ≥ 1.6× two foreach calls.
 
     python -m bench.bench_ema [--quick] [--out bench/results]
 
-The helpers below stand in for a shared harness (none existed when this was written). For a
+Metadata, timing, checked providers and JSON output come from `bench/harness.py`. For a
 CPU smoke run of the script's logic: `TRITON_INTERPRET=1 python -m bench.bench_ema --device cpu --tiny`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
-import json
-import os
-import statistics
-import subprocess
-import sys
 import time
-from collections.abc import Callable
 
 import torch
 
+from bench.harness import Timer, finish, make_timer, run_checked, run_meta, utc_stamp
 from kernels.ema import EMA, ema_update_ref
 from kernels.ema_schedule import EMAProfile
 
@@ -59,78 +53,11 @@ def _make_params(shapes, dtype, device, seed: int = 0) -> list[torch.Tensor]:
     return [torch.randn(s, generator=g, device=device, dtype=torch.float32).to(dtype) for s in shapes]
 
 
-def _timer(device: torch.device, rep_ms: int) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        def cuda_time(fn):
-            med, p20, p80 = do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-            return med, p20, p80
-
-        return cuda_time
-
-    def cpu_time(fn):
-        fn()
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(runs), min(runs), max(runs)
-
-    return cpu_time
-
-
 def _max_err(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max((x.float() - y.float()).abs().max().item() for x, y in zip(a, b))
 
 
-def _meta(device: torch.device, argv: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "argv": argv,
-    }
-
-
-class _Runner:
-    """Times providers of one case, records rows, never lets one provider's failure stop the run."""
-
-    def __init__(self, timer, rows: list[dict]):
-        self.timer = timer
-        self.rows = rows
-
-    def run(self, case: str, provider: str, fn: Callable[[], object], check: Callable[[], float], tol: float,
-            nbytes: float) -> dict | None:
-        row = {"case": case, "provider": provider, "bytes": nbytes}
-        try:
-            err = check()
-            row["max_err"] = err
-            if not err <= tol:
-                raise AssertionError(f"max error {err:.3g} > tolerance {tol:.3g}")
-            med, p20, p80 = self.timer(fn)
-            row.update(ms=med, p20_ms=p20, p80_ms=p80, gb_per_s=nbytes / med / 1e6)
-        except Exception as exc:  # recorded, the other providers still run
-            row["error"] = f"{type(exc).__name__}: {exc}"
-        self.rows.append(row)
-        return row if "ms" in row else None
-
-
-def _case_single(runner: _Runner, name: str, shapes, dtype, device, k: int, with_copy: bool) -> None:
+def _case_single(rows: list[dict], timer: Timer, name: str, shapes, dtype, device, k: int, with_copy: bool) -> None:
     params = _make_params(shapes, dtype, device)
     numel = sum(p.numel() for p in params)
     betas = BETAS[:k]
@@ -144,7 +71,7 @@ def _case_single(runner: _Runner, name: str, shapes, dtype, device, k: int, with
         return max(_max_err(ema.tensors(i), refs[i]) for i in range(k))
 
     elem_bytes = params[0].element_size() + 8 * k
-    runner.run(name, f"ours (one pass, K={k})", ema.update, check_ours, 1e-5, numel * elem_bytes)
+    run_checked(rows, timer, name, f"ours (one pass, K={k})", ema.update, check_ours, 1e-5, numel * elem_bytes)
 
     w = [1.0 - b for b in betas]
     if dtype == torch.float32:
@@ -154,7 +81,7 @@ def _case_single(runner: _Runner, name: str, shapes, dtype, device, k: int, with
                 torch._foreach_lerp_(r, params, wk)
 
         label = "foreach_lerp_" if k == 1 else f"{k}x foreach_lerp_"
-        runner.run(name, label, foreach, lambda: 0.0, 0.0, numel * elem_bytes)
+        run_checked(rows, timer, name, label, foreach, lambda: 0.0, 0.0, numel * elem_bytes)
     else:
 
         def foreach_upcast():
@@ -163,7 +90,7 @@ def _case_single(runner: _Runner, name: str, shapes, dtype, device, k: int, with
                 torch._foreach_lerp_(r, up, wk)
 
         label = "foreach_lerp_ + .float() upcast" if k == 1 else f"upcast + {k}x foreach_lerp_"
-        runner.run(name, label, foreach_upcast, lambda: 0.0, 0.0, numel * elem_bytes)
+        run_checked(rows, timer, name, label, foreach_upcast, lambda: 0.0, 0.0, numel * elem_bytes)
         mixed = [[t.clone() for t in r] for r in refs]
 
         def foreach_mul_add():
@@ -179,7 +106,7 @@ def _case_single(runner: _Runner, name: str, shapes, dtype, device, k: int, with
             return max(_max_err(m, wt) for m, wt in zip(mixed, want))
 
         label = "foreach_mul_ + foreach_add_ (bf16 operand)" if k == 1 else f"{k}x foreach_mul_ + add_"
-        runner.run(name, label, foreach_mul_add, check_mul_add, 1e-5, numel * elem_bytes)
+        run_checked(rows, timer, name, label, foreach_mul_add, check_mul_add, 1e-5, numel * elem_bytes)
 
     if with_copy:
         src = torch.empty(numel, dtype=dtype, device=device).normal_()
@@ -189,7 +116,7 @@ def _case_single(runner: _Runner, name: str, shapes, dtype, device, k: int, with
             dst.copy_(src)
             return 0.0 if torch.equal(dst, src) else float("inf")
 
-        runner.run(name, "device copy (same param bytes)", lambda: dst.copy_(src), check_copy, 0.0,
+        run_checked(rows, timer, name, "device copy (same param bytes)", lambda: dst.copy_(src), check_copy, 0.0,
                    2 * numel * src.element_size())
 
 
@@ -236,11 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     shapes = wan_like_shapes(blocks, dim=64, ffn=160, text_dim=96) if args.tiny else wan_like_shapes(blocks)
     n_params = sum(torch.Size(s).numel() for s in shapes)
     rows: list[dict] = []
-    runner = _Runner(_timer(device, args.rep_ms), rows)
+    timer = make_timer(device, args.rep_ms)
     cases = [("fp32-K1", torch.float32, 1), ("bf16-K1", torch.bfloat16, 1), ("fp32-K2", torch.float32, 2),
              ("bf16-K2", torch.bfloat16, 2)]
     for name, dtype, k in cases:
-        _case_single(runner, name, shapes, dtype, device, k, with_copy=name == "fp32-K1")
+        _case_single(rows, timer, name, shapes, dtype, device, k, with_copy=name == "fp32-K1")
         gc.collect()  # free this case's parameters and EMA copies before the next
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -251,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
                 r["baseline"] = base["provider"]
                 r["speedup_vs_baseline"] = base["ms"] / r["ms"]
     goals = _goals(rows)
-    result = {"meta": _meta(device, list(sys.argv[1:] if argv is None else argv)), "n_params": n_params,
+    result = {"meta": run_meta(device, argv), "n_params": n_params,
               "n_tensors": len(shapes), "rows": rows, "goals": goals, "wall_s": time.time() - t_start}
     print(f"EMA benchmark: {n_params / 1e9:.3f} B params in {len(shapes)} tensors on {result['meta']['gpu']}")
     print(f"{'case':9} {'provider':46} {'ms':>9} {'p20':>9} {'p80':>9} {'GB/s':>8} {'speedup':>8}  note")
@@ -261,17 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['gb_per_s']:8.1f} {r.get('speedup_vs_baseline', float('nan')):8.2f}  max_err={r['max_err']:.2g}")
         else:
             print(f"{r['case']:9} {r['provider']:46} {'failed':>9}  {r['error']}")
-    for g in goals:
-        value = "n/a" if g["value"] is None else f"{g['value']:.2f}"
-        print(f"goal: {g['goal']}: {value} (target >= {g['target']}) {'MET' if g['met'] else 'NOT MET'}")
-    print(f"wall time {result['wall_s']:.1f} s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        path = os.path.join(args.out, f"ema_{stamp}.json")
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {path}")
+    finish(result, args.out, f"ema_{utc_stamp('%Y%m%d-%H%M%S')}.json")
     return result
 
 

@@ -29,24 +29,23 @@ fp32 per head group), the triton pass is checked for finiteness and the failure 
 
 Budget on an H200: ~60-90 s (autotuning off by default: each kernel's first config).
 CPU smoke run of the logic: `TRITON_INTERPRET=1 python -m bench.bench_rcm_step --device cpu --tiny`.
-The helpers below stand in for a shared harness (bench/harness.py did not exist when written).
+Metadata and JSON output come from `bench/harness.py`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from bench.harness import run_meta, utc_stamp, write_json
 
 SHAPES = {  # name: (DiT size, overrides, clip (C, T, H, W), batch, text tokens)
     "small": ("small", {}, (3, 8, 32, 32), 32, 8),
@@ -97,22 +96,8 @@ class PhaseTimer:
 
 
 def _meta(device: torch.device, argv: list[str]) -> dict:
-    import triton
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "bench": "rcm_step",
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "argv": argv,
-        "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0",
-    }
+    return {"bench": "rcm_step", **run_meta(device, argv),
+            "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0"}
 
 
 class Setup:
@@ -308,11 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
     _print_table(result["rows"])
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-        path = args.out / f"rcm_step_{stamp}.json"
-        path.write_text(json.dumps(result, indent=2))
-        print(f"wrote {path}")
+        write_json(args.out, f"rcm_step_{utc_stamp('%Y%m%dT%H%M%S')}.json", result)
     return result
 
 

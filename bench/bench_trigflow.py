@@ -17,25 +17,20 @@ Goals (issue 5): noising ≥ 3× `torch.compile` and ≥ 70 % of the floor.
 
     python -m bench.bench_trigflow [--quick] [--out bench/results]
 
-The helpers below stand in for a shared harness (none existed when this was written). CPU smoke
+Metadata, timing, checked providers and JSON output come from `bench/harness.py`. CPU smoke
 run of the script's logic: `TRITON_INTERPRET=1 python -m bench.bench_trigflow --device cpu --tiny`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import math
-import os
-import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 
+from bench.harness import finish, make_timer, run_checked, run_meta, utc_stamp
 from kernels.trigflow import scm_tangent, scm_tangent_ref, trigflow_eps, trigflow_noise, trigflow_noise_ref
 
 WAN_SHAPE = (8, 16, 21, 60, 104)
@@ -59,66 +54,6 @@ def tangent_eager(f, dx, xt, df, t, r: float, c: float):
     g = -(cos * cos) * (f.float() - dx.float()) - (r * cos * sin) * (xt.float() + df.float())
     norm = torch.linalg.vector_norm(g.flatten(1), dim=1)
     return (g / (norm.view(shape) + c)).to(f.dtype), norm
-
-
-def _timer(device: torch.device, rep_ms: int) -> Callable[[Callable[[], object]], tuple[float, float, float]]:
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        def cuda_time(fn):
-            med, p20, p80 = do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
-            return med, p20, p80
-
-        return cuda_time
-
-    def cpu_time(fn):
-        fn()
-        runs = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            fn()
-            runs.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(runs), min(runs), max(runs)
-
-    return cpu_time
-
-
-def _meta(device: torch.device, argv: list[str]) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                check=False).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return {
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "argv": argv,
-    }
-
-
-def _run(rows: list[dict], timer, case: str, provider: str, fn, check: Callable[[], float], tol: float,
-         nbytes: float) -> None:
-    """Check, then time one provider; a failure is recorded in its row and the run goes on."""
-    row: dict = {"case": case, "provider": provider, "bytes": nbytes}
-    try:
-        err = check()
-        row["max_err"] = err
-        if not err <= tol:
-            raise AssertionError(f"max error {err:.3g} > tolerance {tol:.3g}")
-        med, p20, p80 = timer(fn)
-        row.update(ms=med, p20_ms=p20, p80_ms=p80, gb_per_s=nbytes / med / 1e6)
-    except Exception as exc:  # recorded, the other providers still run
-        row["error"] = f"{type(exc).__name__}: {exc}"
-    rows.append(row)
 
 
 def _check_rotation(x0: torch.Tensor, t: torch.Tensor, xt: torch.Tensor, v: torch.Tensor) -> float:
@@ -161,13 +96,13 @@ def _bench_noise(rows, timer, shape, dtype, device, compile_ok: bool) -> None:
         return _check_rotation(x0, t, xt, v)
 
     counter = iter(range(1, 10**9))
-    _run(rows, timer, case, "ours (fused, in-kernel Philox)",
+    run_checked(rows, timer, case, "ours (fused, in-kernel Philox)",
          lambda: trigflow_noise(x0, t, seed=1, offset=next(counter)), check_ours, tol, nbytes)
-    _run(rows, timer, case, "eager (torch.randn + fp32 math)", lambda: noise_eager(x0, t),
+    run_checked(rows, timer, case, "eager (torch.randn + fp32 math)", lambda: noise_eager(x0, t),
          lambda: _check_rotation(x0, t, *noise_eager(x0, t)), tol, nbytes)
     if compile_ok:
         compiled = torch.compile(noise_eager, dynamic=False)
-        _run(rows, timer, case, "torch.compile(eager)", lambda: compiled(x0, t),
+        run_checked(rows, timer, case, "torch.compile(eager)", lambda: compiled(x0, t),
              lambda: _check_rotation(x0, t, *compiled(x0, t)), tol, nbytes)
 
 
@@ -192,8 +127,8 @@ def _bench_tangent(rows, timer, shape, dtype, device) -> None:
     ours = lambda: scm_tangent(*ins, t, r, c)
     eager = lambda: tangent_eager(*ins, t, r, c)
     tol = 1e-4 if dtype == torch.float32 else 1e-2
-    _run(rows, timer, case, "ours (fused, 2 launches)", ours, check(ours), tol, nbytes)
-    _run(rows, timer, case, "eager", eager, check(eager), tol, nbytes)
+    run_checked(rows, timer, case, "ours (fused, 2 launches)", ours, check(ours), tol, nbytes)
+    run_checked(rows, timer, case, "eager", eager, check(eager), tol, nbytes)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -209,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_trigflow: no CUDA device (use --device cpu --tiny for a smoke run)")
     t_start = time.time()
-    timer = _timer(device, args.rep_ms)
+    timer = make_timer(device, args.rep_ms)
     shape = TINY_SHAPE if args.tiny else WAN_SHAPE
     rows: list[dict] = []
     copy_gbps = _copy_bandwidth(device, timer, 2**20 if args.tiny else 2**30)
@@ -217,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype in configs:  # torch.compile only for the bf16 goal case: a cold compile costs 10-30 s
         _bench_noise(rows, timer, shape, dtype, device, compile_ok=not args.no_compile and dtype == torch.bfloat16)
     _bench_tangent(rows, timer, shape, torch.bfloat16, device)
-    meta = _meta(device, list(sys.argv[1:] if argv is None else argv))
+    meta = run_meta(device, argv)
     nominal = next((v for k, v in NOMINAL_TBPS.items() if k in meta["gpu"]), None)
     for row in rows:
         if "ms" in row:
@@ -253,17 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['gb_per_s']:8.1f} {r['pct_of_copy_floor']:7.1f} {speedup:8.2f}")
         else:
             print(f"{r['case']:40} {r['provider']:34} {'failed':>9}  {r['error']}")
-    for gl in goals:
-        value = "n/a" if gl["value"] is None else f"{gl['value']:.2f}"
-        print(f"goal: {gl['goal']}: {value} (target >= {gl['target']}) {'MET' if gl['met'] else 'NOT MET'}")
-    print(f"wall time {result['wall_s']:.1f} s")
-    if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d-%H%M%S")
-        path = os.path.join(args.out, f"trigflow_{stamp}.json")
-        with open(path, "w") as fh:
-            json.dump(result, fh, indent=2)
-        print(f"wrote {path}")
+    finish(result, args.out, f"trigflow_{utc_stamp('%Y%m%d-%H%M%S')}.json")
     return result
 
 

@@ -11,7 +11,13 @@ its own time limit; a failing step is logged and the session goes on. Outputs la
     bench_results.tar.gz        benchmark JSONs and logs (part bench)
 
     python -m bench.device_session --part train --out $OUT
-    python -m bench.device_session --part bench --out $OUT
+    python -m bench.device_session --part bench --out $OUT --commit <hash>
+
+Result JSONs record the commit they measured. The device machine gets the tree without `.git`,
+so `git rev-parse` fails there: the caller passes `--commit $(git rev-parse --short HEAD)`,
+evaluated on the machine that has git, or sets `VDISTILL_COMMIT`. Every step's subprocess gets
+`VDISTILL_COMMIT` (from `--commit`, else from git or the environment where readable), which
+`bench/harness.py` records when git is unavailable. No commit file is read.
 """
 
 from __future__ import annotations
@@ -174,12 +180,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
     p.add_argument("--num", type=int, default=256, help="clips per evaluation")
     p.add_argument("--quick", action="store_true", help="benchmarks in their --quick mode")
+    p.add_argument("--commit", help="commit recorded in the results (default: git, else $VDISTILL_COMMIT)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     s = Session(args.out, args.work / args.part)
     import torch
 
-    info = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
+    from bench.harness import git_commit
+
+    commit = args.commit or git_commit()
+    if commit != "unknown":
+        s.env["VDISTILL_COMMIT"] = commit
+    info = {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__,
+            "commit": commit}
     s.summary.append(json.dumps(info))
     try:
         if args.part == "train":
