@@ -6,6 +6,7 @@ Every subcommand has `--help`; training commands accept `--dry-run` to print the
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -125,11 +126,40 @@ def _reflow_pairs(args) -> int:
     return 0
 
 
+BENCHMARKS = {  # `vdistill bench NAME`: module whose main(argv) runs it
+    "attention": "bench.bench_attention",
+    "ema": "bench.bench_ema",
+    "trigflow": "bench.bench_trigflow",
+    "rcm-step": "bench.bench_rcm_step",
+    "session": "bench.device_session",
+}
+
+
+def _add_bench(sub) -> None:
+    names = "\n".join(f"  {name:<10} python -m {module}" for name, module in BENCHMARKS.items())
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script (attention | ema | trigflow | rcm-step | session)",
+        description=f"Run a benchmark; the remaining arguments go to its main(argv).\n\nbenchmarks:\n{names}",
+        epilog="e.g. vdistill bench attention --quick --out bench/results; vdistill bench ema --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", help="benchmark name: " + " | ".join(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see NAME --help)")
+
+
+def _bench(args) -> int:
+    if args.name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {args.name!r} (choose from {', '.join(BENCHMARKS)})")
+    result = importlib.import_module(BENCHMARKS[args.name]).main(args.args)
+    return result if isinstance(result, int) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo, _add_reflow_pairs):
+    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo, _add_reflow_pairs, _add_bench):
         add(sub)
     return parser
 
@@ -189,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": commands.evaluate,
         "demo": commands.demo,
         "reflow-pairs": _reflow_pairs,
+        "bench": _bench,
     }
     try:
         return handlers[args.command](args)

@@ -72,3 +72,29 @@ def test_evaluate_writes_rows(tiny_model, tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["steps"] for r in rows] == [1, 2]
     assert all(0 <= r["acc_all"] <= 1 for r in rows)
+
+
+@pytest.mark.parametrize(
+    "name, own_option",
+    [("attention", "--dtype"), ("ema", "--tiny"), ("trigflow", "--no-compile"), ("rcm-step", "--providers"),
+     ("session", "--part")],
+)
+def test_bench_forwards_args_to_the_script(name, own_option, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", name, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert own_option in out and "usage: vdistill" not in out  # the benchmark's parser answered
+
+
+def test_bench_help_lists_the_benchmarks(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ["attention", "ema", "trigflow", "rcm-step", "session"])
+
+
+def test_bench_unknown_name_is_a_clear_error(capsys):
+    assert main(["bench", "flash"]) == 2
+    assert "unknown benchmark 'flash'" in capsys.readouterr().err
