@@ -164,21 +164,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _pretrain(args) -> int:
-    from methods.presets import preset
-
-    run = preset(args.preset)
-    overrides = {
+def _train_overrides(train, args, **extra):
+    """`train` with the common command-line overrides (and `extra`) applied; None = keep the preset's."""
+    values = {
         "steps": args.steps,
         "batch_size": args.batch_size,
         "lr": args.lr,
         "device": args.device,
-        "precision": args.precision,
-        "profile_window": tuple(args.profile_window) if args.profile_window else None,
-        "tensorboard": args.tensorboard or None,
         "time_limit_s": args.time_limit,
+        **extra,
     }
-    run = replace(run, train=replace(run.train, **{k: v for k, v in overrides.items() if v is not None}))
+    return replace(train, **{k: v for k, v in values.items() if v is not None})
+
+
+def _pretrain(args) -> int:
+    from methods.presets import preset
+
+    run = preset(args.preset)
+    train = _train_overrides(
+        run.train,
+        args,
+        precision=args.precision,
+        profile_window=tuple(args.profile_window) if args.profile_window else None,
+        tensorboard=args.tensorboard or None,
+    )
+    run = replace(run, train=train)
     if args.dry_run:
         print(json.dumps(run.to_dict(), indent=2, default=str))
         return 0
@@ -190,15 +200,7 @@ def _distill(args) -> int:
     from methods.distill import apply_overrides, distill, distiller
 
     module = distiller(args.method)
-    overrides = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "device": args.device,
-        "seed": args.seed,
-        "time_limit_s": args.time_limit,
-    }
-    train = replace(module.default_train(), **{k: v for k, v in overrides.items() if v is not None})
+    train = _train_overrides(module.default_train(), args, seed=args.seed)
     cfg = apply_overrides(module.Config(), args.set)
     if args.dry_run:
         print(json.dumps({"method": args.method, "train": asdict(train), "method_config": asdict(cfg)}, indent=2))
