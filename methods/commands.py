@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,10 +46,7 @@ def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None 
     data = Prefetched(ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed, device=device))
     model = VideoDiT(run.model)
     if init is not None:
-        start, _ = load_dit(init)
-        if start.cfg != run.model:
-            raise ValueError(f"--init {init}: its model config {start.cfg} differs from the preset's {run.model}")
-        model.load_state_dict(start.state_dict())
+        init_from(model, init)
     recipe = FlowMatching(model, run.flow)
     trainer = Trainer(recipe, data, run.train, out, run_config=run.to_dict())
     try:
@@ -58,6 +56,19 @@ def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None 
     paths = trainer.export()
     log.info("exported %s", ", ".join(str(p) for p in paths.values()))
     return paths
+
+
+def init_from(model: VideoDiT, path: Path) -> None:
+    """Copy an exported model's weights into `model`; the configs must match, except that a model
+    with absolute positions may start from one without them (their projection is zero-initialised,
+    so the function is unchanged at step 0)."""
+    start, _ = load_dit(path)
+    grows = model.cfg.absolute_positions and not start.cfg.absolute_positions
+    if replace(start.cfg, absolute_positions=model.cfg.absolute_positions) != model.cfg or (
+        start.cfg.absolute_positions and not model.cfg.absolute_positions
+    ):
+        raise ValueError(f"--init {path}: its model config {start.cfg} differs from the preset's {model.cfg}")
+    model.load_state_dict(start.state_dict(), strict=not grows)
 
 
 def sample(args) -> int:

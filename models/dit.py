@@ -17,7 +17,9 @@ import torch
 from torch import nn
 
 from models.layers import DiTBlock, layer_norm, modulate, upcast
-from models.rope import rope_split, rope_tables
+from models.rope import grid_position_code, rope_split, rope_tables
+
+POSITION_CODE_DIM = 32  # sinusoidal channels per axis of the absolute position code
 
 
 @dataclass
@@ -33,6 +35,11 @@ class DiTConfig:
     time_scale: float = 1000.0  # s in [0, 1] is embedded as s · time_scale
     rope_theta: float = 10000.0
     eps: float = 1e-6
+    # Add a learned projection of a fixed sinusoidal (frame, row, column) code to the patch tokens.
+    # RoPE alone is relative: from pure noise the network cannot tell frame 0 from frame 7, so at
+    # high noise it cannot predict a frame-dependent mean (a shape moving left is on the right in
+    # early frames). Wan2.1 has none; the moving-shapes teacher needs it to learn directions.
+    absolute_positions: bool = False
 
     def __post_init__(self) -> None:
         self.patch = tuple(self.patch)
@@ -95,6 +102,12 @@ class VideoDiT(nn.Module):
             nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(), nn.Linear(cfg.dim, cfg.dim)
         )
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.position_embed = None
+        if cfg.absolute_positions:
+            # zero-initialised: a model without the path loads and behaves unchanged
+            self.position_embed = nn.Linear(3 * POSITION_CODE_DIM, cfg.dim)
+            nn.init.zeros_(self.position_embed.weight)
+            nn.init.zeros_(self.position_embed.bias)
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.eps) for _ in range(cfg.layers)
         )
@@ -103,6 +116,7 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._code_cache: dict[tuple, torch.Tensor] = {}
 
     def token_grid(self, x_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """(T', H', W') token grid for an input of shape [B, C, T, H, W]; ValueError if it does not tile."""
@@ -121,6 +135,12 @@ class VideoDiT(nn.Module):
             self._rope_cache[key] = rope_tables(grid, self.cfg.head_dim, self.cfg.rope_theta, device)
         return self._rope_cache[key]
 
+    def _position_code(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
+        key = (grid, str(device))
+        if key not in self._code_cache:
+            self._code_cache[key] = grid_position_code(grid, POSITION_CODE_DIM, device)
+        return self._code_cache[key]
+
     def forward(self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         grid = self.token_grid(x.shape)
         b = x.shape[0]
@@ -130,6 +150,8 @@ class VideoDiT(nn.Module):
             raise ValueError(f"text must be [B={b}, L, text_dim={self.cfg.text_dim}], got {list(text.shape)}")
 
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
+        if self.position_embed is not None:
+            tokens = tokens + self.position_embed(self._position_code(grid, x.device).to(tokens.dtype))
         temb = self.time_embed(
             sinusoidal_embedding(time * self.cfg.time_scale, self.cfg.freq_dim).to(x.dtype)
         )

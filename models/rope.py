@@ -1,4 +1,5 @@
-"""3D rotary position embedding over (frame, row, column) token grids, Wan2.1 style.
+"""3D rotary position embedding over (frame, row, column) token grids, Wan2.1 style, and an
+absolute sinusoidal code of the same grid (optional, see DiTConfig.absolute_positions).
 
 The head dim D is split into three even parts: rows and columns get 2·(D // 6) channels each and
 frames the rest (for D = 128: 44 / 42 / 42). Each part rotates pairs of channels by
@@ -36,6 +37,24 @@ def rope_tables(
     aw = _axis_angles(w, dw, theta, device)[None, None, :, :].expand(t, h, w, dw // 2)
     angles = torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, head_dim // 2)
     return angles.cos().float(), angles.sin().float()
+
+
+def grid_position_code(
+    grid: tuple[int, int, int], dim: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Absolute position code [N, 3·dim] of a (T, H, W) token grid in row-major order: for each
+    axis, sin/cos of the index at `dim / 2` geometric frequencies 1 ... 1/10000 (Vaswani et al.)."""
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
+    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
+    axes = []
+    for axis, length in enumerate(grid):
+        angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * freq[None, :]
+        code = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (length, dim)
+        shape = [1, 1, 1, dim]
+        shape[axis] = length
+        axes.append(code.view(shape).expand(*grid, dim))
+    return torch.cat(axes, dim=-1).reshape(-1, 3 * dim).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

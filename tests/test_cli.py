@@ -98,3 +98,29 @@ def test_bench_help_lists_the_benchmarks(capsys):
 def test_bench_unknown_name_is_a_clear_error(capsys):
     assert main(["bench", "flash"]) == 2
     assert "unknown benchmark 'flash'" in capsys.readouterr().err
+
+
+def test_init_grows_absolute_positions_and_refuses_other_changes(tiny_model, tmp_path):
+    from dataclasses import replace
+
+    import torch
+
+    from methods.checkpoint import load_dit
+    from methods.commands import init_from
+    from models.dit import build_dit
+
+    start, _ = load_dit(tiny_model)
+    grown = build_dit(replace(start.cfg, absolute_positions=True))
+    init_from(grown, tiny_model)
+    x, time, text = torch.randn(2, 3, 4, 16, 16), torch.rand(2), torch.randn(2, 8, start.cfg.text_dim)
+    with torch.no_grad():
+        assert torch.equal(grown(x, time, text), start(x, time, text))
+    with pytest.raises(ValueError, match="--init .* differs"):
+        init_from(build_dit("tiny", dim=64), tiny_model)
+    # a model with absolute positions cannot start a model without them (their weights would be lost)
+    from methods.checkpoint import save_weights
+
+    grown_file = tmp_path / "grown.safetensors"
+    save_weights(grown_file, grown)
+    with pytest.raises(ValueError, match="--init .* differs"):
+        init_from(start, grown_file)

@@ -5,7 +5,7 @@ import torch
 
 from models.dit import DIT_CONFIGS, build_dit, count_params, dit_config
 from models.parameterization import rf_interpolate
-from models.rope import apply_rope, rope_split, rope_tables
+from models.rope import apply_rope, grid_position_code, rope_split, rope_tables
 
 
 def _inputs(model, b, t, h, w, length=5, dtype=torch.float32):
@@ -113,3 +113,30 @@ def test_flow_matching_overfits_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_position_code_tells_every_token_apart():
+    code = grid_position_code((3, 4, 5), 8)
+    assert code.shape == (60, 24)
+    assert torch.cdist(code, code).add(torch.eye(60)).min() > 0.1
+    # the frame part depends on the frame index only
+    frames = code[:, :8].view(3, 20, 8)
+    assert torch.equal(frames, frames[:, :1].expand(3, 20, 8))
+
+
+def test_absolute_positions_start_as_the_identity():
+    """Zero-initialised: with the other weights copied, the model computes what the plain one does."""
+    torch.manual_seed(0)
+    plain = build_dit("tiny")
+    for p in plain.parameters():
+        p.data.normal_(0, 0.1)
+    grown = build_dit("tiny", absolute_positions=True)
+    missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
+    assert missing and all(k.startswith("position_embed") for k in missing)
+    assert not unexpected
+    x, time, text = _inputs(plain, 2, 2, 4, 4)
+    assert torch.equal(grown(x, time, text), plain(x, time, text))
+    for p in grown.parameters():  # trained away from zero, the path changes the output
+        p.data.normal_(0, 0.1)
+    assert not torch.allclose(grown(x, time, text), plain(x, time, text))
+

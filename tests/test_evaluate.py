@@ -174,3 +174,15 @@ def test_one_pixel_specks_keep_features_bounded():
     assert torch.isfinite(feats).all() and compact.max() < 1.2
     fd = frechet_distance(feats, reference_features(n=256))
     assert math.isfinite(fd) and fd < 1e3
+
+
+def test_direction_probe_reads_the_speed_of_real_tracks():
+    """bench/probe_direction.py's drift: +speed along the named direction, ~0 across it."""
+    from bench.probe_direction import track_drift
+    from methods.data import DIRECTION_STEPS, render
+
+    for d in range(4):
+        start = torch.tensor([[16.0, 16.0]]) - 5.25 * DIRECTION_STEPS[d]  # centred track
+        clip = render(ShapesConfig(), torch.tensor([[0, 0, d]]), start, torch.tensor([1.5]), torch.tensor([11.0]))
+        assert abs(track_drift(clip, d) - 1.5) < 0.05
+        assert abs(track_drift(clip, (d + 2) % 4)) < 0.05  # the perpendicular axis

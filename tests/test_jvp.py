@@ -7,9 +7,9 @@ from models.dit import build_dit
 from models.jvp import jvp
 
 
-def _setup(dtype=torch.float64, seed=0):
+def _setup(dtype=torch.float64, seed=0, **overrides):
     torch.manual_seed(seed)
-    model = build_dit("tiny").to(dtype)
+    model = build_dit("tiny", **overrides).to(dtype)
     for p in model.parameters():  # randomise everything, incl. the zero-initialised head
         p.data.normal_(0, 0.2)
     g = torch.Generator().manual_seed(seed + 1)
@@ -28,8 +28,9 @@ def _central_difference(f, h=1e-5):
 
 
 @pytest.mark.parametrize("backend", ["forward_ad", "func"])
-def test_jvp_matches_central_finite_differences(backend):
-    model, (x, time, text), (dx, dtime) = _setup()
+@pytest.mark.parametrize("paths", [{}, {"absolute_positions": True}])
+def test_jvp_matches_central_finite_differences(backend, paths):
+    model, (x, time, text), (dx, dtime) = _setup(**paths)
     out, tangent = jvp(model, (x, time, text), (dx, dtime), backend=backend)
     with torch.no_grad():
         fd = _central_difference(lambda a: model(x + a * dx, time + a * dtime, text))

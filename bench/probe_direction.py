@@ -1,0 +1,68 @@
+"""Does a model use the direction word? Drift of its high-noise clean-clip estimate, vs real data.
+
+At RF time s near 1 the best estimate of the clean clip is close to the prompt's mean clip, and for
+"... moving left" that mean drifts left frame by frame (starts are drawn so the shape stays inside).
+A model that ignores the direction word predicts the same, drift-free mean for every direction.
+
+For each direction this prints the drift (px/frame, along the direction's axis, positive = the
+named way) of the centroid of the mean x̂0 = x_s − s·v(x_s, s) over `--num` noises, next to the
+drift of the mean of real clips of that direction. No sampling, so it takes seconds on a CPU.
+
+    python bench/probe_direction.py --model models/weights/shapes-teacher/model.safetensors
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from methods.data import DIRECTION_STEPS, DIRECTIONS, MovingShapes, prompt_for
+from methods.generate import ModelBundle
+
+
+def track_drift(clips: torch.Tensor, direction: int) -> float:
+    """px/frame along `direction` of the intensity centroid of the mean of clips [B, 3, T, H, W]."""
+    weight = (clips.mean(0).amax(0) + 1).clamp_min(0)  # [T, H, W]: foreground above the -1 background
+    t, h, w = weight.shape
+    total = weight.sum((1, 2))
+    cx = (weight.sum(1) * torch.arange(w, dtype=weight.dtype)).sum(-1) / total
+    cy = (weight.sum(2) * torch.arange(h, dtype=weight.dtype)).sum(-1) / total
+    frames = torch.arange(t, dtype=weight.dtype) - (t - 1) / 2
+    slope = torch.stack([(frames * cx).sum(), (frames * cy).sum()]) / frames.square().sum()
+    return float(slope @ DIRECTION_STEPS[direction].to(weight.dtype))
+
+
+@torch.no_grad()
+def probe(bundle: ModelBundle, num: int = 64, s: float = 0.99, seed: int = 0) -> list[dict]:
+    real = MovingShapes(bundle.data, seed=seed + 1)
+    videos, _, labels = real.batch(range(4000))
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(num, *bundle.data.clip_shape, generator=gen)
+    time = torch.full((num,), s)
+    for d, name in enumerate(DIRECTIONS):
+        prompts = [prompt_for((i % 3, i % 6, d)) for i in range(num)]
+        v = bundle.model(noise, time, bundle.text.encode(prompts)).float()
+        x0 = noise - s * v  # x_s = noise: the clean-clip share (1 - s) of x_s is ignored
+        rows.append({"direction": name, "model_px_per_frame": round(track_drift(x0, d), 3),
+                     "data_px_per_frame": round(track_drift(videos[labels[:, 2] == d], d), 3)})
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, required=True, help="exported model (.safetensors)")
+    p.add_argument("--num", type=int, default=64, help="noises per direction")
+    p.add_argument("--s", type=float, default=0.99, help="RF time of the probe (1 = pure noise)")
+    args = p.parse_args()
+    if not args.model.is_file():
+        raise SystemExit(f"--model {args.model} does not exist")
+    rows = probe(ModelBundle.load(args.model), args.num, args.s)
+    print(json.dumps({"model": str(args.model), "s": args.s, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
