@@ -60,6 +60,10 @@ def main() -> None:
     args = p.parse_args()
     if not args.model.is_file():
         raise SystemExit(f"--model {args.model} does not exist")
+    if args.num < 1:
+        raise SystemExit(f"--num must be >= 1, got {args.num}")
+    if not 0 < args.s <= 1:
+        raise SystemExit(f"--s must be in (0, 1], got {args.s}")
     rows = probe(ModelBundle.load(args.model), args.num, args.s)
     print(json.dumps({"model": str(args.model), "s": args.s, "rows": rows}, indent=1))
 

@@ -63,10 +63,8 @@ def init_from(model: VideoDiT, path: Path) -> None:
     with absolute positions may start from one without them (their projection is zero-initialised,
     so the function is unchanged at step 0)."""
     start, _ = load_dit(path)
-    grows = model.cfg.absolute_positions and not start.cfg.absolute_positions
-    if replace(start.cfg, absolute_positions=model.cfg.absolute_positions) != model.cfg or (
-        start.cfg.absolute_positions and not model.cfg.absolute_positions
-    ):
+    grows = replace(start.cfg, absolute_positions=True) == model.cfg and not start.cfg.absolute_positions
+    if start.cfg != model.cfg and not grows:
         raise ValueError(f"--init {path}: its model config {start.cfg} differs from the preset's {model.cfg}")
     model.load_state_dict(start.state_dict(), strict=not grows)
 

@@ -14,13 +14,13 @@ branch (v = v_u + w (v_c - v_u)).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
 
 from methods.data import COLOURS, DIRECTIONS, SHAPES
+from models.rope import sinusoidal_positions
 
 VOCABULARY: tuple[str, ...] = ("a", "moving", *SHAPES, *COLOURS, *DIRECTIONS)
 
@@ -39,18 +39,6 @@ class TextEncoder(Protocol):
     def null(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Embedding of the empty prompt, repeated: [batch, max_len, dim] float32."""
         ...
-
-
-def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
-    """Position code [length, dim]: sin/cos at geometric frequencies 1 ... 1/10000 (Vaswani Sec. 3.5)."""
-    if dim % 2:
-        raise ValueError(f"dim must be even, got {dim}")
-    pos = torch.arange(length, dtype=torch.float64)[:, None]
-    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
-    code = torch.zeros(length, dim, dtype=torch.float64)
-    code[:, 0::2] = torch.sin(pos * freq)
-    code[:, 1::2] = torch.cos(pos * freq)
-    return code.float()
 
 
 class WordTextEncoder:

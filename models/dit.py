@@ -36,9 +36,9 @@ class DiTConfig:
     rope_theta: float = 10000.0
     eps: float = 1e-6
     # Add a learned projection of a fixed sinusoidal (frame, row, column) code to the patch tokens.
-    # RoPE alone is relative: from pure noise the network cannot tell frame 0 from frame 7, so at
-    # high noise it cannot predict a frame-dependent mean (a shape moving left is on the right in
-    # early frames). Wan2.1 has none; the moving-shapes teacher needs it to learn directions.
+    # RoPE alone is relative: from an uninformative input (pure noise) the network cannot tell
+    # frame 0 from frame 7, so at high noise it cannot predict a frame-dependent mean (a shape
+    # moving left is on the right in early frames). Wan2.1 has none (README: direction diagnosis).
     absolute_positions: bool = False
 
     def __post_init__(self) -> None:
@@ -138,7 +138,7 @@ class VideoDiT(nn.Module):
     def _position_code(self, grid: tuple[int, int, int], device: torch.device) -> torch.Tensor:
         key = (grid, str(device))
         if key not in self._code_cache:
-            self._code_cache[key] = grid_position_code(grid, POSITION_CODE_DIM, device)
+            self._code_cache[key] = grid_position_code(grid, POSITION_CODE_DIM).to(device)
         return self._code_cache[key]
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,8 @@ that forward- and reverse-mode AD pass through unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -39,22 +41,26 @@ def rope_tables(
     return angles.cos().float(), angles.sin().float()
 
 
-def grid_position_code(
-    grid: tuple[int, int, int], dim: int, device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Absolute position code [N, 3·dim] of a (T, H, W) token grid in row-major order: for each
-    axis, sin/cos of the index at `dim / 2` geometric frequencies 1 ... 1/10000 (Vaswani et al.)."""
+def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
+    """Position code [length, dim]: sin/cos at geometric frequencies 1 ... 1/10000 (Vaswani Sec. 3.5)."""
     if dim % 2:
         raise ValueError(f"dim must be even, got {dim}")
-    freq = 10000.0 ** (-torch.arange(0, dim, 2, dtype=torch.float64, device=device) / dim)
-    axes = []
-    for axis, length in enumerate(grid):
-        angles = torch.arange(length, dtype=torch.float64, device=device)[:, None] * freq[None, :]
-        code = torch.cat([angles.sin(), angles.cos()], dim=-1)  # (length, dim)
-        shape = [1, 1, 1, dim]
-        shape[axis] = length
-        axes.append(code.view(shape).expand(*grid, dim))
-    return torch.cat(axes, dim=-1).reshape(-1, 3 * dim).float()
+    pos = torch.arange(length, dtype=torch.float64)[:, None]
+    freq = torch.exp(-math.log(10000.0) * torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    code = torch.zeros(length, dim, dtype=torch.float64)
+    code[:, 0::2] = torch.sin(pos * freq)
+    code[:, 1::2] = torch.cos(pos * freq)
+    return code.float()
+
+
+def grid_position_code(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
+    """Absolute position code [N, 3·dim] of a (T, H, W) token grid in row-major order: the
+    `sinusoidal_positions` code of the frame, row and column index, concatenated."""
+    t, h, w = grid
+    frames = sinusoidal_positions(t, dim)[:, None, None].expand(t, h, w, dim)
+    rows = sinusoidal_positions(h, dim)[None, :, None].expand(t, h, w, dim)
+    cols = sinusoidal_positions(w, dim)[None, None, :].expand(t, h, w, dim)
+    return torch.cat([frames, rows, cols], dim=-1).reshape(t * h * w, 3 * dim)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -139,4 +139,3 @@ def test_absolute_positions_start_as_the_identity():
     for p in grown.parameters():  # trained away from zero, the path changes the output
         p.data.normal_(0, 0.1)
     assert not torch.allclose(grown(x, time, text), plain(x, time, text))
-
