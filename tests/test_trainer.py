@@ -15,9 +15,9 @@ from methods.trainer import TrainConfig, Trainer
 from models.dit import VideoDiT
 
 
-def _trainer(run_dir, steps, prefetch=True):
+def _trainer(run_dir, steps, prefetch=True, **train):
     run = tiny()
-    run = replace(run, train=replace(run.train, steps=steps, ckpt_every=3, log_every=1))
+    run = replace(run, train=replace(run.train, steps=steps, ckpt_every=3, log_every=1, **train))
     torch.manual_seed(run.train.seed)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed)
@@ -36,6 +36,18 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     log_steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert log_steps == [1, 2, 3, 4, 5, 6]  # the resumed log continues, no duplicates
     resumed_trainer.data.close()
+
+
+def test_bf16_precision_autocasts_on_cpu(tmp_path):
+    """precision="bf16" trains under CPU autocast (different rounding, still learning);
+    the default "auto" keeps CPU in fp32."""
+    def losses(name, precision):
+        trainer = _trainer(tmp_path / name, steps=3, prefetch=False, precision=precision)
+        return [r["loss"] for r in trainer.fit()]
+
+    fp32, auto, bf16 = losses("fp32", "fp32"), losses("auto", "auto"), losses("bf16", "bf16")
+    assert auto == fp32
+    assert bf16 != fp32 and all(abs(a - b) < 0.05 * a for a, b in zip(fp32, bf16))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
