@@ -6,7 +6,8 @@ A model that ignores the direction word predicts the same, drift-free mean for e
 
 For each direction this prints the drift (px/frame, along the direction's axis, positive = the
 named way) of the centroid of the mean x̂0 = x_s − s·v(x_s, s) over `--num` noises, next to the
-drift of the mean of real clips of that direction. No sampling, so it takes seconds on a CPU.
+drift of the mean of real clips of that direction, and the share of cross-attention each prompt
+word receives (a starved word gets ~0 in every head). No sampling: seconds on a CPU.
 
     python bench/probe_direction.py --model models/weights/shapes-teacher/model.safetensors
 """
@@ -52,6 +53,41 @@ def probe(bundle: ModelBundle, num: int = 64, s: float = 0.99, seed: int = 0) ->
     return rows
 
 
+PROMPT_SLOTS = ("a", "colour", "shape", "moving", "direction")  # word order of data.prompt_for
+
+
+@torch.no_grad()
+def word_attention(bundle: ModelBundle, num: int = 16, s: float = 0.95, seed: int = 0) -> dict:
+    """Share of cross-attention each prompt word receives, on real clips noised to RF time s.
+
+    `mean`: averaged over blocks, heads, video tokens and clips (padding = all slots after the
+    prompt); `max_head`: the largest per-(block, head) share, i.e. whether any head reads the word.
+    A word near 0 in both is starved: its softmax weight, and with it its gradient, is ~0.
+    """
+    videos, prompts, _ = MovingShapes(bundle.data, seed=seed + 1).batch(range(num))
+    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(seed))
+    x_s = (1 - s) * videos + s * noise
+    shares = []  # per block: [H, L] mean probability per text slot
+
+    def record(module, args, kwargs):
+        shares.append(module.cross_weights(args[0], kwargs["context"]).mean((0, 2)))
+
+    hooks = [block.cross_attn.register_forward_pre_hook(record, with_kwargs=True) for block in bundle.model.blocks]
+    try:
+        bundle.model(x_s, torch.full((num,), s), bundle.text.encode(prompts))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    per_head = torch.stack(shares)  # [blocks, H, L]
+    slots = len(PROMPT_SLOTS)
+    mean, max_head = per_head.mean((0, 1)), per_head.flatten(0, 1).amax(0)
+    out = {w: {"mean": round(float(mean[i]), 4), "max_head": round(float(max_head[i]), 4)}
+           for i, w in enumerate(PROMPT_SLOTS)}
+    padding = per_head[..., slots:].sum(-1)
+    out["padding"] = {"mean": round(float(padding.mean()), 4), "max_head": round(float(padding.max()), 4)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, required=True, help="exported model (.safetensors)")
@@ -64,8 +100,10 @@ def main() -> None:
         raise SystemExit(f"--num must be >= 1, got {args.num}")
     if not 0 < args.s <= 1:
         raise SystemExit(f"--s must be in (0, 1], got {args.s}")
-    rows = probe(ModelBundle.load(args.model), args.num, args.s)
-    print(json.dumps({"model": str(args.model), "s": args.s, "rows": rows}, indent=1))
+    bundle = ModelBundle.load(args.model)
+    rows = probe(bundle, args.num, args.s)
+    words = word_attention(bundle)
+    print(json.dumps({"model": str(args.model), "s": args.s, "rows": rows, "word_attention_s0.95": words}, indent=1))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--batch-size", type=int, help="override the preset's batch size")
     p.add_argument("--lr", type=float, help="override the preset's learning rate")
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
-    p.add_argument("--precision", choices=["bf16", "fp32"], help="autocast precision on CUDA")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also on CPU (fast with AMX)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init", type=Path, help="start from an exported model's weights (continued training)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
@@ -38,6 +39,8 @@ def _add_pretrain(sub) -> None:
         metavar=("START", "STOP"),
         help="call cudaProfilerStart/Stop around steps [START, STOP) for nsys --capture-range=cudaProfilerApi",
     )
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="flow-matching option (methods/pretrain.py), repeatable; e.g. logit_mean=1.0")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
@@ -48,6 +51,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--shift", type=float, help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--format", choices=["gif", "mp4"], default="gif", help="clip file format")
@@ -61,6 +65,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--num", type=int, default=256, help="clips per step count (balanced over the 72 prompts)")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--shift", type=float, help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
@@ -178,9 +183,11 @@ def _train_overrides(train, args, **extra):
 
 
 def _pretrain(args) -> int:
+    from methods.distill import apply_overrides
     from methods.presets import preset
 
     run = preset(args.preset)
+    run = replace(run, flow=apply_overrides(run.flow, args.set))
     train = _train_overrides(
         run.train,
         args,

@@ -58,22 +58,25 @@ def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None 
     return paths
 
 
+GROWABLE = ("absolute_positions", "pooled_text")  # zero-initialised paths --init may add
+
+
 def init_from(model: VideoDiT, path: Path) -> None:
-    """Copy an exported model's weights into `model`; the configs must match, except that a model
-    with absolute positions may start from one without them (their projection is zero-initialised,
-    so the function is unchanged at step 0)."""
+    """Copy an exported model's weights into `model`; the configs must match, except that `model`
+    may add the zero-initialised paths in GROWABLE (the function is unchanged at step 0)."""
     start, _ = load_dit(path)
-    grows = replace(start.cfg, absolute_positions=True) == model.cfg and not start.cfg.absolute_positions
-    if start.cfg != model.cfg and not grows:
+    added = {name: True for name in GROWABLE if getattr(model.cfg, name) and not getattr(start.cfg, name)}
+    if replace(start.cfg, **added) != model.cfg:
         raise ValueError(f"--init {path}: its model config {start.cfg} differs from the preset's {model.cfg}")
-    model.load_state_dict(start.state_dict(), strict=not grows)
+    model.load_state_dict(start.state_dict(), strict=not added)
 
 
 def sample(args) -> int:
     bundle = ModelBundle.load(args.model, resolve_device(args.device))
     prompts = args.prompt or [prompt_for(lab) for lab in spread_labels(8).tolist()]
     labels = torch.tensor([parse_prompt(p) for p in prompts])
-    clips = generate(bundle, labels, args.steps, cfg_scale=args.cfg, solver=args.solver, seed=args.seed)
+    clips = generate(bundle, labels, args.steps, cfg_scale=args.cfg, solver=args.solver, seed=args.seed,
+                     shift=args.shift)
     args.out.mkdir(parents=True, exist_ok=True)
     save = save_gif if args.format == "gif" else save_mp4
     for i, (clip, prompt) in enumerate(zip(clips, prompts)):
@@ -92,6 +95,7 @@ def evaluate_model(
     cfg_scale: float | None = None,
     seed: int = 0,
     labels: torch.Tensor | None = None,
+    shift: float | None = None,
 ) -> list[dict]:
     """One metrics row per step count (`num` clips balanced over the prompts, or `labels` [num, 3])."""
     labels = balanced_labels(num) if labels is None else labels
@@ -99,7 +103,7 @@ def evaluate_model(
     rows = []
     for n in steps:
         start = time.perf_counter()
-        clips = generate(bundle, labels, n, cfg_scale=cfg_scale, solver=solver, seed=seed)
+        clips = generate(bundle, labels, n, cfg_scale=cfg_scale, solver=solver, seed=seed, shift=shift)
         metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
         rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
         log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])
@@ -117,11 +121,12 @@ def format_table(rows: list[dict]) -> str:
 def evaluate(args) -> int:
     device = resolve_device(args.device)
     bundle = ModelBundle.load(args.model, device)
-    rows = evaluate_model(bundle, args.steps, args.num, args.solver, args.cfg, args.seed)
+    rows = evaluate_model(bundle, args.steps, args.num, args.solver, args.cfg, args.seed, shift=args.shift)
     print(format_table(rows))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"model": str(args.model), "device": str(device), "cfg_scale": args.cfg or bundle.cfg_scale}
+        result = {"model": str(args.model), "device": str(device), "cfg_scale": args.cfg or bundle.cfg_scale,
+                  "shift": args.shift}
         args.out.write_text(json.dumps({**result, "rows": rows}, indent=2))
     return 0
 

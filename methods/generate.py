@@ -72,12 +72,14 @@ def generate(
     solver: str = "euler",
     seed: int = 0,
     batch_size: int = 128,
+    shift: float | None = None,
 ) -> torch.Tensor:
     """Clips [n, 3, T, H, W] in [-1, 1] for labels [n, 3], with the sampler the model was exported for.
 
     `bundle.meta["sampler"]` selects it: {"kind": "ode"} (teacher, ReFlow, progressive students:
     Euler/Heun on the shifted grid) or {"kind": "consistency", "times": {steps: [RF times]}}
-    (consistency and rCM students). Initial noise for sample i depends only on (seed, i).
+    (consistency and rCM students). `shift` replaces the exported time grid by the SD3/Wan grid
+    with this shift (> 1 spends more steps at high noise). Noise for sample i depends only on (seed, i).
     Sampling runs in float32 on every device, so CPU and GPU evaluations of one model agree up
     to rounding.
     """
@@ -90,18 +92,22 @@ def generate(
         prompts = [prompt_for(lab) for lab in chunk.tolist()]
         text = bundle.text.encode(prompts, device)
         velocity = guided(bundle.model, text, bundle.text.null(1, device), scale)
-        clips = _run_sampler(bundle, velocity, noise, steps, solver, seed * 1_000_003 + start)
+        clips = _run_sampler(bundle, velocity, noise, steps, solver, seed * 1_000_003 + start, shift)
         out.append(clips.float().clamp(-1, 1).cpu())
     return torch.cat(out)
 
 
-def _run_sampler(bundle: ModelBundle, velocity, noise: torch.Tensor, steps: int, solver: str, seed: int):
+def _run_sampler(bundle: ModelBundle, velocity, noise: torch.Tensor, steps: int, solver: str, seed: int,
+                 shift: float | None):
     spec = bundle.meta.get("sampler", {"kind": "ode"})
-    shift = float(spec.get("shift", 1.0))
+    if shift is not None and shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    grid_shift = float(spec.get("shift", 1.0)) if shift is None else shift
     if spec["kind"] == "ode":
-        return sample_rf(velocity, noise, steps, solver, shift)
+        return sample_rf(velocity, noise, steps, solver, grid_shift)
     if spec["kind"] == "consistency":
-        times = spec.get("times", {}).get(str(steps)) or consistency_times(steps, shift)
+        stored = spec.get("times", {}).get(str(steps)) if shift is None else None
+        times = stored or consistency_times(steps, grid_shift)
         return sample_consistency(velocity, noise, times, torch.Generator().manual_seed(seed))
     raise ValueError(f"model file names an unknown sampler {spec!r}")
 

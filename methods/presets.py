@@ -43,8 +43,9 @@ def tiny() -> RunConfig:
 def shapes() -> RunConfig:
     """The shipped teacher: `small` DiT (3.3 M params) on 3×8×32×32 clips, 512 tokens each."""
     train = TrainConfig(steps=8000, batch_size=128, lr=3e-4, warmup_steps=200, log_every=50, ckpt_every=1000)
-    # absolute positions: a frame-dependent mean per direction word needs them (DiTConfig)
-    return RunConfig(model=dit_config("small", absolute_positions=True), data=ShapesConfig(), train=train)
+    # absolute positions and pooled text: the direction word needs both (DiTConfig)
+    model = dit_config("small", absolute_positions=True, pooled_text=True)
+    return RunConfig(model=model, data=ShapesConfig(), train=train)
 
 
 PRESETS: dict[str, Callable[[], RunConfig]] = {"tiny": tiny, "shapes": shapes}

@@ -28,6 +28,8 @@ class FlowMatchingConfig:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         if self.time_sampling not in ("logit_normal", "uniform"):
             raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {self.time_sampling!r}")
+        if self.logit_std <= 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
 
 
 def sample_rf_time(b: int, cfg: FlowMatchingConfig, device: torch.device) -> torch.Tensor:

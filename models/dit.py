@@ -4,7 +4,8 @@ x [B, C, T, H, W] -> Conv3d patchify (patch (pt, ph, pw)) -> N = T/pt · H/ph ·
 blocks (adaLN self-attention with 3D RoPE and q/k-norm, cross-attention to text, GELU FFN) ->
 modulated LayerNorm -> zero-initialised linear head -> unpatchify to x's shape.
 Time: RF time s in [0, 1] (0 = data), scaled by `time_scale` (Wan uses 1000) into a sinusoidal
-embedding -> MLP -> a 6·dim projection shared by all blocks. Text: [B, L, text_dim] -> MLP -> dim.
+embedding -> MLP (+ optionally the projected mean text token) -> a 6·dim projection shared by all
+blocks. Text: [B, L, text_dim] -> MLP -> dim, the cross-attention context.
 Every op supports backward and forward-mode AD (JVP with respect to x and time).
 """
 
@@ -40,6 +41,12 @@ class DiTConfig:
     # frame 0 from frame 7, so at high noise it cannot predict a frame-dependent mean (a shape
     # moving left is on the right in early frames). Wan2.1 has none (README: direction diagnosis).
     absolute_positions: bool = False
+    # Add a linear projection of the mean text token to the time embedding (the pooled-text adaLN
+    # input of SD3/Flux; Wan2.1 has none). Cross-attention can starve a word: the shipped teacher
+    # gives the direction word 0.2-2% of every head's attention (padding takes the rest), and a
+    # softmax weight near 0 also has a gradient near 0, so training never returns to it. The pooled
+    # path carries every word into every block's modulation with no softmax in between.
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
         self.patch = tuple(self.patch)
@@ -108,6 +115,11 @@ class VideoDiT(nn.Module):
             self.position_embed = nn.Linear(3 * POSITION_CODE_DIM, cfg.dim)
             nn.init.zeros_(self.position_embed.weight)
             nn.init.zeros_(self.position_embed.bias)
+        self.text_pool = None
+        if cfg.pooled_text:
+            self.text_pool = nn.Linear(cfg.text_dim, cfg.dim)  # zero-initialised like position_embed
+            nn.init.zeros_(self.text_pool.weight)
+            nn.init.zeros_(self.text_pool.bias)
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.dim, cfg.heads, cfg.ffn_dim, cfg.eps) for _ in range(cfg.layers)
         )
@@ -155,6 +167,8 @@ class VideoDiT(nn.Module):
         temb = self.time_embed(
             sinusoidal_embedding(time * self.cfg.time_scale, self.cfg.freq_dim).to(x.dtype)
         )
+        if self.text_pool is not None:
+            temb = temb + self.text_pool(text.to(x.dtype).mean(1))
         time_mod = self.time_proj(temb).unflatten(1, (6, self.cfg.dim))  # (B, 6, dim)
         context = self.text_embed(text.to(x.dtype))  # (B, L, dim)
         rope = self._rope(grid, x.device)

@@ -70,14 +70,25 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         src = x if context is None else context
         b, n, _ = x.shape
-        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))  # (B, N, H, Dh)
-        k = self.norm_k(self.k(src)).unflatten(-1, (self.heads, -1))  # (B, M, H, Dh)
+        q, k = self._queries_keys(x, src)
         v = self.v(src).unflatten(-1, (self.heads, -1))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = v.dtype
         out = kernels.attention(q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2))
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+    def _queries_keys(self, x: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))  # (B, N, H, Dh)
+        k = self.norm_k(self.k(src)).unflatten(-1, (self.heads, -1))  # (B, M, H, Dh)
+        return q, k
+
+    def cross_weights(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Cross-attention probabilities (B, H, N, L) of queries x (B, N, dim) over context (B, L, dim):
+        a diagnostic (which text tokens each head reads), not used by forward."""
+        q, k = self._queries_keys(x, context)
+        logits = upcast(q).transpose(1, 2) @ upcast(k).permute(0, 2, 3, 1)
+        return (logits * q.shape[-1] ** -0.5).softmax(-1)
 
 
 class FeedForward(nn.Module):

@@ -3,14 +3,26 @@
 import json
 
 import pytest
+import torch
 
 from methods.cli import main
+from methods.generate import ModelBundle, balanced_labels, generate
 
 
 def test_dry_run_prints_resolved_config(capsys):
     assert main(["pretrain", "--preset", "shapes", "--steps", "7", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["train"]["steps"] == 7 and cfg["model"]["dim"] == 192
+
+
+def test_pretrain_set_overrides_the_flow_options(capsys):
+    assert main(["pretrain", "--preset", "tiny", "--set", "logit_mean=1.5", "--precision", "bf16", "--dry-run"]) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["flow"]["logit_mean"] == 1.5 and cfg["train"]["precision"] == "bf16"
+    assert main(["pretrain", "--preset", "tiny", "--set", "logit_std=0", "--dry-run"]) == 2
+    assert "logit_std must be > 0" in capsys.readouterr().err
+    assert main(["pretrain", "--preset", "tiny", "--set", "warmup=3", "--dry-run"]) == 2
+    assert "no option 'warmup'" in capsys.readouterr().err
 
 
 def test_unknown_preset_is_a_clear_error(capsys):
@@ -74,6 +86,16 @@ def test_evaluate_writes_rows(tiny_model, tmp_path):
     assert all(0 <= r["acc_all"] <= 1 for r in rows)
 
 
+def test_shift_changes_the_sampler_grid_and_must_be_positive(tiny_model):
+    bundle = ModelBundle.load(tiny_model)
+    labels = balanced_labels(2)
+    default = generate(bundle, labels, 3)
+    assert torch.equal(generate(bundle, labels, 3, shift=1.0), default)  # the teacher exports shift 1
+    assert not torch.allclose(generate(bundle, labels, 3, shift=3.0), default)
+    with pytest.raises(ValueError, match="shift must be > 0"):
+        generate(bundle, labels, 3, shift=0.0)
+
+
 @pytest.mark.parametrize(
     "name, own_option",
     [("attention", "--dtype"), ("ema", "--tiny"), ("trigflow", "--no-compile"), ("rcm-step", "--providers"),
@@ -100,7 +122,8 @@ def test_bench_unknown_name_is_a_clear_error(capsys):
     assert "unknown benchmark 'flash'" in capsys.readouterr().err
 
 
-def test_init_grows_absolute_positions_and_refuses_other_changes(tiny_model, tmp_path):
+@pytest.mark.parametrize("paths", [{"absolute_positions": True}, {"absolute_positions": True, "pooled_text": True}])
+def test_init_grows_optional_paths_and_refuses_other_changes(tiny_model, tmp_path, paths):
     from dataclasses import replace
 
     import torch
@@ -110,14 +133,14 @@ def test_init_grows_absolute_positions_and_refuses_other_changes(tiny_model, tmp
     from models.dit import build_dit
 
     start, _ = load_dit(tiny_model)
-    grown = build_dit(replace(start.cfg, absolute_positions=True))
+    grown = build_dit(replace(start.cfg, **paths))
     init_from(grown, tiny_model)
     x, time, text = torch.randn(2, 3, 4, 16, 16), torch.rand(2), torch.randn(2, 8, start.cfg.text_dim)
     with torch.no_grad():
         assert torch.equal(grown(x, time, text), start(x, time, text))
     with pytest.raises(ValueError, match="--init .* differs"):
         init_from(build_dit("tiny", dim=64), tiny_model)
-    # a model with absolute positions cannot start a model without them (their weights would be lost)
+    # a grown model cannot start a model without its paths (their weights would be lost)
     from methods.checkpoint import save_weights
 
     grown_file = tmp_path / "grown.safetensors"

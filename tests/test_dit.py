@@ -124,15 +124,16 @@ def test_position_code_tells_every_token_apart():
     assert torch.equal(frames, frames[:, :1].expand(3, 20, 8))
 
 
-def test_absolute_positions_start_as_the_identity():
+@pytest.mark.parametrize("path, module", [("absolute_positions", "position_embed"), ("pooled_text", "text_pool")])
+def test_optional_paths_start_as_the_identity(path, module):
     """Zero-initialised: with the other weights copied, the model computes what the plain one does."""
     torch.manual_seed(0)
     plain = build_dit("tiny")
     for p in plain.parameters():
         p.data.normal_(0, 0.1)
-    grown = build_dit("tiny", absolute_positions=True)
+    grown = build_dit("tiny", **{path: True})
     missing, unexpected = grown.load_state_dict(plain.state_dict(), strict=False)
-    assert missing and all(k.startswith("position_embed") for k in missing)
+    assert missing and all(k.startswith(module) for k in missing)
     assert not unexpected
     x, time, text = _inputs(plain, 2, 2, 4, 4)
     assert torch.equal(grown(x, time, text), plain(x, time, text))

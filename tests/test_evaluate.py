@@ -186,3 +186,31 @@ def test_direction_probe_reads_the_speed_of_real_tracks():
         clip = render(ShapesConfig(), torch.tensor([[0, 0, d]]), start, torch.tensor([1.5]), torch.tensor([11.0]))
         assert abs(track_drift(clip, d) - 1.5) < 0.05
         assert abs(track_drift(clip, (d + 2) % 4)) < 0.05  # the perpendicular axis
+
+
+def test_word_attention_reports_each_prompt_word_share():
+    """Keys made equal -> every text slot gets 1/L of the attention; and the diagnostic's
+    probabilities are the ones the model's cross-attention really applies."""
+    from bench.probe_direction import word_attention
+    from methods.generate import ModelBundle
+    from methods.presets import tiny
+    from methods.text import WordTextEncoder
+    from models.dit import VideoDiT
+
+    run = tiny()
+    torch.manual_seed(0)
+    model = VideoDiT(run.model).eval()
+    attn = model.blocks[0].cross_attn
+    x, context = torch.randn(2, 5, run.model.dim), torch.randn(2, 8, run.model.dim)
+    v = attn.v(context).unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    by_weights = attn.o((attn.cross_weights(x, context) @ v).transpose(1, 2).flatten(2))
+    assert torch.allclose(by_weights, attn(x, context=context), atol=1e-5)
+
+    for block in model.blocks:
+        torch.nn.init.zeros_(block.cross_attn.k.weight)
+        torch.nn.init.zeros_(block.cross_attn.k.bias)
+    text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
+    shares = word_attention(ModelBundle(model, text, run.data, 1.0, {}), num=4)
+    length = run.text_max_len
+    assert all(abs(shares[w]["mean"] - 1 / length) < 1e-4 for w in ("a", "colour", "shape", "moving", "direction"))
+    assert abs(shares["padding"]["mean"] - (length - 5) / length) < 1e-4

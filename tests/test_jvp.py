@@ -28,7 +28,7 @@ def _central_difference(f, h=1e-5):
 
 
 @pytest.mark.parametrize("backend", ["forward_ad", "func"])
-@pytest.mark.parametrize("paths", [{}, {"absolute_positions": True}])
+@pytest.mark.parametrize("paths", [{}, {"absolute_positions": True, "pooled_text": True}])
 def test_jvp_matches_central_finite_differences(backend, paths):
     model, (x, time, text), (dx, dtime) = _setup(**paths)
     out, tangent = jvp(model, (x, time, text), (dx, dtime), backend=backend)
