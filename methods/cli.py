@@ -136,6 +136,7 @@ BENCHMARKS = {  # `vdistill bench NAME`: module whose main(argv) runs it
     "ema": "bench.bench_ema",
     "trigflow": "bench.bench_trigflow",
     "rcm-step": "bench.bench_rcm_step",
+    "train-step": "bench.bench_train_step",
     "session": "bench.device_session",
 }
 
@@ -144,7 +145,7 @@ def _add_bench(sub) -> None:
     names = "\n".join(f"  {name:<10} python -m {module}" for name, module in BENCHMARKS.items())
     p = sub.add_parser(
         "bench",
-        help="run a benchmark script (attention | ema | trigflow | rcm-step | session)",
+        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | session)",
         description=f"Run a benchmark; the remaining arguments go to its main(argv).\n\nbenchmarks:\n{names}",
         epilog="e.g. vdistill bench attention --quick --out bench/results; vdistill bench ema --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,

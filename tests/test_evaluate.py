@@ -214,3 +214,23 @@ def test_word_attention_reports_each_prompt_word_share():
     length = run.text_max_len
     assert all(abs(shares[w]["mean"] - 1 / length) < 1e-4 for w in ("a", "colour", "shape", "moving", "direction"))
     assert abs(shares["padding"]["mean"] - (length - 5) / length) < 1e-4
+
+
+def test_word_sensitivity_is_zero_exactly_when_the_text_cannot_reach_the_output():
+    from bench.probe_direction import word_sensitivity
+    from methods.generate import ModelBundle
+    from methods.presets import tiny
+    from methods.text import WordTextEncoder
+    from models.dit import VideoDiT
+
+    run = tiny()
+    torch.manual_seed(0)
+    model = VideoDiT(run.model).eval()
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # zero-initialised head: make v non-zero
+    bundle = ModelBundle(model, WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len), run.data, 1.0, {})
+    uses_text = word_sensitivity(bundle, times=(0.5,), num=4)["0.5"]
+    assert all(v > 1e-6 for v in uses_text.values())
+    for block in model.blocks:  # cut the only text path: cross-attention's output projection
+        torch.nn.init.zeros_(block.cross_attn.o.weight)
+        torch.nn.init.zeros_(block.cross_attn.o.bias)
+    assert all(v == 0 for v in word_sensitivity(bundle, times=(0.5,), num=4)["0.5"].values())
