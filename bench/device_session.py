@@ -117,6 +117,7 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
     )
     cmd = cli("pretrain", "--preset", args.preset, "--out", str(teacher_dir), "--time-limit", str(args.teacher_seconds))
     cmd += ["--init", str(args.init)] if args.init else []
+    cmd += [arg for item in args.set for arg in ("--set", item)]
     if s.run("pretrain_teacher", cmd, timeout=args.teacher_seconds + 120) != 0:
         # Keep the session useful if a kernel fails on this GPU: the references are exact, only slower.
         s.env["VDISTILL_KERNELS"] = "reference"
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="shapes", help="teacher preset (tiny: a CPU dry run of this script)")
     p.add_argument("--init", type=Path, help="continue the teacher from these exported weights")
     p.add_argument("--skip-tests", action="store_true", help="do not run the GPU tests beside the teacher")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="flow-matching option of the teacher run (vdistill pretrain --set), repeatable")
     p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training time limit")
     p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
     p.add_argument("--num", type=int, default=256, help="clips per evaluation")
