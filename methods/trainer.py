@@ -1,8 +1,8 @@
 """One trainer for every recipe (pretraining and distillation).
 
-Per step: next batch -> recipe loss under autocast (bf16 on CUDA) -> backward -> grad clipping ->
-fused AdamW -> EMA update (`kernels.ema`, all tensors in one or a few launches) -> optional
-auxiliary update (critic). Every phase sits in an NVTX range; a capture window drives
+Per step: next batch -> recipe loss under autocast (`precision`; bf16 on CUDA by default) ->
+backward -> grad clipping -> fused AdamW -> EMA update (`kernels.ema`, all tensors in one or a
+few launches) -> optional auxiliary update (critic). Every phase sits in an NVTX range; a capture window drives
 `nsys --capture-range=cudaProfilerApi`. Checkpoints hold the student, optimiser, EMA, recipe
 extra state, data position and all RNG states, written atomically, so a resumed run reproduces
 the uninterrupted one exactly (on CPU bit for bit).
@@ -55,7 +55,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available else cpu
     # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (fast on CPUs with
-    # AMX/AVX512-BF16: 2.7x per step for the shapes preset on 2 Sapphire Rapids cores); "fp32" = off
+    # AMX: `vdistill bench train-step`, README); "fp32" = off
     precision: str = "auto"
     profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
     tensorboard: bool = False
