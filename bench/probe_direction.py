@@ -54,13 +54,19 @@ def probe(bundle: ModelBundle, num: int = 64, s: float = 0.99, seed: int = 0) ->
     return rows
 
 
+def _real_clips_and_noise(bundle: ModelBundle, num: int, data_seed: int, seed: int):
+    """`num` real clips [num, 3, T, H, W], their prompts and labels, and one fixed noise of their shape."""
+    videos, prompts, labels = MovingShapes(bundle.data, seed=data_seed).batch(range(num))
+    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(seed))
+    return videos, prompts, labels, noise
+
+
 @torch.no_grad()
 def word_sensitivity(bundle: ModelBundle, times=(0.5, 0.85, 0.99), num: int = 16, seed: int = 0) -> dict:
     """Relative change ‖v(c') − v(c)‖² / ‖v(c)‖² of the velocity on real clips noised to each RF
     time when one attribute word of the prompt c is swapped for the next one of its kind.
     A word the model ignores scores ~1e-5 (rounding); a word it uses, ~1e-2."""
-    videos, _, labels = MovingShapes(bundle.data, seed=seed + 2).batch(range(num))
-    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(seed))
+    videos, _, labels, noise = _real_clips_and_noise(bundle, num, seed + 2, seed)
     sizes = {"shape": len(SHAPES), "colour": len(COLOURS), "direction": len(DIRECTIONS)}
     out = {}
     for s in times:
@@ -87,8 +93,7 @@ def word_attention(bundle: ModelBundle, num: int = 16, s: float = 0.95, seed: in
     prompt); `max_head`: the largest per-(block, head) share, i.e. whether any head reads the word.
     A word near 0 in both is starved: its softmax weight, and with it its gradient, is ~0.
     """
-    videos, prompts, _ = MovingShapes(bundle.data, seed=seed + 1).batch(range(num))
-    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(seed))
+    videos, prompts, _, noise = _real_clips_and_noise(bundle, num, seed + 1, seed)
     x_s = (1 - s) * videos + s * noise
     shares = []  # per block: [H, L] mean probability per text slot
 

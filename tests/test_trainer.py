@@ -39,7 +39,7 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
 
 
 def test_bf16_precision_autocasts_on_cpu(tmp_path):
-    """precision="bf16" trains under CPU autocast (different rounding, still learning);
+    """precision="bf16" trains under CPU autocast (other rounding, losses within 5% of fp32);
     the default "auto" keeps CPU in fp32."""
     def losses(name, precision):
         trainer = _trainer(tmp_path / name, steps=3, prefetch=False, precision=precision)
