@@ -13,14 +13,23 @@ Noise stream (Triton path, CUDA or interpreter): element i (flat index inside sa
 `seed` and counter (i // 4, b, offset mod 2³², offset // 2³²). Its outputs r0..r3 give
 (n0, n1) = BoxMuller(r0, r1) and (n2, n3) = BoxMuller(r2, r3), where BoxMuller(a, b) =
 ρ·(cos θ, sin θ), ρ = sqrt(−2 ln((a + ½)·2⁻³²)), θ = 2π·⌊b/2⁸⌋·2⁻²⁴ − π/4. So ε depends only on
-(seed, offset, b, i): not on the batch size, dtype, device or launch configuration, and different
-offsets give independent streams (tests/interp/test_trigflow_interp.py rebuilds it in NumPy). The CPU path
+(seed, offset, b, i) (up to the evaluation of ln/sin/cos below): not on the batch size, device or
+launch configuration, and different offsets give independent streams (tests/interp/test_trigflow_interp.py rebuilds it in NumPy). The CPU path
 without the interpreter draws ε with `torch.randn` from a `torch.Generator` seeded by a hash of
 (seed, offset): deterministic too, but a different stream from the Triton one.
 
-Box–Muller uses our own ln and sin/cos (plain `tl` arithmetic, |error| < 1e-7 and 3e-8) rather
-than libdevice's precise versions, which would make the kernel compute-bound: the same code runs
-in the interpreter and on the GPU.
+The noising kernel is bound by instruction issue unless its math is cheap: at ~36 SASS
+instructions per element an H100/H200 issues for as long as it takes to move the bf16 bytes, and a
+kernel that only draws and stores the Philox bits already takes 21.5. So Box–Muller is evaluated
+two ways. For float32/float64 outputs, and always in the interpreter: our own ln and sin/cos
+(plain `tl` arithmetic, |error| < 1e-7 and 3e-8), so the interpreter reproduces the GPU's stream.
+For float16/bfloat16 outputs on CUDA: the SFU approximations through libdevice's fast_logf,
+fast_cosf and fast_sinf (|error| ~ 2⁻²¹ for the arguments here, far below half-precision
+rounding; tests/test_kernels_gpu_fused.py bounds the difference). cos t and sin t come from the
+same polynomial after reducing t/2π to [0, 1) (|error| < 1e-7·(1 + |t|)); libdevice's precise
+cosf/sinf carry a Payne–Hanek slow path. Offline count for sm_90 (`python bench/sass_count.py`),
+bf16 noising: 72 instructions per element before these two changes (58.5 with the cheap cos t
+alone), 39.5 after.
 
 sCM training tangent (same paper, with tangent warm-up factor r and tangent normalisation; see
 DESIGN.md), per sample b:
@@ -43,7 +52,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels._dispatch import HAS_TRITON, use_triton
+from kernels._dispatch import HAS_TRITON, INTERPRET, use_triton
 
 __all__ = ["scm_tangent", "scm_tangent_ref", "trigflow_eps", "trigflow_noise", "trigflow_noise_ref"]
 
@@ -56,6 +65,7 @@ REDUCE_BLOCK = 1024
 if HAS_TRITON:
     import triton
     import triton.language as tl
+    from triton.language.extra import libdevice
 
     @triton.jit
     def _ln(u):
@@ -89,12 +99,25 @@ if HAS_TRITON:
         return tl.where(half, -a, a), tl.where(half, -b, b)
 
     @triton.jit
-    def _box_muller(r_a, r_b):
+    def _cos_sin(t):
+        # (cos t, sin t) through _cos_sin_turn with t/2π + 1/8 reduced to [0, 1)
+        u = t * 0.15915494309189535 + 0.125
+        return _cos_sin_turn(u - tl.floor(u))
+
+    @triton.jit
+    def _box_muller(r_a, r_b, FAST: tl.constexpr):
         # two uint32 -> two independent N(0, 1): u1 in (0, 1] from 32 bits (radius ≤ 6.8), u2 in [0, 1) from 24 bits
         u1 = (r_a.to(tl.float32) + 0.5) * 2.3283064365386963e-10
         u2 = (r_b >> 8).to(tl.float32) * 5.960464477539063e-08
-        radius = tl.sqrt(-2.0 * _ln(u1))
-        c, s = _cos_sin_turn(u2)
+        if FAST:
+            radius = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+            # θ = 2πu2 − π/4, taken into [−π, π) where sin.approx/cos.approx are most accurate
+            theta = (u2 - (u2 >= 0.625).to(tl.float32)) * 6.283185307179586 - 0.7853981633974483
+            c = libdevice.fast_cosf(theta)
+            s = libdevice.fast_sinf(theta)
+        else:
+            radius = tl.sqrt(-2.0 * _ln(u1))
+            c, s = _cos_sin_turn(u2)
         return radius * c, radius * s
 
     @triton.jit(do_not_specialize=["seed", "off_lo", "off_hi"])
@@ -103,6 +126,7 @@ if HAS_TRITON:
         n, blocks_per_sample, seed, off_lo, off_hi,
         MODE: tl.constexpr,  # 0: x_t, v;  1: x_t, v, ε;  2: ε only
         Q: tl.constexpr,  # Philox calls per program (4·Q elements)
+        FAST: tl.constexpr,  # hardware ln/sin/cos approximations (half-precision outputs on CUDA)
     ):
         pid = tl.program_id(0)
         b = pid // blocks_per_sample
@@ -111,8 +135,8 @@ if HAS_TRITON:
         zero = c0 * 0
         r0, r1, r2, r3 = tl.philox(seed, c0, zero + b.to(tl.uint32), zero + off_lo.to(tl.uint32),
                                    zero + off_hi.to(tl.uint32))
-        n0, n1 = _box_muller(r0, r1)
-        n2, n3 = _box_muller(r2, r3)
+        n0, n1 = _box_muller(r0, r1, FAST)
+        n2, n3 = _box_muller(r2, r3, FAST)
         # element 4k + q takes normal q of counter k ([k, i, j] of the joins is element 4k + 2i + j).
         # Joining keeps the 4 values in one thread, and the contiguity hint of 4 below gives the
         # loads/stores the same layout: vector accesses and no shared-memory layout conversion.
@@ -121,9 +145,7 @@ if HAS_TRITON:
         mask = idx < n
         base = b.to(tl.int64) * n
         if MODE != 2:
-            tt = tl.load(t_ptr + b).to(tl.float32)
-            c = tl.cos(tt)
-            s = tl.sin(tt)
+            c, s = _cos_sin(tl.load(t_ptr + b).to(tl.float32))
             x0 = tl.load(x0_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
             tl.store(xt_ptr + base + idx, (c * x0 + s * eps).to(xt_ptr.dtype.element_ty), mask=mask)
             tl.store(v_ptr + base + idx, (c * eps - s * x0).to(v_ptr.dtype.element_ty), mask=mask)
@@ -132,9 +154,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _scm_g(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, b, base, idx, mask, r):
-        tt = tl.load(t_ptr + b).to(tl.float32)
-        c = tl.cos(tt)
-        s = tl.sin(tt)
+        c, s = _cos_sin(tl.load(t_ptr + b).to(tl.float32))
         f = tl.load(f_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
         dx = tl.load(dx_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
         xt = tl.load(xt_ptr + base + idx, mask=mask, other=0.0).to(tl.float32)
@@ -249,10 +269,11 @@ def _launch_noise(
     if n == 0:
         return
     bps = triton.cdiv(n, NOISE_GROUP)
+    fast = not INTERPRET and some.dtype in (torch.float16, torch.bfloat16)
     x0, t, xt, v, eps = (some if x is None else x for x in (x0, t, xt, v, eps))
     _trigflow_noise_kernel[(B * bps,)](
         x0, t, xt, v, eps, n, bps, seed, offset % 2**32, offset // 2**32,
-        MODE=mode, Q=NOISE_GROUP // 4, num_warps=NOISE_WARPS,
+        MODE=mode, Q=NOISE_GROUP // 4, FAST=fast, num_warps=NOISE_WARPS,
     )
 
 

@@ -137,6 +137,7 @@ BENCHMARKS = {  # `vdistill bench NAME`: module whose main(argv) runs it
     "trigflow": "bench.bench_trigflow",
     "rcm-step": "bench.bench_rcm_step",
     "train-step": "bench.bench_train_step",
+    "sass-count": "bench.sass_count",
     "session": "bench.device_session",
 }
 
@@ -145,7 +146,7 @@ def _add_bench(sub) -> None:
     names = "\n".join(f"  {name:<10} python -m {module}" for name, module in BENCHMARKS.items())
     p = sub.add_parser(
         "bench",
-        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | session)",
+        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | sass-count | session)",
         description=f"Run a benchmark; the remaining arguments go to its main(argv).\n\nbenchmarks:\n{names}",
         epilog="e.g. vdistill bench attention --quick --out bench/results; vdistill bench ema --help",
         formatter_class=argparse.RawDescriptionHelpFormatter,

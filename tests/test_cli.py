@@ -99,7 +99,7 @@ def test_shift_changes_the_sampler_grid_and_must_be_positive(tiny_model):
 @pytest.mark.parametrize(
     "name, own_option",
     [("attention", "--dtype"), ("ema", "--tiny"), ("trigflow", "--no-compile"), ("rcm-step", "--providers"),
-     ("train-step", "--runs"), ("session", "--part")],
+     ("train-step", "--runs"), ("sass-count", "--arch"), ("session", "--part")],
 )
 def test_bench_forwards_args_to_the_script(name, own_option, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -114,7 +114,7 @@ def test_bench_help_lists_the_benchmarks(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ["attention", "ema", "trigflow", "rcm-step", "train-step", "session"])
+    assert all(name in out for name in ["attention", "ema", "trigflow", "rcm-step", "train-step", "sass-count", "session"])
 
 
 def test_bench_unknown_name_is_a_clear_error(capsys):

@@ -58,6 +58,17 @@ def test_noise_cuda_matches_reference_and_is_normal(dtype):
     assert abs(big.var().item() - 1) < 5 * math.sqrt(2 / big.numel())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_noise_uses_the_same_stream(dtype):
+    """Half-precision outputs take the hardware ln/sin/cos: the float32 stream up to their rounding."""
+    fast = trigflow_eps((2, 1 << 20), seed=9, dtype=dtype, device="cuda").double()
+    exact = trigflow_eps((2, 1 << 20), seed=9, dtype=torch.float32, device="cuda").double()
+    rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -10
+    assert ((fast - exact).abs() <= rounding * exact.abs() + 1e-3).all()
+    assert abs(fast.mean().item()) < 5 / math.sqrt(fast.numel())
+    assert abs(fast.var().item() - 1) < 5 * math.sqrt(2 / fast.numel())
+
+
 def test_noise_stream_same_on_gpu_and_in_interpreter(tmp_path):
     """The documented Philox stream: compiled CUDA and the CPU interpreter draw the same ε."""
     path = tmp_path / "eps.pt"

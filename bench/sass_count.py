@@ -1,0 +1,116 @@
+"""Static instruction counts of the bandwidth-bound kernels, compiled for a GPU on any machine.
+
+An elementwise kernel is memory-bound only while it issues few enough instructions per element:
+an SM sub-partition issues one warp instruction per cycle, so at N SASS instructions per element
+a whole H100/H200 (528 sub-partitions, ~1.9 GHz) needs N·elements / (528·32·1.9e9) seconds. For
+the bf16 noising of [8,16,21,60,104] (16.8 M elements, 100 MB, 21 µs at 4.8 TB/s) the issue time
+equals the bandwidth floor at ~36 instructions per element.
+
+This script compiles the TrigFlow kernels with Triton for `--arch` (no GPU needed: Triton's wheel
+carries ptxas and nvdisasm), disassembles them and prints per kernel: SASS instructions in total
+and per element (straight-line kernels: static = executed, except the tangent's reduce loop),
+SFU (MUFU) instructions per element, register spills (LDL/STL) and the widths of the global
+loads/stores. Pointers are marked 16-byte aligned, as Triton does at launch for aligned tensors.
+
+    python bench/sass_count.py [--arch 90] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+from bench.harness import run_meta, utc_stamp, write_json
+from kernels import trigflow
+
+DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _kernels() -> list[tuple[str, str, object, dict, dict, int, int]]:
+    """(name, dtype, jit function, signature, constexprs, elements per program, warps) per case."""
+    cases = []
+    for dtype, name in DTYPES.items():
+        ptr = "*" + name
+        sig = {"x0_ptr": ptr, "t_ptr": "*fp32", "xt_ptr": ptr, "v_ptr": ptr, "eps_ptr": ptr, "n": "i32",
+               "blocks_per_sample": "i32", "seed": "i64", "off_lo": "i64", "off_hi": "i64",
+               "MODE": "constexpr", "Q": "constexpr", "FAST": "constexpr"}
+        const = {"MODE": 0, "Q": trigflow.NOISE_GROUP // 4, "FAST": dtype != torch.float32}
+        cases.append(("noise x_t, v", name, trigflow._trigflow_noise_kernel, sig, const,
+                      trigflow.NOISE_GROUP, trigflow.NOISE_WARPS))
+    ins = {k: "*bf16" for k in ("f_ptr", "dx_ptr", "xt_ptr", "df_ptr")}
+    sig = {**ins, "t_ptr": "*fp32", "partial_ptr": "*fp32", "n": "i32", "blocks_per_sample": "i32",
+           "r": "fp32", "BLOCK": "constexpr"}
+    cases.append(("sCM tangent: sum of squares", "bf16", trigflow._scm_sumsq_kernel, sig,
+                  {"BLOCK": trigflow.TANGENT_BLOCK}, trigflow.TANGENT_BLOCK, trigflow.TANGENT_WARPS))
+    sig = {**ins, "t_ptr": "*fp32", "partial_ptr": "*fp32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "n": "i32",
+           "blocks_per_sample": "i32", "r": "fp32", "c_eps": "fp32", "BLOCK": "constexpr", "RBLOCK": "constexpr"}
+    cases.append(("sCM tangent: normalise", "bf16", trigflow._scm_normalize_kernel, sig,
+                  {"BLOCK": trigflow.TANGENT_BLOCK, "RBLOCK": trigflow.REDUCE_BLOCK},
+                  trigflow.TANGENT_BLOCK, trigflow.TANGENT_WARPS))
+    return cases
+
+
+def _nvdisasm() -> str:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    found = bundled if os.path.exists(bundled) else shutil.which("nvdisasm")
+    if not found:
+        raise RuntimeError("nvdisasm not found: neither in Triton's wheel nor on PATH")
+    return found
+
+
+def count(fn, signature: dict, constexprs: dict, warps: int, arch: int) -> dict:
+    """Compile one kernel for sm_`arch`; SASS opcode histogram and PTX global-access widths."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch-time default; silences Triton 3.9
+    pointers_and_ints = [i for i, v in enumerate(signature.values()) if v.startswith("*") or v == "i32"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers_and_ints}
+    src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([_nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    opcodes = collections.Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+    access = collections.Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*)", compiled.asm["ptx"]))
+    return {"sass": sum(opcodes.values()), "mufu": opcodes["MUFU"], "spills": opcodes["LDL"] + opcodes["STL"],
+            "global_access": dict(access)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
+    ap.add_argument("--out", help="directory for the JSON result")
+    args = ap.parse_args(argv)
+    if not trigflow.HAS_TRITON:
+        raise RuntimeError("Triton is not installed")
+    rows = []
+    header = ("kernel", "dtype", "SASS", "per elem", "MUFU/elem", "spills")
+    print("{:30s} {:5s} {:>6s} {:>9s} {:>9s} {:>6s}  global accesses".format(*header))
+    for name, dtype, fn, sig, const, per_program, warps in _kernels():
+        c = count(fn, sig, const, warps, args.arch)
+        per_thread = per_program / (32 * warps)
+        row = {"kernel": name, "dtype": dtype, **c, "elements_per_thread": per_thread,
+               "sass_per_element": c["sass"] / per_thread, "mufu_per_element": c["mufu"] / per_thread}
+        rows.append(row)
+        print(f"{name:30s} {dtype:5s} {c['sass']:6d} {row['sass_per_element']:9.1f} {row['mufu_per_element']:9.2f} "
+              f"{c['spills']:6d}  {c['global_access']}")
+    result = {"meta": {**run_meta(torch.device("cpu"), argv), "target": f"sm_{args.arch} (offline)"}, "rows": rows}
+    if args.out:
+        write_json(args.out, f"sass_count_sm{args.arch}_{utc_stamp('%Y%m%dT%H%M%S')}.json", result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
