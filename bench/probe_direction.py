@@ -64,18 +64,20 @@ def _real_clips_and_noise(bundle: ModelBundle, num: int, data_seed: int, seed: i
 @torch.no_grad()
 def word_sensitivity(bundle: ModelBundle, times=(0.5, 0.85, 0.99), num: int = 16, seed: int = 0) -> dict:
     """Relative change ‖v(c') − v(c)‖² / ‖v(c)‖² of the velocity on real clips noised to each RF
-    time when one attribute word of the prompt c is swapped for the next one of its kind.
-    A word the model ignores scores ~1e-5 (rounding); a word it uses, ~1e-2."""
+    time when one attribute word of the prompt c is swapped for the next one of its kind, and
+    (`opposite direction`) the direction for its reverse (left <-> right, up <-> down: same axis,
+    other sign). A word the model ignores scores ~1e-5 (rounding); a word it uses, ~1e-2."""
     videos, _, labels, noise = _real_clips_and_noise(bundle, num, seed + 2, seed)
-    sizes = {"shape": len(SHAPES), "colour": len(COLOURS), "direction": len(DIRECTIONS)}
+    swaps = {"shape": (0, lambda a: (a + 1) % len(SHAPES)), "colour": (1, lambda a: (a + 1) % len(COLOURS)),
+             "direction": (2, lambda a: (a + 1) % len(DIRECTIONS)), "opposite direction": (2, lambda a: a ^ 1)}
     out = {}
     for s in times:
         x_s, time = (1 - s) * videos + s * noise, torch.full((num,), s)
         base = bundle.model(x_s, time, bundle.text.encode([prompt_for(row) for row in labels.tolist()]))
         row = {}
-        for k, (word, n) in enumerate(sizes.items()):
+        for word, (k, swap) in swaps.items():
             swapped = labels.clone()
-            swapped[:, k] = (swapped[:, k] + 1) % n
+            swapped[:, k] = swap(swapped[:, k])
             v = bundle.model(x_s, time, bundle.text.encode([prompt_for(r) for r in swapped.tolist()]))
             row[word] = float((v - base).square().mean() / base.square().mean())
         out[str(s)] = row
