@@ -2,9 +2,10 @@
 
 An elementwise kernel is memory-bound only while it issues few enough instructions per element:
 an SM sub-partition issues one warp instruction per cycle, so at N SASS instructions per element
-a whole H100/H200 (528 sub-partitions, ~1.9 GHz) needs N·elements / (528·32·1.9e9) seconds. For
-the bf16 noising of [8,16,21,60,104] (16.8 M elements, 100 MB, 21 µs at 4.8 TB/s) the issue time
-equals the bandwidth floor at ~36 instructions per element.
+a whole H100/H200 (528 sub-partitions, ~1.9 GHz) needs at least N·elements / (528·32·1.9e9)
+seconds. For the bf16 noising of [8,16,21,60,104] (16.8 M elements, 100 MB) that equals the
+bandwidth floor at ~40 instructions per element on an H200 (21 µs at 4.8 TB/s), ~57 on an H100
+(3.35 TB/s).
 
 This script compiles the TrigFlow kernels with Triton for `--arch` (no GPU needed: Triton's wheel
 carries ptxas and nvdisasm), disassembles them and prints per kernel: SASS instructions in total

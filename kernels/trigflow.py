@@ -18,9 +18,9 @@ launch configuration, and different offsets give independent streams (tests/inte
 without the interpreter draws ε with `torch.randn` from a `torch.Generator` seeded by a hash of
 (seed, offset): deterministic too, but a different stream from the Triton one.
 
-The noising kernel is bound by instruction issue unless its math is cheap: at ~36 SASS
-instructions per element an H100/H200 issues for as long as it takes to move the bf16 bytes, and a
-kernel that only draws and stores the Philox bits already takes 21.5. So Box–Muller is evaluated
+The noising kernel is bound by instruction issue unless its math is cheap: at ~40 SASS
+instructions per element an H200 issues for as long as it takes to move the bf16 bytes (~57 on an
+H100), and a kernel that only draws and stores the Philox bits already takes 21.5. So Box–Muller is evaluated
 two ways. For float32/float64 outputs, and always in the interpreter: our own ln and sin/cos
 (plain `tl` arithmetic, |error| < 1e-7 and 3e-8), so the interpreter reproduces the GPU's stream.
 For float16/bfloat16 outputs on CUDA: the SFU approximations through libdevice's fast_logf,

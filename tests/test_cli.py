@@ -114,7 +114,8 @@ def test_bench_help_lists_the_benchmarks(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ["attention", "ema", "trigflow", "rcm-step", "train-step", "sass-count", "session"])
+    names = ["attention", "ema", "trigflow", "rcm-step", "train-step", "sass-count", "session"]
+    assert all(name in out for name in names)
 
 
 def test_bench_unknown_name_is_a_clear_error(capsys):
