@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = Hopper)")
     ap.add_argument("--out", help="directory for the JSON result")
     args = ap.parse_args(argv)
+    if args.arch < 80:
+        ap.error(f"--arch must be a compute capability x10 >= 80 (80 = Ampere, 90 = Hopper), got {args.arch}")
     if not trigflow.HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     rows = []

@@ -14,19 +14,21 @@ Noise stream (Triton path, CUDA or interpreter): element i (flat index inside sa
 (n0, n1) = BoxMuller(r0, r1) and (n2, n3) = BoxMuller(r2, r3), where BoxMuller(a, b) =
 ρ·(cos θ, sin θ), ρ = sqrt(−2 ln((a + ½)·2⁻³²)), θ = 2π·⌊b/2⁸⌋·2⁻²⁴ − π/4. So ε depends only on
 (seed, offset, b, i) (up to the evaluation of ln/sin/cos below): not on the batch size, device or
-launch configuration, and different offsets give independent streams (tests/interp/test_trigflow_interp.py rebuilds it in NumPy). The CPU path
-without the interpreter draws ε with `torch.randn` from a `torch.Generator` seeded by a hash of
-(seed, offset): deterministic too, but a different stream from the Triton one.
+launch configuration, and different offsets give independent streams
+(tests/interp/test_trigflow_interp.py rebuilds it in NumPy). The CPU path without the interpreter
+draws ε with `torch.randn` from a `torch.Generator` seeded by a hash of (seed, offset):
+deterministic too, but a different stream from the Triton one.
 
 The noising kernel is bound by instruction issue unless its math is cheap: at ~40 SASS
 instructions per element an H200 issues for as long as it takes to move the bf16 bytes (~57 on an
-H100), and a kernel that only draws and stores the Philox bits already takes 21.5. So Box–Muller is evaluated
-two ways. For float32/float64 outputs, and always in the interpreter: our own ln and sin/cos
-(plain `tl` arithmetic, |error| < 1e-7 and 3e-8), so the interpreter reproduces the GPU's stream.
-For float16/bfloat16 outputs on CUDA: the SFU approximations through libdevice's fast_logf,
-fast_cosf and fast_sinf (|error| ~ 2⁻²¹ for the arguments here, far below half-precision
-rounding; tests/test_kernels_gpu_fused.py bounds the difference). cos t and sin t come from the
-same polynomial after reducing t/2π to [0, 1) (|error| < 1e-7·(1 + |t|)); libdevice's precise
+H100), and a kernel that only draws and stores the Philox bits already takes 21.5. So Box–Muller
+is evaluated two ways. For float32/float64 outputs, and always in the interpreter: our own ln and
+sin/cos (plain `tl` arithmetic, |error| < 1e-7 and 3e-8), so the interpreter reproduces the GPU's
+stream. For float16/bfloat16 outputs on CUDA: the SFU approximations through libdevice's
+fast_logf, fast_cosf and fast_sinf (about 2⁻²¹ absolute error on these arguments per the CUDA
+programming guide's intrinsics table, far below half-precision rounding;
+tests/test_kernels_gpu_fused.py checks the difference). cos t and sin t come from the same
+polynomial after reducing t/2π to [0, 1) (|error| < 1e-7·(1 + |t|)); libdevice's precise
 cosf/sinf carry a Payne–Hanek slow path. Offline count for sm_90 (`python bench/sass_count.py`),
 bf16 noising: 72 instructions per element before these two changes (58.5 with the cheap cos t
 alone), 39.5 after.
