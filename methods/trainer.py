@@ -224,7 +224,7 @@ class Trainer:
                 if self.step % self.cfg.log_every == 0 or last:
                     runlog.write(self.step, {**metrics, "wall_s": elapsed})
                     rows.append({"step": self.step, **metrics, "wall_s": elapsed})
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}")
                 if self.step % self.cfg.ckpt_every == 0 or last:
                     self.save()
                 if out_of_time:
