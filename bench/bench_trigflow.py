@@ -13,6 +13,8 @@ sCM tangent ĝ = g/(‖g‖+c) (four bf16 inputs in, one out: floor 10 bytes per
 against its eager expression. Each provider is checked before timing: noising through the
 rotation identities x0 = cos t·x_t − sin t·v and ε = sin t·x_t + cos t·v (ε's mean and std), ours
 also against `trigflow_noise_ref` on the regenerated ε; the tangent against `scm_tangent_ref`.
+Where the Triton kernel runs, the bf16 case also times its other launch configurations (`LAUNCHES`:
+elements per program × warps), each required to write the same bits as the default launch.
 Goals (issue 5): noising ≥ 3× `torch.compile` and ≥ 70 % of the floor.
 
     python -m bench.bench_trigflow [--quick] [--out bench/results]
@@ -31,10 +33,22 @@ from collections.abc import Callable
 import torch
 
 from bench.harness import finish, make_timer, run_checked, run_meta, utc_stamp
-from kernels.trigflow import scm_tangent, scm_tangent_ref, trigflow_eps, trigflow_noise, trigflow_noise_ref
+from kernels._dispatch import use_triton
+from kernels.trigflow import (
+    NOISE_GROUP,
+    NOISE_WARPS,
+    _launch_noise,
+    scm_tangent,
+    scm_tangent_ref,
+    trigflow_eps,
+    trigflow_noise,
+    trigflow_noise_ref,
+)
 
 WAN_SHAPE = (8, 16, 21, 60, 104)
 TINY_SHAPE = (2, 3, 5, 7, 11)
+# (elements per program, warps) of the noising launch sweep (bf16): 16 to 64 elements per thread
+LAUNCHES = ((2048, 4), (4096, 4), (4096, 8), (8192, 4), (8192, 8), (16384, 8))
 NOMINAL_TBPS = {"H200": 4.8, "H100": 3.35, "A100": 2.0}  # HBM peak, TB/s (for reference only)
 
 
@@ -76,7 +90,7 @@ def _copy_bandwidth(device: torch.device, timer, nbytes: int) -> float:
     return 2 * src.numel() * 4 / med / 1e6  # GB/s
 
 
-def _bench_noise(rows, timer, shape, dtype, device, compile_ok: bool) -> None:
+def _bench_noise(rows, timer, shape, dtype, device, compile_ok: bool, sweep: bool) -> None:
     case = f"noise {list(shape)} {str(dtype).replace('torch.', '')}"
     g = torch.Generator(device=device).manual_seed(0)
     x0 = torch.randn(shape, generator=g, device=device).to(dtype)
@@ -104,6 +118,28 @@ def _bench_noise(rows, timer, shape, dtype, device, compile_ok: bool) -> None:
         compiled = torch.compile(noise_eager, dynamic=False)
         run_checked(rows, timer, case, "torch.compile(eager)", lambda: compiled(x0, t),
              lambda: _check_rotation(x0, t, *compiled(x0, t)), tol, nbytes)
+    if sweep:
+        _sweep_launches(rows, timer, case, x0, t, nbytes)
+
+
+def _sweep_launches(rows, timer, case: str, x0: torch.Tensor, t: torch.Tensor, nbytes: int) -> None:
+    """Time the noising kernel at other (elements per program, warps); each output must equal ours bitwise."""
+    want = trigflow_noise(x0, t, seed=1, offset=0)
+    for group, warps in LAUNCHES:
+        if (group, warps) == (NOISE_GROUP, NOISE_WARPS):
+            continue
+        out = [torch.empty_like(x0), torch.empty_like(x0)]
+
+        def launch(group=group, warps=warps, out=out):
+            _launch_noise(x0, t, *out, None, seed=1, offset=0, mode=0, group=group, warps=warps)
+
+        def differing(launch=launch, out=out) -> float:
+            launch()
+            return float(sum((a != b).sum().item() for a, b in zip(out, want, strict=True)))
+
+        per_thread = group // (32 * warps)
+        run_checked(rows, timer, case, f"launch {group} elem/{warps} warps ({per_thread}/thread)",
+                    launch, differing, 0.0, nbytes)
 
 
 def _bench_tangent(rows, timer, shape, dtype, device) -> None:
@@ -150,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
     copy_gbps = _copy_bandwidth(device, timer, 2**20 if args.tiny else 2**30)
     configs = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     for dtype in configs:  # torch.compile only for the bf16 goal case: a cold compile costs 10-30 s
-        _bench_noise(rows, timer, shape, dtype, device, compile_ok=not args.no_compile and dtype == torch.bfloat16)
+        main = dtype == torch.bfloat16
+        _bench_noise(rows, timer, shape, dtype, device, compile_ok=main and not args.no_compile,
+                     sweep=main and use_triton(torch.empty(0, device=device)))
     _bench_tangent(rows, timer, shape, torch.bfloat16, device)
     meta = run_meta(device, argv)
     nominal = next((v for k, v in NOMINAL_TBPS.items() if k in meta["gpu"]), None)
@@ -180,14 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"meta": meta, "copy_gb_per_s": copy_gbps, "rows": rows, "goals": goals,
               "wall_s": time.time() - t_start}
     print(f"TrigFlow benchmark on {meta['gpu']}; device copy bandwidth {copy_gbps:.0f} GB/s")
-    print(f"{'case':40} {'provider':34} {'ms':>9} {'p20':>9} {'p80':>9} {'GB/s':>8} {'%floor':>7} {'speedup':>8}")
+    print(f"{'case':40} {'provider':38} {'ms':>9} {'p20':>9} {'p80':>9} {'GB/s':>8} {'%floor':>7} {'speedup':>8}")
     for r in rows:
         if "ms" in r:
             speedup = r.get("speedup_vs_baseline", float("nan"))
-            print(f"{r['case']:40} {r['provider']:34} {r['ms']:9.4f} {r['p20_ms']:9.4f} {r['p80_ms']:9.4f} "
+            print(f"{r['case']:40} {r['provider']:38} {r['ms']:9.4f} {r['p20_ms']:9.4f} {r['p80_ms']:9.4f} "
                   f"{r['gb_per_s']:8.1f} {r['pct_of_copy_floor']:7.1f} {speedup:8.2f}")
         else:
-            print(f"{r['case']:40} {r['provider']:34} {'failed':>9}  {r['error']}")
+            print(f"{r['case']:40} {r['provider']:38} {'failed':>9}  {r['error']}")
     finish(result, args.out, f"trigflow_{utc_stamp('%Y%m%d-%H%M%S')}.json")
     return result
 

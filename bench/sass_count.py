@@ -8,10 +8,13 @@ bandwidth floor at ~40 instructions per element on an H200 (21 µs at 4.8 TB/s),
 (3.35 TB/s).
 
 This script compiles the TrigFlow kernels with Triton for `--arch` (no GPU needed: Triton's wheel
-carries ptxas and nvdisasm), disassembles them and prints per kernel: SASS instructions in total
-and per element (straight-line kernels: static = executed, except the tangent's reduce loop),
-SFU (MUFU) instructions per element, register spills (LDL/STL) and the widths of the global
-loads/stores. Pointers are marked 16-byte aligned, as Triton does at launch for aligned tensors.
+carries ptxas, nvdisasm and cuobjdump), disassembles them and prints per kernel: SASS
+instructions in total and per element (straight-line kernels: static = executed, except the
+tangent's reduce loop), SFU (MUFU) instructions per element, register spills (LDL/STL),
+registers per thread and the resident warps per SM they allow, and the widths of the global
+loads/stores; for bf16 noising also at the other launch configurations (elements per program /
+warps) that `bench/bench_trigflow.py` times. Pointers are marked 16-byte aligned, as Triton does
+at launch for aligned tensors.
 
     python bench/sass_count.py [--arch 90] [--out bench/results]
 """
@@ -28,6 +31,7 @@ import tempfile
 
 import torch
 
+from bench.bench_trigflow import LAUNCHES
 from bench.harness import run_meta, utc_stamp, write_json
 from kernels import trigflow
 
@@ -45,6 +49,11 @@ def _kernels() -> list[tuple[str, str, object, dict, dict, int, int]]:
         const = {"MODE": 0, "Q": trigflow.NOISE_GROUP // 4, "FAST": dtype != torch.float32}
         cases.append(("noise x_t, v", name, trigflow._trigflow_noise_kernel, sig, const,
                       trigflow.NOISE_GROUP, trigflow.NOISE_WARPS))
+        if dtype == torch.bfloat16:  # the other launches that bench/bench_trigflow.py times
+            for group, warps in LAUNCHES:
+                if (group, warps) != (trigflow.NOISE_GROUP, trigflow.NOISE_WARPS):
+                    cases.append((f"  launch {group}/{warps} warps", name, trigflow._trigflow_noise_kernel, sig,
+                                  {**const, "Q": group // 4}, group, warps))
     ins = {k: "*bf16" for k in ("f_ptr", "dx_ptr", "xt_ptr", "df_ptr")}
     sig = {**ins, "t_ptr": "*fp32", "partial_ptr": "*fp32", "n": "i32", "blocks_per_sample": "i32",
            "r": "fp32", "BLOCK": "constexpr"}
@@ -58,14 +67,26 @@ def _kernels() -> list[tuple[str, str, object, dict, dict, int, int]]:
     return cases
 
 
-def _nvdisasm() -> str:
+def _cuda_tool(name: str) -> str:
+    """Path of nvdisasm/cuobjdump: Triton's bundled copy, else PATH."""
     import triton
 
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    found = bundled if os.path.exists(bundled) else shutil.which("nvdisasm")
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    found = bundled if os.path.exists(bundled) else shutil.which(name)
     if not found:
-        raise RuntimeError("nvdisasm not found: neither in Triton's wheel nor on PATH")
+        raise RuntimeError(f"{name} not found: neither in Triton's wheel nor on PATH")
     return found
+
+
+def resident_warps(regs: int, warps: int) -> int:
+    """Warps per SM (sm_80/sm_90) for a kernel of `regs` registers per thread and `warps` per program.
+
+    64K registers per SM, allocated per warp in units of 256 (8 per thread); at most 64 warps and
+    32 programs per SM; shared memory unused.
+    """
+    per_warp = -(-regs // 8) * 8 * 32
+    programs = min(32, 65536 // (per_warp * warps), 64 // warps)
+    return programs * warps
 
 
 def count(fn, signature: dict, constexprs: dict, warps: int, arch: int) -> dict:
@@ -82,11 +103,14 @@ def count(fn, signature: dict, constexprs: dict, warps: int, arch: int) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        sass = subprocess.run([_nvdisasm(), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuda_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([_cuda_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", usage).group(1))
     opcodes = collections.Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     access = collections.Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*)", compiled.asm["ptx"]))
     return {"sass": sum(opcodes.values()), "mufu": opcodes["MUFU"], "spills": opcodes["LDL"] + opcodes["STL"],
-            "global_access": dict(access)}
+            "registers": regs, "warps_per_sm": resident_warps(regs, warps), "global_access": dict(access)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -99,8 +123,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not trigflow.HAS_TRITON:
         raise RuntimeError("Triton is not installed")
     rows = []
-    header = ("kernel", "dtype", "SASS", "per elem", "MUFU/elem", "spills")
-    print("{:30s} {:5s} {:>6s} {:>9s} {:>9s} {:>6s}  global accesses".format(*header))
+    header = ("kernel", "dtype", "SASS", "per elem", "MUFU/elem", "spills", "regs", "warps/SM")
+    print("{:30s} {:5s} {:>6s} {:>9s} {:>9s} {:>6s} {:>5s} {:>8s}  global accesses".format(*header))
     for name, dtype, fn, sig, const, per_program, warps in _kernels():
         c = count(fn, sig, const, warps, args.arch)
         per_thread = per_program / (32 * warps)
@@ -108,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
                "sass_per_element": c["sass"] / per_thread, "mufu_per_element": c["mufu"] / per_thread}
         rows.append(row)
         print(f"{name:30s} {dtype:5s} {c['sass']:6d} {row['sass_per_element']:9.1f} {row['mufu_per_element']:9.2f} "
-              f"{c['spills']:6d}  {c['global_access']}")
+              f"{c['spills']:6d} {c['registers']:5d} {c['warps_per_sm']:8d}  {c['global_access']}")
     result = {"meta": {**run_meta(torch.device("cpu"), argv), "target": f"sm_{args.arch} (offline)"}, "rows": rows}
     if args.out:
         write_json(args.out, f"sass_count_sm{args.arch}_{utc_stamp('%Y%m%dT%H%M%S')}.json", result)

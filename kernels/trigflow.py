@@ -264,18 +264,26 @@ def _launch_noise(
     seed: int,
     offset: int,
     mode: int,
+    *,
+    group: int = NOISE_GROUP,
+    warps: int = NOISE_WARPS,
 ) -> None:
-    """Launch the noising kernel; tensors a mode does not touch are replaced by any valid one."""
+    """Launch the noising kernel; tensors a mode does not touch are replaced by any valid one.
+
+    `group` (elements per program, a power of two; below 4·32·warps threads idle) and `warps`
+    change the launch only: element i always takes normal i mod 4 of Philox counter ⌊i/4⌋, so the output is the same
+    bit for bit (`bench/bench_trigflow.py` times the candidates).
+    """
     some = next(x for x in (x0, xt, eps) if x is not None)
     B, n = some.shape[0], some[0].numel()
     if n == 0:
         return
-    bps = triton.cdiv(n, NOISE_GROUP)
+    bps = triton.cdiv(n, group)
     fast = not INTERPRET and some.dtype in (torch.float16, torch.bfloat16)
     x0, t, xt, v, eps = (some if x is None else x for x in (x0, t, xt, v, eps))
     _trigflow_noise_kernel[(B * bps,)](
         x0, t, xt, v, eps, n, bps, seed, offset % 2**32, offset // 2**32,
-        MODE=mode, Q=NOISE_GROUP // 4, FAST=fast, num_warps=NOISE_WARPS,
+        MODE=mode, Q=group // 4, FAST=fast, num_warps=warps,
     )
 
 

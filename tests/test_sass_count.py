@@ -34,5 +34,13 @@ def test_half_precision_noising_takes_the_cheap_math_and_vector_accesses():
     assert bf16["per_element"] < 45
     for row in rows.values():
         assert row["spills"] == 0
+        assert row["warps_per_sm"] >= 32  # enough loads in flight to cover HBM latency
         assert all(".v" in op for op in row["global_access"] if op.startswith("st."))  # x_t, v: vector stores
     assert not any(op.endswith(".b16") for op in bf16["global_access"])  # no 2-byte accesses
+
+
+def test_resident_warps_follows_the_register_file():
+    assert sass_count.resident_warps(32, 8) == 64  # 8 programs of 8 warps: the 64-warp limit
+    assert sass_count.resident_warps(44, 8) == 40  # 48 registers allocated: 5 programs
+    assert sass_count.resident_warps(255, 8) == 8  # 256 per thread: one program
+    assert sass_count.resident_warps(16, 1) == 32  # the 32-program limit

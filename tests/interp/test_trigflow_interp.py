@@ -12,6 +12,7 @@ from scipy import stats
 from kernels.trigflow import (
     NOISE_GROUP,
     TANGENT_BLOCK,
+    _launch_noise,
     scm_tangent,
     scm_tangent_ref,
     trigflow_eps,
@@ -36,6 +37,16 @@ def test_kernel_noise_reproducible_and_regenerable():
     assert torch.equal(trigflow_eps(x0[:2], seed=5, offset=2**33 + 7), eps[:2])  # independent of B
     for other in (trigflow_eps(x0, seed=5, offset=7), trigflow_eps(x0, seed=6, offset=2**33 + 7)):
         assert (other != eps).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("group, warps", [(512, 1), (1024, 4), (2 * NOISE_GROUP, 8)])
+def test_kernel_noise_launch_config_changes_nothing(group, warps):
+    x0, t = _x0_t()
+    want = trigflow_noise(x0, t, seed=3, offset=11, return_eps=True)
+    got = [torch.empty_like(x0) for _ in range(3)]
+    _launch_noise(x0, t, *got, seed=3, offset=11, mode=1, group=group, warps=warps)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(
