@@ -18,6 +18,11 @@ from methods import commands
 log = logging.getLogger("vdistill")
 
 
+def _add_precision(p) -> None:
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also on CPU (fast with AMX)")
+
+
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train a rectified-flow teacher on the moving-shapes benchmark")
     p.add_argument("--preset", default="shapes", help="run preset (methods/presets.py): tiny | shapes")
@@ -26,8 +31,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--batch-size", type=int, help="override the preset's batch size")
     p.add_argument("--lr", type=float, help="override the preset's learning rate")
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also on CPU (fast with AMX)")
+    _add_precision(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init", type=Path, help="start from an exported model's weights (continued training)")
     p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
@@ -89,6 +93,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--batch-size", type=int, help="override the batch size")
     p.add_argument("--lr", type=float, help="override the learning rate")
     p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    _add_precision(p)
     p.add_argument("--seed", type=int, help="training seed")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
@@ -209,7 +214,7 @@ def _distill(args) -> int:
     from methods.distill import apply_overrides, distill, distiller
 
     module = distiller(args.method)
-    train = _train_overrides(module.default_train(), args, seed=args.seed)
+    train = _train_overrides(module.default_train(), args, seed=args.seed, precision=args.precision)
     cfg = apply_overrides(module.Config(), args.set)
     if args.dry_run:
         print(json.dumps({"method": args.method, "train": asdict(train), "method_config": asdict(cfg)}, indent=2))

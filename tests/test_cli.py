@@ -25,6 +25,15 @@ def test_pretrain_set_overrides_the_flow_options(capsys):
     assert "no option 'warmup'" in capsys.readouterr().err
 
 
+def test_distill_dry_run_takes_the_training_overrides(capsys):
+    argv = ["distill", "progressive", "--teacher", "t.safetensors", "--out", "r", "--precision", "bf16",
+            "--batch-size", "8", "--set", "teacher_steps=8", "--set", "stage_steps=300", "--dry-run"]
+    assert main(argv) == 0
+    cfg = json.loads(capsys.readouterr().out)
+    assert cfg["train"]["precision"] == "bf16" and cfg["train"]["batch_size"] == 8
+    assert cfg["method_config"]["teacher_steps"] == 8
+
+
 def test_unknown_preset_is_a_clear_error(capsys):
     assert main(["pretrain", "--preset", "huge"]) == 2
     assert "unknown preset 'huge'" in capsys.readouterr().err
