@@ -6,11 +6,11 @@ its own time limit; a failing step is logged and the session goes on. Outputs la
 ($OUT on the device machine), packed into a few files because only 8 come back:
 
     summary.txt                 one line per step: status, seconds, log file
-    teacher.safetensors         the shipped teacher (part train)
+    teacher.safetensors         the teacher trained here (part train without --teacher)
     train_results.tar.gz        run configs, metrics.jsonl, evaluation JSONs, sample grids, logs
     bench_results.tar.gz        benchmark JSONs and logs (part bench)
 
-    python -m bench.device_session --part train --out $OUT
+    python -m bench.device_session --part train --out $OUT --teacher models/weights/shapes-teacher/model.safetensors
     python -m bench.device_session --part bench --out $OUT --commit <hash>
 
 Result JSONs record the commit they measured. The device machine gets the tree without `.git`,
@@ -106,15 +106,8 @@ def evaluate(s: Session, name: str, model: Path, steps: list[int], num: int, out
     )
 
 
-def part_train(s: Session, args: argparse.Namespace) -> None:
-    runs = s.work / "runs"
-    teacher_dir = runs / "teacher"
-    # GPU tests share the GPU with the teacher run: they check correctness, they are not timed.
-    tests = (
-        None
-        if args.skip_tests
-        else s.start("gpu_tests", [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs"])
-    )
+def pretrain_teacher(s: Session, args: argparse.Namespace, teacher_dir: Path) -> Path | None:
+    """Train the teacher for `--teacher-seconds` (from `--init` if given); its exported EMA weights."""
     cmd = cli("pretrain", "--preset", args.preset, "--out", str(teacher_dir), "--time-limit", str(args.teacher_seconds))
     cmd += ["--init", str(args.init)] if args.init else []
     cmd += [arg for item in args.set for arg in ("--set", item)]
@@ -122,13 +115,30 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
         # Keep the session useful if a kernel fails on this GPU: the references are exact, only slower.
         s.env["VDISTILL_KERNELS"] = "reference"
         s.run("pretrain_teacher_reference", cmd, timeout=args.teacher_seconds + 120)
-    if tests is not None:
-        s.wait(tests, timeout=args.teacher_seconds + 240)
     teacher = teacher_dir / "student_ema.safetensors"
     if not teacher.exists():
-        return
+        return None
     (s.out / "teacher.safetensors").write_bytes(teacher.read_bytes())
+    return teacher
+
+
+def part_train(s: Session, args: argparse.Namespace) -> None:
+    runs = s.work / "runs"
+    # GPU tests share the GPU with the teacher run (or its evaluation): they check correctness, they
+    # are not timed. The distillation runs are budgeted in seconds, so they start after the tests.
+    tests = (
+        None
+        if args.skip_tests
+        else s.start("gpu_tests", [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs"])
+    )
+    teacher = args.teacher or pretrain_teacher(s, args, runs / "teacher")
+    if teacher is None:
+        if tests is not None:
+            s.wait(tests, timeout=240)
+        return
     evals = [evaluate(s, "eval_teacher", teacher, [1, 2, 4, 8, 16, 50], args.num, runs / "eval_teacher.json")]
+    if tests is not None:
+        s.wait(tests, timeout=args.teacher_seconds + 240)
     jobs = [
         s.start(
             f"distill_{m}",
@@ -175,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")), help="returned files")
     p.add_argument("--work", type=Path, default=Path("/tmp/vdistill_session"), help="scratch directory")
     p.add_argument("--preset", default="shapes", help="teacher preset (tiny: a CPU dry run of this script)")
+    p.add_argument("--teacher", type=Path,
+                   help="distil from these exported teacher weights as they are (no teacher training)")
     p.add_argument("--init", type=Path, help="continue the teacher from these exported weights")
     p.add_argument("--skip-tests", action="store_true", help="do not run the GPU tests beside the teacher")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -185,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="benchmarks in their --quick mode")
     p.add_argument("--commit", help="commit recorded in the results (default: git, else $VDISTILL_COMMIT)")
     args = p.parse_args(argv)
+    if args.teacher is not None and not args.teacher.is_file():
+        p.error(f"--teacher {args.teacher} does not exist")
+    if args.teacher is not None and (args.init or args.set):
+        p.error("--teacher is used as it is: --init and --set apply to a teacher trained here")
     args.out.mkdir(parents=True, exist_ok=True)
     s = Session(args.out, args.work / args.part)
     import torch
