@@ -132,13 +132,13 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
         else s.start("gpu_tests", [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-rs"])
     )
     teacher = args.teacher or pretrain_teacher(s, args, runs / "teacher")
-    if teacher is None:
-        if tests is not None:
-            s.wait(tests, timeout=240)
-        return
-    evals = [evaluate(s, "eval_teacher", teacher, [1, 2, 4, 8, 16, 50], args.num, runs / "eval_teacher.json")]
+    evals = [] if teacher is None else [
+        evaluate(s, "eval_teacher", teacher, [1, 2, 4, 8, 16, 50], args.num, runs / "eval_teacher.json")
+    ]
     if tests is not None:
-        s.wait(tests, timeout=args.teacher_seconds + 240)
+        s.wait(tests, timeout=args.teacher_seconds + 240)  # counted from the tests' start
+    if teacher is None:
+        return
     jobs = [
         s.start(
             f"distill_{m}",
