@@ -146,7 +146,8 @@ class Setup:
     def iteration(self, timer: PhaseTimer, fused: bool, step: int) -> None:
         """One rCM iteration (DMD on), phases timed."""
         from kernels.ema import ema_update_ref
-        from kernels.trigflow import scm_tangent, scm_tangent_ref, trigflow_noise
+        from kernels.scm_tangent import scm_tangent, scm_tangent_ref
+        from kernels.trigflow import trigflow_noise
         from methods.rcm_dmd import dmd_loss, simulate_to_last_step
         from methods.trigflow_student import guided_trig_velocity, sample_trig_time, trig_velocity
         from models.parameterization import trig_x0

@@ -34,16 +34,8 @@ import torch
 
 from bench.harness import finish, make_timer, run_checked, run_meta, utc_stamp
 from kernels._dispatch import use_triton
-from kernels.trigflow import (
-    NOISE_GROUP,
-    NOISE_WARPS,
-    _launch_noise,
-    scm_tangent,
-    scm_tangent_ref,
-    trigflow_eps,
-    trigflow_noise,
-    trigflow_noise_ref,
-)
+from kernels.scm_tangent import scm_tangent, scm_tangent_ref
+from kernels.trigflow import NOISE_GROUP, NOISE_WARPS, _launch_noise, trigflow_eps, trigflow_noise, trigflow_noise_ref
 
 WAN_SHAPE = (8, 16, 21, 60, 104)
 TINY_SHAPE = (2, 3, 5, 7, 11)

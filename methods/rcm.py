@@ -35,7 +35,8 @@ import torch
 
 from kernels.ema import EMA
 from kernels.ema_schedule import EMAProfile
-from kernels.trigflow import scm_tangent, trigflow_noise
+from kernels.scm_tangent import scm_tangent
+from kernels.trigflow import trigflow_noise
 from methods.generate import ModelBundle
 from methods.rcm_dmd import critic_loss, dmd_loss, simulate_to_last_step
 from methods.recipe import Batch, Recipe

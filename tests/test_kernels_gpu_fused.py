@@ -13,7 +13,8 @@ import torch
 
 from kernels.ema import EMA, ema_update_ref
 from kernels.ema_schedule import EMAProfile
-from kernels.trigflow import scm_tangent, scm_tangent_ref, trigflow_eps, trigflow_noise, trigflow_noise_ref
+from kernels.scm_tangent import scm_tangent, scm_tangent_ref
+from kernels.trigflow import trigflow_eps, trigflow_noise, trigflow_noise_ref
 
 pytestmark = [
     pytest.mark.gpu,

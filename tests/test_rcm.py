@@ -8,7 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kernels.trigflow import scm_tangent, trigflow_eps
+from kernels.scm_tangent import scm_tangent
+from kernels.trigflow import trigflow_eps
 from methods.batches import ShapesBatches
 from methods.checkpoint import load_dit
 from methods.cli import main

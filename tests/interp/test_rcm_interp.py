@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 import kernels
-from kernels.trigflow import scm_tangent, scm_tangent_ref
+from kernels.scm_tangent import scm_tangent, scm_tangent_ref
 from methods.rcm import RCM, Config
 from models.dit import build_dit
 
