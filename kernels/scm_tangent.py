@@ -17,6 +17,8 @@ no autograd history (the sCM target is a constant of the loss).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from kernels._dispatch import HAS_TRITON, use_triton
@@ -75,7 +77,8 @@ if HAS_TRITON:
         tl.store(out_ptr + base + idx, (g / (norm + c_eps)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _check_tangent_inputs(tensors: dict[str, object], t: object, r: object, c: object) -> torch.Tensor:
+def _check_tangent_inputs(tensors: dict[str, object], t: object, r: object, c: object) -> tuple[torch.Tensor, torch.dtype]:
+    """Validate the four [B, ...] inputs, t, r and c; -> (t, the promoted dtype of the inputs = ĝ's dtype)."""
     for name, x in tensors.items():
         _check_float(x, name)
     first, ref = next(iter(tensors.items()))
@@ -90,7 +93,7 @@ def _check_tangent_inputs(tensors: dict[str, object], t: object, r: object, c: o
             raise TypeError(f"{name} must be a finite float, got {val!r}")
     if c < 0:
         raise ValueError(f"c must be >= 0, got {c}")
-    return t
+    return t, functools.reduce(torch.promote_types, (x.dtype for x in tensors.values()))
 
 
 def scm_tangent_ref(
@@ -108,10 +111,7 @@ def scm_tangent_ref(
     float64); ĝ in the promoted input dtype, ‖g‖ in the compute dtype.
     """
     named = {"F_minus": F_minus, "dxt_dt": dxt_dt, "x_t": x_t, "dF_dt": dF_dt}
-    t = _check_tangent_inputs(named, t, r, c)
-    out_dtype = F_minus.dtype
-    for x in (dxt_dt, x_t, dF_dt):
-        out_dtype = torch.promote_types(out_dtype, x.dtype)
+    t, out_dtype = _check_tangent_inputs(named, t, r, c)
     compute = torch.float64 if out_dtype == torch.float64 else torch.float32
     cos, sin = _bcast(torch.cos(t.to(compute)), F_minus, compute), _bcast(torch.sin(t.to(compute)), F_minus, compute)
     f, dx, xt, df = (x.to(compute) for x in (F_minus, dxt_dt, x_t, dF_dt))
@@ -136,14 +136,11 @@ def scm_tangent(
     float32 (the Triton path computes in float32 throughout).
     """
     named = {"F_minus": F_minus, "dxt_dt": dxt_dt, "x_t": x_t, "dF_dt": dF_dt}
-    t = _check_tangent_inputs(named, t, r, c)
+    t, out_dtype = _check_tangent_inputs(named, t, r, c)
     if not use_triton(F_minus, dxt_dt, x_t, dF_dt, t):
         with torch.no_grad():
             return scm_tangent_ref(F_minus, dxt_dt, x_t, dF_dt, t, r, c)
     f, dx, xt, df = (x.detach().contiguous() for x in (F_minus, dxt_dt, x_t, dF_dt))
-    out_dtype = f.dtype
-    for x in (dx, xt, df):
-        out_dtype = torch.promote_types(out_dtype, x.dtype)
     B = f.shape[0]
     n = f[0].numel()
     out = torch.empty(f.shape, dtype=out_dtype, device=f.device)
