@@ -33,13 +33,16 @@ import torch
 
 from bench.bench_trigflow import LAUNCHES
 from bench.harness import run_meta, utc_stamp, write_json
-from kernels import scm_tangent, trigflow
+from kernels import trigflow
+from kernels.scm_tangent import REDUCE_BLOCK, TANGENT_BLOCK, TANGENT_WARPS
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _kernels() -> list[tuple[str, str, object, dict, dict, int, int]]:
     """(name, dtype, jit function, signature, constexprs, elements per program, warps) per case."""
+    from kernels.scm_tangent import _scm_normalize_kernel, _scm_sumsq_kernel  # defined only with Triton
+
     cases = []
     for dtype, name in DTYPES.items():
         ptr = "*" + name
@@ -57,13 +60,13 @@ def _kernels() -> list[tuple[str, str, object, dict, dict, int, int]]:
     ins = {k: "*bf16" for k in ("f_ptr", "dx_ptr", "xt_ptr", "df_ptr")}
     sig = {**ins, "t_ptr": "*fp32", "partial_ptr": "*fp32", "n": "i32", "blocks_per_sample": "i32",
            "r": "fp32", "BLOCK": "constexpr"}
-    cases.append(("sCM tangent: sum of squares", "bf16", scm_tangent._scm_sumsq_kernel, sig,
-                  {"BLOCK": scm_tangent.TANGENT_BLOCK}, scm_tangent.TANGENT_BLOCK, scm_tangent.TANGENT_WARPS))
+    cases.append(("sCM tangent: sum of squares", "bf16", _scm_sumsq_kernel, sig,
+                  {"BLOCK": TANGENT_BLOCK}, TANGENT_BLOCK, TANGENT_WARPS))
     sig = {**ins, "t_ptr": "*fp32", "partial_ptr": "*fp32", "out_ptr": "*bf16", "norm_ptr": "*fp32", "n": "i32",
            "blocks_per_sample": "i32", "r": "fp32", "c_eps": "fp32", "BLOCK": "constexpr", "RBLOCK": "constexpr"}
-    cases.append(("sCM tangent: normalise", "bf16", scm_tangent._scm_normalize_kernel, sig,
-                  {"BLOCK": scm_tangent.TANGENT_BLOCK, "RBLOCK": scm_tangent.REDUCE_BLOCK},
-                  scm_tangent.TANGENT_BLOCK, scm_tangent.TANGENT_WARPS))
+    cases.append(("sCM tangent: normalise", "bf16", _scm_normalize_kernel, sig,
+                  {"BLOCK": TANGENT_BLOCK, "RBLOCK": REDUCE_BLOCK},
+                  TANGENT_BLOCK, TANGENT_WARPS))
     return cases
 
 
