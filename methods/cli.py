@@ -111,6 +111,8 @@ def _add_reflow_pairs(sub) -> None:
     p.add_argument("--solver", choices=["euler", "heun"], default="heun", help="ODE solver")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--batch-size", type=int, default=64, help="clips per teacher batch")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="teacher forward precision (bf16 autocast: ~1.9x faster on an AMX CPU)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
 
@@ -130,6 +132,7 @@ def _reflow_pairs(args) -> int:
         solver=args.solver,
         seed=args.seed,
         batch_size=args.batch_size,
+        precision=args.precision,
         source=str(args.teacher),
     )
     print(f"{len(paths)} pair shards in {args.out}; train with: vdistill distill reflow --set pairs={args.out}")

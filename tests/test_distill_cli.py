@@ -80,6 +80,18 @@ def test_offline_pairs(teacher, tmp_path):
     assert (out / "student_ema.safetensors").is_file()
 
 
+def test_bf16_pairs_are_close_to_fp32_and_say_so(teacher, tmp_path):
+    args = ["reflow-pairs", "--teacher", str(teacher), "--num", "4", "--steps", "2", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "fp32")]) == 0
+    assert main([*args, "--out", str(tmp_path / "bf16"), "--precision", "bf16"]) == 0
+    full, *_, full_meta = read_shard(tmp_path / "fp32" / "pairs_00000.safetensors")
+    half, *_, half_meta = read_shard(tmp_path / "bf16" / "pairs_00000.safetensors")
+    assert (full_meta["extra"]["precision"], half_meta["extra"]["precision"]) == ("fp32", "bf16")
+    assert half.dtype == torch.float32 and torch.equal(half[:, :3], full[:, :3])  # same noise
+    err = (half[:, 3:] - full[:, 3:]).abs().max().item()
+    assert 0 < err < 0.1  # bf16 forwards: not bit-identical, but the same samples up to rounding
+
+
 def test_pairs_of_another_geometry_are_refused(teacher, tmp_path, capsys):
     write_shard(tmp_path / "pairs" / "p.safetensors", torch.zeros(4, 6, 2, 8, 8), torch.zeros(4, 8, 32))
     out = tmp_path / "student"
