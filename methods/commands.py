@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from methods.batches import Prefetched, ShapesBatches
 from methods.checkpoint import load_dit
@@ -101,12 +102,15 @@ def evaluate_model(
     labels = balanced_labels(num) if labels is None else labels
     reference = reference_features(cfg=bundle.data)
     rows = []
-    for n in steps:
-        start = time.perf_counter()
-        clips = generate(bundle, labels, n, cfg_scale=cfg_scale, solver=solver, seed=seed, shift=shift)
-        metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
-        rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
-        log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])
+    # progress in clip-steps (a 50-step clip costs 50 one-step ones), so the ETA holds across step counts
+    with tqdm(total=sum(steps) * len(labels), desc="evaluate", unit="clip-step", dynamic_ncols=True) as bar:
+        for n in steps:
+            start = time.perf_counter()
+            clips = generate(bundle, labels, n, cfg_scale=cfg_scale, solver=solver, seed=seed, shift=shift,
+                             progress=lambda k, n=n: bar.update(k * n))
+            metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
+            rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
+            log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])
     return rows
 
 

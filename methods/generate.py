@@ -7,6 +7,7 @@ of it so that `sample`, `evaluate` and `demo` need only the path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def generate(
     seed: int = 0,
     batch_size: int = 128,
     shift: float | None = None,
+    progress: Callable[[int], object] | None = None,
 ) -> torch.Tensor:
     """Clips [n, 3, T, H, W] in [-1, 1] for labels [n, 3], with the sampler the model was exported for.
 
@@ -81,7 +83,7 @@ def generate(
     (consistency and rCM students). `shift` replaces the exported time grid by the SD3/Wan grid
     with this shift (> 1 spends more steps at high noise). Noise for sample i depends only on (seed, i).
     Sampling runs in float32 on every device, so CPU and GPU evaluations of one model agree up
-    to rounding.
+    to rounding. `progress(k)` is called after each batch of k clips (e.g. a tqdm bar's `update`).
     """
     scale = bundle.cfg_scale if cfg_scale is None else cfg_scale
     device = bundle.device
@@ -94,6 +96,8 @@ def generate(
         velocity = guided(bundle.model, text, bundle.text.null(1, device), scale)
         clips = _run_sampler(bundle, velocity, noise, steps, solver, seed * 1_000_003 + start, shift)
         out.append(clips.float().clamp(-1, 1).cpu())
+        if progress is not None:
+            progress(len(chunk))
     return torch.cat(out)
 
 

@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from methods.data import prompt_for
 from methods.generate import ModelBundle, balanced_labels, generate, sample_noise
@@ -63,19 +64,23 @@ def write_pairs(
     out = Path(out)
     labels = balanced_labels(num)
     paths = []
+    bar = tqdm(total=num, desc="reflow-pairs", unit="pair", dynamic_ncols=True)
     for k in range(math.ceil(num / shard_size)):
         path = out / f"pairs_{k:05d}.safetensors"
         paths.append(path)
+        chunk = labels[k * shard_size : (k + 1) * shard_size]
         if path.is_file():
             log.info("reflow-pairs: %s exists, skipped", path)
+            bar.update(len(chunk))
             continue
-        chunk = labels[k * shard_size : (k + 1) * shard_size]
         with torch.autocast(teacher.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            clips = generate(teacher, chunk, steps, solver=solver, seed=shard_seed(seed, k), batch_size=batch_size)
+            clips = generate(teacher, chunk, steps, solver=solver, seed=shard_seed(seed, k), batch_size=batch_size,
+                             progress=bar.update)
         noise = sample_noise(teacher.data.clip_shape, shard_seed(seed, k), range(len(chunk)))
         text = teacher.text.encode([prompt_for(lab) for lab in chunk.tolist()])
         extra = {"kind": "reflow-pairs", "teacher": source, "steps": steps, "solver": solver, "seed": seed,
                  "precision": precision, "shard": k, "cfg_scale": teacher.cfg_scale}
         write_shard(path, torch.cat([noise, clips], dim=1), text, extra=extra)
         log.info("reflow-pairs: wrote %s (%d pairs)", path, len(chunk))
+    bar.close()
     return paths
