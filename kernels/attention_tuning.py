@@ -29,6 +29,8 @@ def padded_head_dim(d: int) -> int:
     """The compiled head dim (16, 32, 64 or 128) that serves D <= 128; other D are zero-padded to it,
     which changes neither QKᵀ nor (after slicing the output) PV."""
     return max(16, triton.next_power_of_2(d))
+
+
 AUTOTUNE = os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0"
 KEY = ["NQ_KEY", "NK_KEY", "HEAD_DIM"]
 

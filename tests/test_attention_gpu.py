@@ -41,6 +41,7 @@ def rescale(request, monkeypatch):
         monkeypatch.setattr(getattr(sys.modules[module], name), "configs", [config])
     return request.param
 
+
 SHAPES = [  # (B, H, Nq, Nk, D)
     (1, 2, 999, 999, 64),
     (1, 2, 1000, 1000, 128),
