@@ -13,6 +13,8 @@ import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from methods import commands
 
 log = logging.getLogger("vdistill")
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _bench,
     }
     try:
-        return handlers[args.command](args)
+        with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
+            return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"vdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
