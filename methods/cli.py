@@ -98,6 +98,9 @@ def _add_distill(sub) -> None:
     _add_precision(p)
     p.add_argument("--seed", type=int, help="training seed")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
+    p.add_argument("--eval-every", type=int,
+                   help="score the EMA student every N steps (accuracy and FD at 1, 2, 4 steps) into metrics.jsonl")
+    p.add_argument("--eval-num", type=int, help="clips per in-training evaluation (default 64)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
@@ -219,7 +222,8 @@ def _distill(args) -> int:
     from methods.distill import apply_overrides, distill, distiller
 
     module = distiller(args.method)
-    train = _train_overrides(module.default_train(), args, seed=args.seed, precision=args.precision)
+    train = _train_overrides(module.default_train(), args, seed=args.seed, precision=args.precision,
+                             eval_every=args.eval_every, eval_num=args.eval_num)
     cfg = apply_overrides(module.Config(), args.set)
     if args.dry_run:
         print(json.dumps({"method": args.method, "train": asdict(train), "method_config": asdict(cfg)}, indent=2))

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from methods.batches import Prefetched, ShapesBatches
+from methods.commands import evaluate_model
 from methods.generate import ModelBundle
 from methods.trainer import TrainConfig, Trainer
 
@@ -98,6 +99,21 @@ def check_resumable(out: str | Path, run_config: dict) -> None:
             )
 
 
+EVAL_STEPS = (1, 2, 4)
+
+
+def student_evaluator(teacher: ModelBundle, meta: dict, num: int):
+    """student -> {acc_all_<n>, fd_<n>} at n in EVAL_STEPS sampling steps: `num` balanced clips, scored as
+    `vdistill evaluate` scores the exported student (same seeds, guidance baked in)."""
+
+    def evaluate(student: torch.nn.Module) -> dict[str, float]:
+        bundle = ModelBundle(student, teacher.text, teacher.data, 1.0, meta)
+        rows = evaluate_model(bundle, list(EVAL_STEPS), num)
+        return {f"{key}_{r['steps']}": r[key] for r in rows for key in ("acc_all", "fd")}
+
+    return evaluate
+
+
 def distill(
     method: str,
     teacher_path: str | Path,
@@ -131,6 +147,8 @@ def distill(
     data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed, device=str(device)))
     trainer = Trainer(recipe, data, train, out, run_config=run_config)
     trainer.export_meta = {"sampler": module.sampler_meta(cfg)}
+    if train.eval_every:
+        trainer.evaluator = student_evaluator(teacher, trainer.export_meta, train.eval_num)
     try:
         trainer.fit(resume=resume)
     finally:

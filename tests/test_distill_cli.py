@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 from distill_helpers import one_thread  # noqa: F401
+from safetensors.torch import load_file
 
 from methods.checkpoint import read_weights_meta
 from methods.cli import main
+from methods.logs import read_metrics
 from methods.shards import read_shard, write_shard
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,3 +136,26 @@ def test_resume_refuses_corrupt_checkpoint_and_other_setup(teacher, tmp_path, ca
     assert _distill("consistency", teacher, out, "--steps", "5", "--resume") == 2
     assert "corrupt" in capsys.readouterr().err
     assert _files(out) == before  # nothing new, nothing half-written
+
+
+@pytest.mark.parametrize("method", ["reflow", "consistency"])
+def test_in_training_evaluation_is_logged_and_changes_nothing(method, teacher, tmp_path):
+    assert _distill(method, teacher, tmp_path / "plain") == 0
+    assert _distill(method, teacher, tmp_path / "scored", "--eval-every", "2", "--eval-num", "4") == 0
+    rows = read_metrics(tmp_path / "scored")
+    scored = [r for r in rows if "eval_acc_all_2" in r]
+    assert [r["step"] for r in scored] == [2]
+    assert set(scored[0]) == {"step"} | {f"eval_{k}_{n}" for k in ("acc_all", "fd") for n in (1, 2, 4)}
+    assert 0 <= scored[0]["eval_acc_all_2"] <= 1 and scored[0]["eval_fd_2"] > 0
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert losses == [(r["step"], r["loss"]) for r in read_metrics(tmp_path / "plain")]
+    for name in ("student.safetensors", "student_ema.safetensors"):  # evaluation draws no training randomness
+        plain, with_eval = load_file(tmp_path / "plain" / name), load_file(tmp_path / "scored" / name)
+        assert all(torch.equal(plain[k], with_eval[k]) for k in plain)
+
+
+def test_bad_evaluation_options(teacher, tmp_path, capsys):
+    assert _distill("reflow", teacher, tmp_path / "a", "--eval-every", "-1") == 2
+    assert "eval_every must be >= 0" in capsys.readouterr().err
+    assert _distill("reflow", teacher, tmp_path / "b", "--eval-every", "2", "--eval-num", "0") == 2
+    assert "eval_num must be >= 1" in capsys.readouterr().err
