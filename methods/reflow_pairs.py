@@ -6,9 +6,9 @@ Each shard `pairs_<k>.safetensors` (format of methods/shards.py) holds up to `sh
 solution (RF, s = 1 -> 0, the teacher's own CFG scale and time shift, `steps` Euler/Heun steps)
 clamped to the data range, exactly what `methods.generate.generate` returns (float32, or under bf16
 autocast with `precision="bf16"`: about 1.9x faster on an AMX CPU, samples within 0.005 mean
-absolute of the float32 ones). Pair j of shard k has
-prompt number k·shard_size + j of the balanced (shape, colour, direction) cycle and noise that depends
-only on (seed, k, j), so every shard is reproducible; shards are written atomically and a rerun
+absolute of the float32 ones). Pair j of shard k has prompt number k·shard_size + j of the balanced
+(shape, colour, direction) cycle and noise that depends only on (seed, k, j), so every shard is
+reproducible; shards are written atomically and a rerun
 skips the ones that exist, which makes an interrupted run resumable. `methods.reflow` trains on
 them with `--set pairs=DIR`.
 """
@@ -64,23 +64,22 @@ def write_pairs(
     out = Path(out)
     labels = balanced_labels(num)
     paths = []
-    bar = tqdm(total=num, desc="reflow-pairs", unit="pair", dynamic_ncols=True)
-    for k in range(math.ceil(num / shard_size)):
-        path = out / f"pairs_{k:05d}.safetensors"
-        paths.append(path)
-        chunk = labels[k * shard_size : (k + 1) * shard_size]
-        if path.is_file():
-            log.info("reflow-pairs: %s exists, skipped", path)
-            bar.update(len(chunk))
-            continue
-        with torch.autocast(teacher.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            clips = generate(teacher, chunk, steps, solver=solver, seed=shard_seed(seed, k), batch_size=batch_size,
-                             progress=bar.update)
-        noise = sample_noise(teacher.data.clip_shape, shard_seed(seed, k), range(len(chunk)))
-        text = teacher.text.encode([prompt_for(lab) for lab in chunk.tolist()])
-        extra = {"kind": "reflow-pairs", "teacher": source, "steps": steps, "solver": solver, "seed": seed,
-                 "precision": precision, "shard": k, "cfg_scale": teacher.cfg_scale}
-        write_shard(path, torch.cat([noise, clips], dim=1), text, extra=extra)
-        log.info("reflow-pairs: wrote %s (%d pairs)", path, len(chunk))
-    bar.close()
+    with tqdm(total=num, desc="reflow-pairs", unit="pair", dynamic_ncols=True) as bar:
+        for k in range(math.ceil(num / shard_size)):
+            path = out / f"pairs_{k:05d}.safetensors"
+            paths.append(path)
+            chunk = labels[k * shard_size : (k + 1) * shard_size]
+            if path.is_file():
+                log.info("reflow-pairs: %s exists, skipped", path)
+                bar.update(len(chunk))
+                continue
+            with torch.autocast(teacher.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                clips = generate(teacher, chunk, steps, solver=solver, seed=shard_seed(seed, k), batch_size=batch_size,
+                                 progress=bar.update)
+            noise = sample_noise(teacher.data.clip_shape, shard_seed(seed, k), range(len(chunk)))
+            text = teacher.text.encode([prompt_for(lab) for lab in chunk.tolist()])
+            extra = {"kind": "reflow-pairs", "teacher": source, "steps": steps, "solver": solver, "seed": seed,
+                     "precision": precision, "shard": k, "cfg_scale": teacher.cfg_scale}
+            write_shard(path, torch.cat([noise, clips], dim=1), text, extra=extra)
+            log.info("reflow-pairs: wrote %s (%d pairs)", path, len(chunk))
     return paths
