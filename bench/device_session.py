@@ -13,6 +13,9 @@ its own time limit; a failing step is logged and the session goes on. Outputs la
     python -m bench.device_session --part train --out $OUT --teacher models/weights/shapes-teacher/model.safetensors
     python -m bench.device_session --part bench --out $OUT --commit <hash>
 
+`--eval-points N` adds N in-training evaluations to every distillation run (budget curves in each
+run's metrics.jsonl); `--benches attention trigflow` runs a subset of the benchmarks.
+
 Result JSONs record the commit they measured. The device machine gets the tree without `.git`,
 so `git rev-parse` fails there: the caller passes `--commit $(git rev-parse --short HEAD)`,
 evaluated on the machine that has git, or sets `VDISTILL_COMMIT`. Every step's subprocess gets
@@ -86,10 +89,13 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "methods.cli", *args]
 
 
-def distill_args(method: str, distill_s: float) -> list[str]:
-    """--steps (and schedule options) so that `method` fits `distill_s` seconds."""
+def distill_args(method: str, distill_s: float, eval_points: int = 0) -> list[str]:
+    """--steps (and schedule options) so that `method` fits `distill_s` seconds; with eval_points, that
+    many in-training evaluations of the EMA student (128 clips at 1/2/4 steps) spread over the run."""
     steps = max(8, int(distill_s / STEP_S[method]))
     args = ["--steps", str(steps), "--time-limit", str(distill_s)]
+    if eval_points:
+        args += ["--eval-every", str(max(1, steps // eval_points)), "--eval-num", "128"]
     if method == "progressive":
         stages = [max(1, round(f * steps)) for f in PROGRESSIVE_STAGE_SHARE]
         args += ["--set", "stage_steps=" + ",".join(map(str, stages))]
@@ -142,9 +148,8 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
     jobs = [
         s.start(
             f"distill_{m}",
-            cli(
-                "distill", m, "--teacher", str(teacher), "--out", str(runs / m), *distill_args(m, args.distill_seconds)
-            ),
+            cli("distill", m, "--teacher", str(teacher), "--out", str(runs / m),
+                *distill_args(m, args.distill_seconds, args.eval_points)),
         )
         for m in METHODS
     ]
@@ -170,13 +175,15 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
         s.wait(job, timeout=240)
 
 
-def part_bench(s: Session, quick: bool) -> None:
+BENCHES = {"attention": 240, "ema": 75, "trigflow": 75, "rcm_step": 120}  # bench/bench_<name>.py: time limit
+
+
+def part_bench(s: Session, names: list[str], quick: bool) -> None:
     res = s.work / "results"
     q = ["--quick"] if quick else []
-    s.run("bench_attention", [sys.executable, "-m", "bench.bench_attention", "--out", str(res), *q], timeout=170)
-    s.run("bench_ema", [sys.executable, "-m", "bench.bench_ema", "--out", str(res), *q], timeout=75)
-    s.run("bench_trigflow", [sys.executable, "-m", "bench.bench_trigflow", "--out", str(res), *q], timeout=75)
-    s.run("bench_rcm_step", [sys.executable, "-m", "bench.bench_rcm_step", "--out", str(res), *q], timeout=120)
+    for name in names:
+        s.run(f"bench_{name}", [sys.executable, "-m", f"bench.bench_{name}", "--out", str(res), *q],
+              timeout=BENCHES[name])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="flow-matching option of the teacher run (vdistill pretrain --set), repeatable")
     p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training time limit")
     p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
+    p.add_argument("--eval-points", type=int, default=0,
+                   help="in-training evaluations per distillation run (budget curves in metrics.jsonl)")
     p.add_argument("--num", type=int, default=256, help="clips per evaluation")
     p.add_argument("--quick", action="store_true", help="benchmarks in their --quick mode")
+    p.add_argument("--benches", nargs="+", choices=list(BENCHES), default=list(BENCHES),
+                   help="benchmarks of part bench (default: all)")
     p.add_argument("--commit", help="commit recorded in the results (default: git, else $VDISTILL_COMMIT)")
     args = p.parse_args(argv)
     if args.teacher is not None and not args.teacher.is_file():
@@ -217,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.part == "train":
             part_train(s, args)
         else:
-            part_bench(s, args.quick)
+            part_bench(s, args.benches, args.quick)
     finally:
         s.pack(f"{args.part}_results.tar.gz")
     print("\n".join(s.summary))
