@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
               "summary": _summary(runner.rows), "best_configs": _best_configs(),
               "flash_bwd_state": dict(importlib.import_module("kernels.attention_bwd_select")._flash_state),
               "tma": {"enabled": tuning.TMA, "failed": tuning._tma_failed},
+              "warp_specialize": tuning.WARP_SPECIALIZE,
               "wall_s": time.perf_counter() - t0}
     _print_table(runner.rows)
     for shape, ratios in result["summary"].items():

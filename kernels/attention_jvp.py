@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import attention_tuning
 from kernels.attention_fwd import _new_max, lazy_tau
 from kernels.attention_tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket, tma_loads
 
@@ -95,7 +96,7 @@ def _kv_source(X, sxb, sxh, sxn, sxd, b, h, offs_d, N_K, HEAD_DIM: tl.constexpr,
 
 @triton.autotune(
     configs=configs(JVP_CONFIGS),
-    key=[*KEY, "USE_TMA"],
+    key=[*KEY, "USE_TMA", "WARP_SPEC"],
     prune_configs_by={"early_config_prune": fit_smem("_attn_fwd_jvp_kernel", lambda m, n, d: (2 * m * d, 4 * n * d))},
 )
 @triton.jit(do_not_specialize=["N_Q", "N_K", "NQ_KEY", "NK_KEY"])
@@ -106,7 +107,7 @@ def _attn_fwd_jvp_kernel(
     sob, soh, son, sod, stob, stoh, ston, stod, slb, slh,
     H, N_Q, N_K, NQ_KEY, NK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr, USE_TMA: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -130,7 +131,7 @@ def _attn_fwd_jvp_kernel(
     acc_o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
+    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
         acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
             acc_o, acc_t, l_i, r_i, m_i, q, tq, k_src, tk_src, v_src, tv_src, start_n, offs_n, N_K,
             skn, stkn, svn, stvn, qk_scale, scale, False, LAZY_RESCALE, LAZY_TAU, USE_TMA,
@@ -171,5 +172,6 @@ def attention_fwd_jvp_triton(
         *o.stride(), *t_o.stride(), lse.stride(0), lse.stride(1),
         H, Nq, Nk, n_bucket(Nq), n_bucket(Nk),
         HEAD_DIM=D, LAZY_TAU=lazy_tau(q.dtype), USE_TMA=tma_loads(k, tk, v, tv),
+        WARP_SPEC=attention_tuning.WARP_SPECIALIZE,
     )
     return o, t_o, lse

@@ -59,6 +59,7 @@ def _smem_limit(device_index: int) -> int:
 
 
 TMA = os.environ.get("VDISTILL_ATTN_TMA", "1") != "0"
+WARP_SPECIALIZE = os.environ.get("VDISTILL_ATTN_WS", "0") == "1"  # the JVP kernel's KV loop, experimental
 _tma_failed = False  # set by `launch` when the installed Triton cannot compile the descriptor path
 
 
