@@ -2,8 +2,7 @@
 
 One run times, side by side on the same inputs:
   fwd      ours (`kernels.attention`) vs SDPA flash / cuDNN / memory-efficient backends
-  fwd+jvp  ours (`kernels.attention_jvp`, one fused pass; K/V operands through TMA tensor descriptors
-           where the GPU has them), the same kernel with pointer loads, ours through `torch.func.jvp` (same
+  fwd+jvp  ours (`kernels.attention_jvp`, one fused pass), ours through `torch.func.jvp` (same
            kernel), ours through the autograd.Function fallback (forward kernel + fused kernel), vs
            `torch.func.jvp` over SDPA's math backend (only where the Nq×Nk scores fit) and the
            `jvp_flash_attention` package (if importable)
@@ -152,16 +151,6 @@ def _function_jvp(q, k, v, tq, tk, tv, scale: float) -> tuple[torch.Tensor, torc
         return out.primal, out.tangent
 
 
-def _with_pointer_loads(fn: Callable[[], object]):
-    """fn() with the attention kernels' tensor-descriptor (TMA) loads turned off."""
-    tuning = importlib.import_module("kernels.attention_tuning")
-    old, tuning.TMA = tuning.TMA, False
-    try:
-        return fn()
-    finally:
-        tuning.TMA = old
-
-
 def _with_bwd_backend(name: str, fn: Callable[[], object]):
     """fn() with kernels.attention_bwd_select.BACKEND set to name (ours: the default, Triton)."""
     select = importlib.import_module("kernels.attention_bwd_select")
@@ -195,7 +184,6 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
 
         jvps = {
             "ours (attention_jvp)": lambda: kernels.attention_jvp(q, k, v, tq, tk, tv),
-            "ours (pointer loads)": lambda: _with_pointer_loads(lambda: kernels.attention_jvp(q, k, v, tq, tk, tv)),
             "ours (torch.func.jvp)": lambda: torch.func.jvp(kernels.attention, (q, k, v), (tq, tk, tv)),
             "ours (Function fwd + jvp)": lambda: _function_jvp(q, k, v, tq, tk, tv, scale),
         }
@@ -256,8 +244,6 @@ def _summary(rows: list[dict]) -> dict:
     for shape in dict.fromkeys(r["shape"] for r in rows):
         get = lambda op, prov, shape=shape: ms.get((shape, op, prov))
         pairs = {"fwd+jvp / sdpa-cudnn fwd": (get("fwd+jvp", "ours (attention_jvp)"), get("fwd", "sdpa-cudnn")),
-                 "fwd+jvp pointer loads / sdpa-cudnn fwd": (get("fwd+jvp", "ours (pointer loads)"),
-                                                            get("fwd", "sdpa-cudnn")),
                  "ours fwd / sdpa-flash fwd": (get("fwd", "ours"), get("fwd", "sdpa-flash")),
                  "ours bwd / sdpa-flash bwd": (get("bwd", "ours"), get("bwd", "sdpa-flash"))}
         out[shape] = {k: (a / b if a and b else None) for k, (a, b) in pairs.items()}
@@ -292,13 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
         bench_shape(runner, name, dims, dtype, device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    tuning = importlib.import_module("kernels.attention_tuning")
     result = {**run_meta(device, argv), "dtype": str(dtype),
               "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0", "rows": runner.rows,
               "summary": _summary(runner.rows), "best_configs": _best_configs(),
               "flash_bwd_state": dict(importlib.import_module("kernels.attention_bwd_select")._flash_state),
-              "tma": {"enabled": tuning.TMA, "failed": tuning._tma_failed},
-              "warp_specialize": tuning.WARP_SPECIALIZE,
               "wall_s": time.perf_counter() - t0}
     _print_table(runner.rows)
     for shape, ratios in result["summary"].items():

@@ -8,9 +8,11 @@ the same α when the running max m grows (lazily: see `attention_fwd._new_max`).
 Epilogue: O = Õ/l, μ = r/l, Ȯ = T̃/l − μO.
 Per KV block: 6 tile matmuls (QKᵀ, Q̇Kᵀ, QK̇ᵀ, P̃V, P̃V̇, (P̃⊙Ṡ)V), one exp — 12·B·H·Nq·Nk·D FLOPs.
 No Nq×Nk tensor is ever stored; extra memory is O and Ȯ plus an fp32 LSE per row.
-Q and Q̇ are loaded once per program; K, K̇, V, V̇ per block through per-(batch, head) tensor
-descriptors (TMA bulk copies on Hopper) where `attention_tuning.tma_loads` allows, else pointer loads;
-fp32 accumulators; exp2 with log2(e) folded into the scale.
+Q and Q̇ are loaded once per program; fp32 accumulators; exp2 with log2(e) folded into the scale.
+Tried on the H200 (Triton 3.6) and not kept (README, "Attention"): K, K̇, V, V̇ through TMA tensor
+descriptors (37.99 vs 38.11 ms at Wan 480p, 3% slower at 4k, 13% on cross-attention), a
+warp-specialized KV loop (37.72 ms with descriptors, 37.59 ms without), and a 64×32 / 4-warp tile
+small enough for two programs per SM (never picked by the autotuner).
 """
 
 from __future__ import annotations
@@ -19,49 +21,39 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import attention_tuning
 from kernels.attention_fwd import _new_max, lazy_tau
-from kernels.attention_tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket, tma_loads
+from kernels.attention_tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE): two live [BLOCK_M, D] fp32 accumulators
 # favour narrow KV tiles (BLOCK_M 128 / BLOCK_N 32 / 8 warps: 239 registers, no spills at D=128 on
-# sm_90); the first row is the conservative default. The last row's 96 KiB of shared memory leaves
-# room for two programs per multiprocessor, whose softmax and matmuls can then overlap.
+# sm_90); the first row is the conservative default.
 JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 4, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True),
-               (128, 64, 8, 3, True), (64, 32, 4, 2, True)]
-
-
-@triton.jit
-def _kv_rows(src, start_n, offs_n, stride_n, N_K, MASK_N: tl.constexpr, USE_TMA: tl.constexpr):
-    """Rows start_n.. of one [N_K, D] operand: a tensor-descriptor copy (rows past N_K arrive as zeros)
-    or a pointer load (`src` points at row 0, column offsets included), masked only for the tail."""
-    if USE_TMA:
-        rows = src.load([start_n, 0])
-    else:
-        kn = start_n + offs_n
-        if MASK_N:
-            rows = tl.load(src + kn[:, None] * stride_n, mask=(kn < N_K)[:, None], other=0.0)
-        else:
-            rows = tl.load(src + kn[:, None] * stride_n)
-    return rows
+               (128, 64, 8, 3, True)]
 
 
 @triton.jit
 def _jvp_block(
-    acc_o, acc_t, l_i, r_i, m_i, q, tq, k_src, tk_src, v_src, tv_src, start_n, offs_n, N_K,
-    stride_kn, stride_tkn, stride_vn, stride_tvn, qk_scale, scale,
-    MASK_N: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr, USE_TMA: tl.constexpr,
+    acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
+    stride_kn, stride_tkn, stride_vn, stride_tvn, qk_scale, scale, MASK_N: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr,
 ):
     """One KV block of the fused forward+tangent online softmax; masked only for the tail."""
-    k = _kv_rows(k_src, start_n, offs_n, stride_kn, N_K, MASK_N, USE_TMA)
-    tk = _kv_rows(tk_src, start_n, offs_n, stride_tkn, N_K, MASK_N, USE_TMA)
-    v = _kv_rows(v_src, start_n, offs_n, stride_vn, N_K, MASK_N, USE_TMA)
-    tv = _kv_rows(tv_src, start_n, offs_n, stride_tvn, N_K, MASK_N, USE_TMA)
+    kn = start_n + offs_n
+    if MASK_N:
+        valid = kn < N_K
+        k = tl.load(k_ptrs + kn[:, None] * stride_kn, mask=valid[:, None], other=0.0)
+        tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn, mask=valid[:, None], other=0.0)
+        v = tl.load(v_ptrs + kn[:, None] * stride_vn, mask=valid[:, None], other=0.0)
+        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn, mask=valid[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs + kn[:, None] * stride_kn)
+        tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn)
+        v = tl.load(v_ptrs + kn[:, None] * stride_vn)
+        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn)
     kt = tl.trans(k)
     s = tl.dot(q, kt)
     sd = tl.dot(q, tl.trans(tk), acc=tl.dot(tq, kt)) * scale  # Ṡ
     if MASK_N:
-        s = tl.where((start_n + offs_n)[None, :] < N_K, s, float("-inf"))
+        s = tl.where(valid[None, :], s, float("-inf"))
     m_new = _new_max(m_i, tl.max(s, 1) * qk_scale, LAZY, TAU)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * qk_scale - m_new[:, None])  # masked columns: p = 0, so Ṡ there never counts
@@ -81,22 +73,9 @@ def _jvp_block(
     return acc_o, acc_t, l_i, r_i, m_new
 
 
-@triton.jit
-def _kv_source(X, sxb, sxh, sxn, sxd, b, h, offs_d, N_K, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               USE_TMA: tl.constexpr):
-    """Where one (batch, head)'s K-like operand is read from: a [N_K, HEAD_DIM] tensor descriptor (a TMA
-    copy per block, Hopper and later) or the pointer of row 0 with the column offsets added."""
-    if USE_TMA:
-        src = tl.make_tensor_descriptor(X + b * sxb + h * sxh, shape=[N_K, HEAD_DIM], strides=[sxn, 1],
-                                        block_shape=[BLOCK_N, HEAD_DIM])
-    else:
-        src = X + b * sxb + h * sxh + offs_d[None, :] * sxd
-    return src
-
-
 @triton.autotune(
     configs=configs(JVP_CONFIGS),
-    key=[*KEY, "USE_TMA", "WARP_SPEC"],
+    key=KEY,
     prune_configs_by={"early_config_prune": fit_smem("_attn_fwd_jvp_kernel", lambda m, n, d: (2 * m * d, 4 * n * d))},
 )
 @triton.jit(do_not_specialize=["N_Q", "N_K", "NQ_KEY", "NK_KEY"])
@@ -107,7 +86,7 @@ def _attn_fwd_jvp_kernel(
     sob, soh, son, sod, stob, stoh, ston, stod, slb, slh,
     H, N_Q, N_K, NQ_KEY, NK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -120,10 +99,10 @@ def _attn_fwd_jvp_kernel(
 
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqn + offs_d[None, :] * sqd, mask=mask_m[:, None], other=0.0)
     tq = tl.load(TQ + b * stqb + h * stqh + offs_m[:, None] * stqn + offs_d[None, :] * stqd, mask=mask_m[:, None], other=0.0)
-    k_src = _kv_source(K, skb, skh, skn, skd, b, h, offs_d, N_K, HEAD_DIM, BLOCK_N, USE_TMA)
-    tk_src = _kv_source(TK, stkb, stkh, stkn, stkd, b, h, offs_d, N_K, HEAD_DIM, BLOCK_N, USE_TMA)
-    v_src = _kv_source(V, svb, svh, svn, svd, b, h, offs_d, N_K, HEAD_DIM, BLOCK_N, USE_TMA)
-    tv_src = _kv_source(TV, stvb, stvh, stvn, stvd, b, h, offs_d, N_K, HEAD_DIM, BLOCK_N, USE_TMA)
+    k_ptrs = K + b * skb + h * skh + offs_d[None, :] * skd
+    tk_ptrs = TK + b * stkb + h * stkh + offs_d[None, :] * stkd
+    v_ptrs = V + b * svb + h * svh + offs_d[None, :] * svd
+    tv_ptrs = TV + b * stvb + h * stvh + offs_d[None, :] * stvd
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -131,15 +110,15 @@ def _attn_fwd_jvp_kernel(
     acc_o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    for start_n in tl.range(0, n_full, BLOCK_N, warp_specialize=WARP_SPEC):
+    for start_n in range(0, n_full, BLOCK_N):
         acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
-            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_src, tk_src, v_src, tv_src, start_n, offs_n, N_K,
-            skn, stkn, svn, stvn, qk_scale, scale, False, LAZY_RESCALE, LAZY_TAU, USE_TMA,
+            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
+            skn, stkn, svn, stvn, qk_scale, scale, False, LAZY_RESCALE, LAZY_TAU,
         )
     if n_full < N_K:
         acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
-            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_src, tk_src, v_src, tv_src, n_full, offs_n, N_K,
-            skn, stkn, svn, stvn, qk_scale, scale, True, LAZY_RESCALE, LAZY_TAU, USE_TMA,
+            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, n_full, offs_n, N_K,
+            skn, stkn, svn, stvn, qk_scale, scale, True, LAZY_RESCALE, LAZY_TAU,
         )
 
     inv_l = 1.0 / l_i
@@ -171,7 +150,6 @@ def attention_fwd_jvp_triton(
         *q.stride(), *k.stride(), *v.stride(), *tq.stride(), *tk.stride(), *tv.stride(),
         *o.stride(), *t_o.stride(), lse.stride(0), lse.stride(1),
         H, Nq, Nk, n_bucket(Nq), n_bucket(Nk),
-        HEAD_DIM=D, LAZY_TAU=lazy_tau(q.dtype), USE_TMA=tma_loads(k, tk, v, tv),
-        WARP_SPEC=attention_tuning.WARP_SPECIALIZE,
+        HEAD_DIM=D, LAZY_TAU=lazy_tau(q.dtype),
     )
     return o, t_o, lse

@@ -5,10 +5,6 @@ Config rows are (BLOCK_M, BLOCK_N, num_warps, num_stages[, LAZY_RESCALE]); the f
 list is the conservative default (eager rescale, moderate tiles) used when autotuning is off
 (VDISTILL_ATTN_AUTOTUNE=0) or after a compile failure. Autotune keys: head dim, dtypes (added by
 Triton) and the next power of two of Nq and Nk.
-
-K/V-like operands can be read through tensor descriptors (TMA bulk copies on Hopper and later, and in
-the interpreter) instead of pointer loads: `tma_loads` says when, VDISTILL_ATTN_TMA=0 turns it off,
-and a kernel that fails to compile with them falls back to pointer loads (`launch`).
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ from collections.abc import Callable
 
 import torch
 import triton
-import triton.language as tl
 
 from kernels._dispatch import INTERPRET
 
@@ -56,40 +51,6 @@ def configs(rows: list[tuple]) -> list[triton.Config]:
 def _smem_limit(device_index: int) -> int:
     props = torch.cuda.get_device_properties(device_index)
     return int(getattr(props, "shared_memory_per_block_optin", 166912))
-
-
-TMA = os.environ.get("VDISTILL_ATTN_TMA", "1") != "0"
-WARP_SPECIALIZE = os.environ.get("VDISTILL_ATTN_WS", "0") == "1"  # the JVP kernel's KV loop, experimental
-_tma_failed = False  # set by `launch` when the installed Triton cannot compile the descriptor path
-
-
-def tma_loads(*ts: torch.Tensor) -> bool:
-    """Whether kernels may read these [B, H, N, D] tensors through per-(batch, head) tensor descriptors:
-    a Hopper-or-later GPU (or the interpreter), unit stride along D, and 16-byte aligned base and strides."""
-    if not TMA or _tma_failed or not hasattr(tl, "make_tensor_descriptor"):
-        return False
-    if ts[0].is_cuda:
-        if torch.cuda.get_device_capability(ts[0].device)[0] < 9:
-            return False
-    elif not INTERPRET:
-        return False
-    return all(
-        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
-        for t in ts
-    )
-
-
-def _scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
-
-
-def _ensure_allocator() -> None:
-    """Device-side tensor descriptors need Triton's global scratch allocator; set one unless the
-    caller already did."""
-    from triton.runtime import _allocation
-
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
 
 
 _pinned: set[str] = set()  # kernels that failed to autotune: first fitting config only
@@ -128,22 +89,12 @@ def n_bucket(n: int) -> int:
 
 
 def launch(kernel: triton.runtime.Autotuner, grid, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs); if the descriptor path (USE_TMA=True) fails, log it and use pointer
-    loads from now on; if autotuning fails to compile some config (e.g. an older Triton), log it and pin
-    the kernel to its first, conservative config for this and all later calls."""
-    global _tma_failed
+    """kernel[grid](*args, **kwargs); if autotuning fails to compile some config (e.g. an older Triton),
+    log it and pin the kernel to its first, conservative config for this and all later calls."""
     name = getattr(kernel.fn, "__name__", repr(kernel.fn))
     try:
-        if kwargs.get("USE_TMA") and not INTERPRET:
-            _ensure_allocator()
         kernel[grid](*args, **kwargs)
     except Exception as exc:  # noqa: BLE001 - any compiler error; a second failure is raised below
-        if kwargs.get("USE_TMA"):
-            logger.warning("%s: tensor-descriptor loads failed (%s: %s); using pointer loads from now on", name,
-                           type(exc).__name__, str(exc)[:200])
-            _tma_failed = True
-            kernel[grid](*args, **{**kwargs, "USE_TMA": False})
-            return
         if name in _pinned or len(kernel.configs) == 1:
             raise
         logger.warning("%s: autotuning failed (%s: %s); using its first config from now on", name,

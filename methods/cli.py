@@ -106,6 +106,21 @@ def _add_distill(sub) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
 
 
+def _add_plot_evals(sub) -> None:
+    p = sub.add_parser("plot-evals", help="plot the in-training evaluations of runs against the training step")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories trained with --eval-every")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--reference", type=float, help="accuracy drawn as a dashed line (e.g. the teacher's 50-step)")
+    p.add_argument("--title", help="figure title")
+
+
+def _plot_evals(args) -> int:
+    from methods.eval_curves import plot_curves
+
+    print(plot_curves(args.runs, args.out, reference=args.reference, title=args.title))
+    return 0
+
+
 def _add_reflow_pairs(sub) -> None:
     p = sub.add_parser("reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
     p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
@@ -179,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo, _add_reflow_pairs, _add_bench):
+    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo, _add_reflow_pairs, _add_bench,
+                _add_plot_evals):
         add(sub)
     return parser
 
@@ -245,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "demo": commands.demo,
         "reflow-pairs": _reflow_pairs,
         "bench": _bench,
+        "plot-evals": _plot_evals,
     }
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them

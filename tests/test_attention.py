@@ -256,44 +256,6 @@ def test_launch_pins_first_config_after_a_compile_failure(monkeypatch, caplog):
         tuning.launch(FakeKernel("always_fails"), (1,))
 
 
-def test_launch_falls_back_to_pointer_loads_when_descriptors_fail(monkeypatch, caplog):
-    monkeypatch.setattr(tuning, "_pinned", set())
-    monkeypatch.setattr(tuning, "_tma_failed", False)
-    monkeypatch.setattr(tuning, "_ensure_allocator", lambda: None)
-    monkeypatch.setattr(tuning, "INTERPRET", True)  # CPU tensors stand in for a Hopper GPU's
-    assert tuning.tma_loads(torch.zeros(1, 1, 8, 16))
-    seen = []
-
-    class FakeKernel:
-        fn, configs, cache = SimpleNamespace(__name__="jvp"), [0, 1], {}
-
-        def __getitem__(self, grid):
-            def run(*args, USE_TMA):
-                seen.append(USE_TMA)
-                if USE_TMA:
-                    raise RuntimeError("tensor descriptor lowering failed")
-
-            return run
-
-    with caplog.at_level("WARNING"):
-        tuning.launch(FakeKernel(), (1,), USE_TMA=True)
-    assert seen == [True, False] and tuning._tma_failed and "jvp" not in tuning._pinned  # autotuning kept
-    assert "pointer loads" in caplog.text
-    assert not tuning.tma_loads(torch.zeros(1, 1, 8, 16))  # later launches ask for pointer loads
-
-
-def test_tma_loads_needs_aligned_unit_stride_operands(monkeypatch):
-    monkeypatch.setattr(tuning, "INTERPRET", True)  # CPU tensors stand in for a Hopper GPU's
-    monkeypatch.setattr(tuning, "_tma_failed", False)
-    x = torch.zeros(2, 3, 40, 16)
-    assert tuning.tma_loads(x, x.transpose(1, 2).contiguous().transpose(1, 2))
-    assert not tuning.tma_loads(x, x.transpose(2, 3))  # D not unit-stride
-    assert not tuning.tma_loads(x[..., 1:9])  # base 4 bytes past a 16-byte boundary
-    assert not tuning.tma_loads(torch.zeros(2, 3, 40, 3))  # row stride of 12 bytes
-    monkeypatch.setattr(tuning, "TMA", False)
-    assert not tuning.tma_loads(x)
-
-
 def test_backward_backend_selection(monkeypatch):
     """auto: flash backward validated once against Triton, then used; errors, disagreement, fp32 -> Triton."""
     assert bwd_select.BACKEND == "triton"  # the default (measured faster on the H200, see the module)
