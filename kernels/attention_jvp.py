@@ -10,7 +10,7 @@ Per KV block: 6 tile matmuls (QKᵀ, Q̇Kᵀ, QK̇ᵀ, P̃V, P̃V̇, (P̃⊙Ṡ)
 No Nq×Nk tensor is ever stored; extra memory is O and Ȯ plus an fp32 LSE per row.
 Q and Q̇ are loaded once per program; fp32 accumulators; exp2 with log2(e) folded into the scale.
 Tried on the H200 (Triton 3.6) and not kept (README, "Attention"): K, K̇, V, V̇ through TMA tensor
-descriptors (37.99 vs 38.11 ms at Wan 480p, 3% slower at 4k, 13% on cross-attention), a
+descriptors (37.99 vs 38.11 ms at Wan 480p, 2.5% slower at 4k, 13% on cross-attention), a
 warp-specialized KV loop (37.72 ms with descriptors, 37.59 ms without), and a 64×32 / 4-warp tile
 small enough for two programs per SM (never picked by the autotuner).
 """
