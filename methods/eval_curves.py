@@ -14,6 +14,8 @@ import json
 import re
 from pathlib import Path
 
+from methods.media import save_figure
+
 _EVAL_KEY = re.compile(r"eval_(acc_all|fd)_(\d+)$")
 
 
@@ -63,9 +65,4 @@ def plot_curves(runs: list[Path], out: Path, reference: float | None = None, tit
     axes[0, 0].legend(fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

@@ -111,6 +111,13 @@ def save_annotated_grid(videos: torch.Tensor, titles: list[str], path: str | Pat
         ax.imshow(img, interpolation="nearest")
         ax.set_title(title, fontsize=8, loc="left")
         ax.axis("off")
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (PNG at 100 dpi, parent folders created) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
