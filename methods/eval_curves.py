@@ -3,7 +3,7 @@ plotted against the training step.
 
 Each run's metrics.jsonl holds rows {"step": s, "eval_acc_all_<n>": a, "eval_fd_<n>": f} for the
 sampling step counts n that were scored (1, 2, 4). The figure has one column per n: all-attribute
-accuracy on top, FD below, one line per run, so the step where a recipe peaks is read off directly.
+accuracy on top, FD (log scale) below, one line per run, so the step where a recipe peaks is read off directly.
 
     vdistill plot-evals runs/rcm runs/consistency --out curves.png [--reference 0.934]
 """
@@ -60,6 +60,7 @@ def plot_curves(runs: list[Path], out: Path, reference: float | None = None, tit
         if reference is not None:
             axes[0, col].axhline(reference, color="grey", linestyle="--", linewidth=1, label="reference")
         axes[1, col].set_xlabel("training step")
+        axes[1, col].set_yscale("log")  # a collapsing run's FD is orders of magnitude above the others'
     axes[0, 0].set_ylabel("all-attribute accuracy")
     axes[1, 0].set_ylabel("FD")
     axes[0, 0].legend(fontsize=7)
