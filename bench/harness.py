@@ -107,8 +107,8 @@ def make_timer(device: torch.device, rep_ms: int, graphs: bool = False) -> Timer
     """A timer for `device`: do_bench with `rep_ms` (warm-up rep_ms/4, at least 5 ms) on CUDA, of CUDA-graph
     replays with `graphs` (`graph_bench_ms`), else `cpu_bench_ms`."""
     if device.type == "cuda":
-        return lambda fn: _graph_or_plain(fn, max(5, rep_ms // 4), rep_ms) if graphs else \
-            do_bench_ms(fn, max(5, rep_ms // 4), rep_ms)
+        bench = _graph_or_plain if graphs else do_bench_ms
+        return lambda fn: bench(fn, max(5, rep_ms // 4), rep_ms)
     return cpu_bench_ms
 
 
