@@ -117,7 +117,8 @@ def _bench_noise(rows, timer, shape, dtype, device, compile_ok: bool, sweep: boo
 
 
 def _sweep_launches(rows, timer, case: str, x0: torch.Tensor, t: torch.Tensor, nbytes: int) -> None:
-    """Time the noising kernel at other (elements per program, warps); each output must equal ours bitwise."""
+    """Time the bare noising kernel at each (elements per program, warps), the default's included; each output
+    must equal the public function's bitwise."""
     want = trigflow_noise(x0, t, seed=1, offset=0)
     for group, warps in LAUNCHES:
         out = [torch.empty_like(x0), torch.empty_like(x0)]

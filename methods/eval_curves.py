@@ -25,8 +25,11 @@ def load_curves(run: Path) -> dict[int, dict[str, list[tuple[int, float]]]]:
     if not metrics.is_file():
         raise FileNotFoundError(f"run {run}: no metrics.jsonl (is it a run directory?)")
     curves: dict[int, dict[str, list[tuple[int, float]]]] = {}
-    for line in metrics.read_text().splitlines():
-        row = json.loads(line)
+    for number, line in enumerate(metrics.read_text().splitlines(), 1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{metrics}, line {number}: not JSON ({exc.msg})") from None
         for key, value in row.items():
             match = _EVAL_KEY.match(key)
             if match:
@@ -42,7 +45,10 @@ def plot_curves(runs: list[Path], out: Path, reference: float | None = None, tit
     (e.g. the teacher's 50-step accuracy)."""
     if not runs:
         raise ValueError("runs: give at least one run directory")
-    loaded = {Path(run).name: load_curves(Path(run)) for run in runs}
+    names = [Path(run).name for run in runs]
+    if len(set(names)) < len(names):  # e.g. a/rcm and b/rcm: label by the paths as given
+        names = [str(run) for run in runs]
+    loaded = {name: load_curves(Path(run)) for name, run in zip(names, runs, strict=True)}
     steps = sorted({n for curves in loaded.values() for n in curves})
     import matplotlib
 

@@ -36,4 +36,26 @@ def test_runs_without_evaluations_are_refused_by_name(tmp_path, capsys):
     assert "plain" in (err := capsys.readouterr().err) and "--eval-every" in err
     assert main(["plot-evals", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+    broken = _run(tmp_path / "broken", [])
+    (broken / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "eval_acc_all_1"\n')
+    assert main(["plot-evals", str(broken), "--out", str(tmp_path / "x.png")]) == 2
+    assert "line 2: not JSON" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_runs_with_the_same_name_keep_their_own_lines(tmp_path, monkeypatch):
+    from methods import eval_curves
+
+    rows = [{"step": 1, "eval_acc_all_2": 0.5, "eval_fd_2": 3.0}]
+    a, b = _run(tmp_path / "a", []), _run(tmp_path / "b", [])
+    runs = [_run(a / "rcm", rows), _run(b / "rcm", rows)]
+    labels = []
+    real_save = eval_curves.save_figure
+
+    def record(fig, out):
+        labels.extend(line.get_label() for ax in fig.axes for line in ax.get_lines())
+        return real_save(fig, out)
+
+    monkeypatch.setattr(eval_curves, "save_figure", record)
+    eval_curves.plot_curves(runs, tmp_path / "c.png")
+    assert {str(runs[0]), str(runs[1])} <= set(labels)
