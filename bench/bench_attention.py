@@ -5,7 +5,9 @@ One run times, side by side on the same inputs:
   fwd+jvp  ours (`kernels.attention_jvp`, one fused pass), ours through `torch.func.jvp` (same
            kernel), ours through the autograd.Function fallback (forward kernel + fused kernel), vs
            `torch.func.jvp` over SDPA's math backend (only where the Nq×Nk scores fit) and the
-           `jvp_flash_attention` package (if importable)
+           `jvp_flash_attention` package (if importable); and the fused kernel restricted to its plain
+           or to its software-pipelined KV-loop configs ("plain loop", "pipelined loop"; each
+           autotuned within its own configs), so both loops are compared in the same run
   bwd      ours (default: PyTorch's flash backward fed with our O and LSE, validated once against
            our Triton backward), ours with the Triton backward, vs the three SDPA backends
            (backward only: the forward graph is built once)
@@ -26,6 +28,7 @@ Metadata, timing primitives and JSON output come from `bench/harness.py`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import time
@@ -33,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from bench.harness import Timer, Timing, cpu_bench_ms, do_bench_ms, run_meta, utc_stamp, write_json
 
@@ -161,6 +165,27 @@ def _with_bwd_backend(name: str, fn: Callable[[], object]):
         select.BACKEND = old
 
 
+@contextlib.contextmanager
+def _jvp_loop_only(pipelined: bool):
+    """The fused forward+tangent kernel limited to its configs with (or without) the software-pipelined
+    KV loop, autotuned afresh within them; its configs and tuning cache are restored afterwards."""
+    kernel = importlib.import_module("kernels.attention_jvp")._attn_fwd_jvp_kernel
+    saved, saved_cache = kernel.configs, dict(kernel.cache)
+    chosen = [c for c in saved if c.kwargs.get("PIPELINE", False) == pipelined]
+    if not chosen:  # the interpreter's single config: set the flag on it
+        first = saved[0]
+        chosen = [triton.Config(first.kwargs | {"PIPELINE": pipelined}, num_warps=first.num_warps,
+                                num_stages=first.num_stages)]
+    kernel.configs = chosen
+    kernel.cache.clear()
+    try:
+        yield
+    finally:
+        kernel.configs = saved
+        kernel.cache.clear()
+        kernel.cache.update(saved_cache)
+
+
 def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: torch.device) -> None:
     from torch.nn.attention import SDPBackend
 
@@ -201,6 +226,10 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
             pass
         for prov, fn in jvps.items():
             run("fwd+jvp", prov, fn, lambda fn=fn: _err(fn(), (ref["o"], ref["t_o"])))
+        fused = jvps["ours (attention_jvp)"]
+        for prov, pipelined in (("ours (plain loop)", False), ("ours (pipelined loop)", True)):
+            with _jvp_loop_only(pipelined):
+                run("fwd+jvp", prov, fused, lambda: _err(fused(), (ref["o"], ref["t_o"])))
 
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     bwd = {"ours": kernels.attention, "ours (flash bwd)": kernels.attention}
@@ -245,7 +274,9 @@ def _summary(rows: list[dict]) -> dict:
         get = lambda op, prov, shape=shape: ms.get((shape, op, prov))
         pairs = {"fwd+jvp / sdpa-cudnn fwd": (get("fwd+jvp", "ours (attention_jvp)"), get("fwd", "sdpa-cudnn")),
                  "ours fwd / sdpa-flash fwd": (get("fwd", "ours"), get("fwd", "sdpa-flash")),
-                 "ours bwd / sdpa-flash bwd": (get("bwd", "ours"), get("bwd", "sdpa-flash"))}
+                 "ours bwd / sdpa-flash bwd": (get("bwd", "ours"), get("bwd", "sdpa-flash")),
+                 "pipelined / plain loop fwd+jvp": (get("fwd+jvp", "ours (pipelined loop)"),
+                                                    get("fwd+jvp", "ours (plain loop)"))}
         out[shape] = {k: (a / b if a and b else None) for k, (a, b) in pairs.items()}
     return out
 

@@ -13,6 +13,8 @@ Tried on the H200 (Triton 3.6) and not kept (README, "Attention"): K, K̇, V, V�
 descriptors (37.99 vs 38.11 ms at Wan 480p, 2.5% slower at 4k, 13% on cross-attention), a
 warp-specialized KV loop (37.72 ms with descriptors, 37.59 ms without), and a 64×32 / 4-warp tile
 small enough for two programs per SM (never picked by the autotuner).
+Not yet measured: `PIPELINE` configs issue block j+1's three score matmuls before block j's softmax
+(FA3's intra-warpgroup overlap, by hand), so the tensor cores have work while the exps run.
 """
 
 from __future__ import annotations
@@ -24,36 +26,48 @@ import triton.language as tl
 from kernels.attention_fwd import _new_max, lazy_tau
 from kernels.attention_tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE): two live [BLOCK_M, D] fp32 accumulators
-# favour narrow KV tiles (BLOCK_M 128 / BLOCK_N 32 / 8 warps: 239 registers, no spills at D=128 on
-# sm_90); the first row is the conservative default.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE[, PIPELINE]): two live [BLOCK_M, D] fp32
+# accumulators favour narrow KV tiles (BLOCK_M 128 / BLOCK_N 32 / 8 warps: 239 registers, no spills at
+# D=128 on sm_90); the first row is the conservative default. The PIPELINE rows carry the next block's
+# S and Ṡ through the loop (+32 registers per thread at 8 warps, so also a 16-warp row); not yet
+# measured on a GPU: the autotuner keeps them only if they win.
 JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 4, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True),
-               (128, 64, 8, 3, True)]
+               (128, 64, 8, 3, True), (128, 32, 8, 3, True, True), (128, 32, 16, 3, True, True)]
 
 
 @triton.jit
-def _jvp_block(
-    acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
-    stride_kn, stride_tkn, stride_vn, stride_tvn, qk_scale, scale, MASK_N: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr,
-):
-    """One KV block of the fused forward+tangent online softmax; masked only for the tail."""
+def _jvp_scores(q, tq, k_ptrs, tk_ptrs, start_n, offs_n, N_K, stride_kn, stride_tkn, scale, MASK_N: tl.constexpr):
+    """S = QKᵀ (unscaled; -inf past N_K) and Ṡ = c(Q̇Kᵀ + QK̇ᵀ) of one KV block; masked only for the tail."""
     kn = start_n + offs_n
     if MASK_N:
         valid = kn < N_K
         k = tl.load(k_ptrs + kn[:, None] * stride_kn, mask=valid[:, None], other=0.0)
         tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptrs + kn[:, None] * stride_vn, mask=valid[:, None], other=0.0)
-        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn, mask=valid[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs + kn[:, None] * stride_kn)
         tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn)
-        v = tl.load(v_ptrs + kn[:, None] * stride_vn)
-        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn)
     kt = tl.trans(k)
     s = tl.dot(q, kt)
-    sd = tl.dot(q, tl.trans(tk), acc=tl.dot(tq, kt)) * scale  # Ṡ
+    sd = tl.dot(q, tl.trans(tk), acc=tl.dot(tq, kt)) * scale
     if MASK_N:
         s = tl.where(valid[None, :], s, float("-inf"))
+    return s, sd
+
+
+@triton.jit
+def _jvp_update(
+    acc_o, acc_t, l_i, r_i, m_i, s, sd, v_ptrs, tv_ptrs, start_n, offs_n, N_K, stride_vn, stride_tvn, qk_scale,
+    MASK_N: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr,
+):
+    """Online-softmax update of the accumulators with one KV block's scores (S, Ṡ) and its V, V̇."""
+    kn = start_n + offs_n
+    if MASK_N:
+        valid = kn < N_K
+        v = tl.load(v_ptrs + kn[:, None] * stride_vn, mask=valid[:, None], other=0.0)
+        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn, mask=valid[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs + kn[:, None] * stride_vn)
+        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn)
     m_new = _new_max(m_i, tl.max(s, 1) * qk_scale, LAZY, TAU)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * qk_scale - m_new[:, None])  # masked columns: p = 0, so Ṡ there never counts
@@ -86,7 +100,7 @@ def _attn_fwd_jvp_kernel(
     sob, soh, son, sod, stob, stoh, ston, stod, slb, slh,
     H, N_Q, N_K, NQ_KEY, NK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr, PIPELINE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -110,15 +124,32 @@ def _attn_fwd_jvp_kernel(
     acc_o = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
-            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, start_n, offs_n, N_K,
-            skn, stkn, svn, stvn, qk_scale, scale, False, LAZY_RESCALE, LAZY_TAU,
-        )
+    if PIPELINE:  # software pipelining: the score matmuls of block j+1 are issued before block j's softmax
+        if n_full > 0:
+            s, sd = _jvp_scores(q, tq, k_ptrs, tk_ptrs, 0, offs_n, N_K, skn, stkn, scale, False)
+            for start_n in range(BLOCK_N, n_full, BLOCK_N):
+                s_next, sd_next = _jvp_scores(q, tq, k_ptrs, tk_ptrs, start_n, offs_n, N_K, skn, stkn, scale, False)
+                acc_o, acc_t, l_i, r_i, m_i = _jvp_update(
+                    acc_o, acc_t, l_i, r_i, m_i, s, sd, v_ptrs, tv_ptrs, start_n - BLOCK_N, offs_n, N_K, svn, stvn,
+                    qk_scale, False, LAZY_RESCALE, LAZY_TAU,
+                )
+                s, sd = s_next, sd_next
+            acc_o, acc_t, l_i, r_i, m_i = _jvp_update(
+                acc_o, acc_t, l_i, r_i, m_i, s, sd, v_ptrs, tv_ptrs, n_full - BLOCK_N, offs_n, N_K, svn, stvn,
+                qk_scale, False, LAZY_RESCALE, LAZY_TAU,
+            )
+    else:
+        for start_n in range(0, n_full, BLOCK_N):
+            s, sd = _jvp_scores(q, tq, k_ptrs, tk_ptrs, start_n, offs_n, N_K, skn, stkn, scale, False)
+            acc_o, acc_t, l_i, r_i, m_i = _jvp_update(
+                acc_o, acc_t, l_i, r_i, m_i, s, sd, v_ptrs, tv_ptrs, start_n, offs_n, N_K, svn, stvn, qk_scale,
+                False, LAZY_RESCALE, LAZY_TAU,
+            )
     if n_full < N_K:
-        acc_o, acc_t, l_i, r_i, m_i = _jvp_block(
-            acc_o, acc_t, l_i, r_i, m_i, q, tq, k_ptrs, tk_ptrs, v_ptrs, tv_ptrs, n_full, offs_n, N_K,
-            skn, stkn, svn, stvn, qk_scale, scale, True, LAZY_RESCALE, LAZY_TAU,
+        s, sd = _jvp_scores(q, tq, k_ptrs, tk_ptrs, n_full, offs_n, N_K, skn, stkn, scale, True)
+        acc_o, acc_t, l_i, r_i, m_i = _jvp_update(
+            acc_o, acc_t, l_i, r_i, m_i, s, sd, v_ptrs, tv_ptrs, n_full, offs_n, N_K, svn, stvn, qk_scale,
+            True, LAZY_RESCALE, LAZY_TAU,
         )
 
     inv_l = 1.0 / l_i

@@ -1,7 +1,7 @@
 """Autotuning and launching for the attention kernels: small config lists, shared-memory fitting, and
 a fallback so that a config the installed Triton cannot compile never takes the op down.
 
-Config rows are (BLOCK_M, BLOCK_N, num_warps, num_stages[, LAZY_RESCALE]); the first row of every
+Config rows are (BLOCK_M, BLOCK_N, num_warps, num_stages[, LAZY_RESCALE[, PIPELINE]]); the first row of every
 list is the conservative default (eager rescale, moderate tiles) used when autotuning is off
 (VDISTILL_ATTN_AUTOTUNE=0) or after a compile failure. Autotune keys: head dim, dtypes (added by
 Triton) and the next power of two of Nq and Nk.
@@ -35,14 +35,18 @@ AUTOTUNE = os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0"
 KEY = ["NQ_KEY", "NK_KEY", "HEAD_DIM"]
 
 
+FLAGS = ("LAZY_RESCALE", "PIPELINE")  # optional trailing config-row entries, in this order
+
+
 def configs(rows: list[tuple]) -> list[triton.Config]:
-    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages[, LAZY_RESCALE]) rows; under the
-    interpreter one 16×16 tile (so tiny test lengths span several blocks), lazy rescale on."""
+    """triton.Configs from (BLOCK_M, BLOCK_N, num_warps, num_stages[, LAZY_RESCALE[, PIPELINE]]) rows;
+    under the interpreter one 16×16 tile (so tiny test lengths span several blocks), lazy rescale on
+    (tests pick other flags by replacing a kernel's configs)."""
     if INTERPRET:
-        rows = [(16, 16, 1, 1, True)[: len(rows[0])]]
+        rows = [(16, 16, 1, 1, True)[: min(5, len(rows[0]))]]
     out = []
-    for m, n, w, s, *lazy in rows:
-        kw = {"BLOCK_M": m, "BLOCK_N": n} | ({"LAZY_RESCALE": lazy[0]} if lazy else {})
+    for m, n, w, s, *flags in rows:
+        kw = {"BLOCK_M": m, "BLOCK_N": n} | dict(zip(FLAGS, flags))
         out.append(triton.Config(kw, num_warps=w, num_stages=s))
     return out
 

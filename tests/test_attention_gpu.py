@@ -30,16 +30,19 @@ def no_autotuning(monkeypatch):
     monkeypatch.setattr(tuning, "AUTOTUNE", False)
 
 
-@pytest.fixture(params=[False, True], ids=["eager-rescale", "lazy-rescale"])
+@pytest.fixture(params=[(False, False), (True, False), (True, True)], ids=["eager", "lazy", "lazy-pipelined"])
 def rescale(request, monkeypatch):
-    """Forward and forward+tangent kernels pinned to their default tile with eager or lazy rescale."""
-    for module, name, (m, n, w, s, _) in (
-        ("kernels.attention_fwd", "_attn_fwd_kernel", FWD_CONFIGS[0]),
-        ("kernels.attention_jvp", "_attn_fwd_jvp_kernel", JVP_CONFIGS[0]),
+    """Forward and forward+tangent kernels pinned to their default tile with eager or lazy rescale; the
+    forward+tangent kernel's KV loop plain or software-pipelined."""
+    lazy, pipeline = request.param
+    for module, name, (m, n, w, s, _), extra in (
+        ("kernels.attention_fwd", "_attn_fwd_kernel", FWD_CONFIGS[0], {}),
+        ("kernels.attention_jvp", "_attn_fwd_jvp_kernel", JVP_CONFIGS[0], {"PIPELINE": pipeline}),
     ):
-        config = triton.Config({"BLOCK_M": m, "BLOCK_N": n, "LAZY_RESCALE": request.param}, num_warps=w, num_stages=s)
-        monkeypatch.setattr(getattr(sys.modules[module], name), "configs", [config])
-    return request.param
+        kw = {"BLOCK_M": m, "BLOCK_N": n, "LAZY_RESCALE": lazy} | extra
+        kernel = getattr(sys.modules[module], name)
+        monkeypatch.setattr(kernel, "configs", [triton.Config(kw, num_warps=w, num_stages=s)])
+    return lazy
 
 
 SHAPES = [  # (B, H, Nq, Nk, D)

@@ -42,15 +42,19 @@ def poisoned_outputs(monkeypatch):
     monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(empty_like(*a, **kw)))
 
 
-@pytest.fixture(params=[True, False], ids=["lazy-rescale", "eager-rescale"])
+@pytest.fixture(params=[(True, False), (False, False), (True, True)], ids=["lazy", "eager", "lazy-pipelined"])
 def rescale(request, monkeypatch):
-    """Run the forward and forward+tangent kernels with the lazy (default) or the eager rescale."""
-    kernels_ = (("kernels.attention_fwd", "_attn_fwd_kernel"), ("kernels.attention_jvp", "_attn_fwd_jvp_kernel"))
-    for module, name in kernels_:
+    """Run the forward and forward+tangent kernels with the lazy (default) or the eager rescale, and the
+    forward+tangent kernel's KV loop plain or software-pipelined."""
+    lazy, pipeline = request.param
+    tile = {"BLOCK_M": 16, "BLOCK_N": 16, "LAZY_RESCALE": lazy}
+    for module, name, extra in (
+        ("kernels.attention_fwd", "_attn_fwd_kernel", {}),
+        ("kernels.attention_jvp", "_attn_fwd_jvp_kernel", {"PIPELINE": pipeline}),
+    ):
         kernel = getattr(sys.modules[module], name)
-        config = triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "LAZY_RESCALE": request.param}, num_warps=1, num_stages=1)
-        monkeypatch.setattr(kernel, "configs", [config])
-    return request.param
+        monkeypatch.setattr(kernel, "configs", [triton.Config(tile | extra, num_warps=1, num_stages=1)])
+    return lazy
 
 
 def _tensor(B, H, N, D, layout, dtype, g):
