@@ -20,6 +20,16 @@ after the optimiser step (`kernels.ema.ema_update_ref`, one multi-tensor lerp) a
 `extra_state` for exact resume; it is distinct from the trainer's power EMA, which is what gets
 exported. d is the MSE or the pseudo-Huber distance. Sampling: multistep consistency sampling
 (Alg. 1) at RF times from the same grid (`methods.samplers.sample_consistency`).
+
+Segments (multistep consistency models, Heek, Hoogeboom & Salimans 2024): with `segments = K > 1`
+the grid is cut into K runs of N/K intervals with ends e_0 = 1 > e_1 > ... > e_K = 0, and the
+student maps a point of the segment (e_{k+1}, e_k] to the teacher's ODE point at its end e_{k+1}:
+
+    f_θ(x, s) = x + (e_{k+1} - s)·v_θ(x, s)      (f_θ(x, e_{k+1}) = x: the boundary condition per segment).
+
+The loss is unchanged; the target time s' never leaves the segment of s. Such a student samples
+deterministically by Euler steps on the same shifted grid (`sampler_meta` exports {"kind": "ode"}):
+K steps land on the segment ends exactly, 2K steps take each jump in two halves along its chord.
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from methods.reflow import check_ode_teacher
 from methods.samplers import SOLVERS, consistency_times, ode_step, rf_time_grid
 from methods.students import frozen, student_from
 from methods.trainer import TrainConfig
-from models.parameterization import guided, rf_interpolate, rf_x0
+from models.parameterization import guided, rf_interpolate
 
 
 @dataclass
@@ -51,6 +61,7 @@ class Config:
     loss: str = "l2"  # l2 | pseudo_huber
     huber_c: float | None = None  # pseudo-Huber c; None = 0.00054·sqrt(elements per sample)
     sample_steps: tuple[int, ...] = (1, 2, 4)  # step counts whose sampling times go into the export
+    segments: int = 1  # K > 1: multistep consistency, the student jumps to the end of its segment (docstring)
 
     def __post_init__(self) -> None:
         if self.intervals < 1:
@@ -63,12 +74,18 @@ class Config:
             raise ValueError(f"target_decay must be in [0, 1), got {self.target_decay}")
         if not self.sample_steps or any(n < 1 for n in self.sample_steps):
             raise ValueError(f"sample_steps must be positive step counts, got {self.sample_steps}")
+        if self.segments < 1 or self.intervals % self.segments:
+            raise ValueError(f"segments must be >= 1 and divide intervals={self.intervals}, got {self.segments}")
         check_loss(self.loss, self.huber_c)
 
 
-def consistency_output(model: nn.Module, x: torch.Tensor, s: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """f(x, s) = x - s·v(x, s, text) for x [B, ...], s [B]; equals x at s = 0."""
-    return rf_x0(x, s, model(x, s, text).float())
+def consistency_output(
+    model: nn.Module, x: torch.Tensor, s: torch.Tensor, text: torch.Tensor, end: torch.Tensor
+) -> torch.Tensor:
+    """f(x, s) = x + (end - s)·v(x, s, text) for x [B, ...], s and end [B]: equals x at s = end, and is the
+    data prediction x - s·v for end = 0."""
+    jump = (end - s).reshape(-1, *([1] * (x.dim() - 1)))
+    return x + jump * model(x, s, text).float()
 
 
 class Consistency(Recipe):
@@ -88,13 +105,15 @@ class Consistency(Recipe):
         grid = rf_time_grid(self.cfg.intervals, self.cfg.shift, x0.device)
         n = torch.randint(self.cfg.intervals, (x0.shape[0],), device=x0.device)
         s, s_prev = grid[n], grid[n + 1]
+        per_segment = self.cfg.intervals // self.cfg.segments
+        end = grid[(n // per_segment + 1) * per_segment]
         x_s, _ = rf_interpolate(x0, torch.randn_like(x0), s)
         with torch.no_grad():
             velocity = guided(self.teacher, batch.text, batch.null_text, self.teacher_scale)
             x_prev = ode_step(velocity, x_s, s, s_prev, self.cfg.solver).float()
             target_net = self.target if self.target is not None else self.student
-            target = consistency_output(target_net, x_prev, s_prev, batch.text)
-        pred = consistency_output(self.student, x_s, s, batch.text)
+            target = consistency_output(target_net, x_prev, s_prev, batch.text, end)
+        pred = consistency_output(self.student, x_s, s, batch.text, end)
         return regression_loss(pred, target, self.cfg.loss, self.cfg.huber_c), {}
 
     def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
@@ -122,6 +141,8 @@ def build_recipe(teacher, cfg: Config) -> Consistency:
 
 
 def sampler_meta(cfg: Config) -> dict:
+    if cfg.segments > 1:
+        return {"kind": "ode", "shift": cfg.shift, "segments": cfg.segments}
     times = {str(n): consistency_times(n, cfg.shift) for n in cfg.sample_steps}
     return {"kind": "consistency", "shift": cfg.shift, "times": times}
 

@@ -16,6 +16,7 @@ from distill_helpers import (  # noqa: F401
 
 from methods import consistency
 from methods.recipe import Batch
+from methods.samplers import rf_time_grid
 from methods.toy import TOY_TEXT, ToyVelocityNet, toy_data, toy_sample_ode, toy_teacher, toy_text
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -34,22 +35,39 @@ def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
     assert student["sw"] < teacher["sw"] / 2 and student["energy"] < teacher["energy"] / 2
 
 
+def test_two_segment_student_at_two_steps_is_twice_as_close_as_the_teacher(tmp_path):
+    # Multistep consistency: 2 segments, sampled deterministically by Euler steps onto the segment ends.
+    torch.manual_seed(0)
+    cfg = consistency.Config(intervals=32, solver="euler", target_decay=0.95, segments=2)
+    recipe = consistency.Consistency(toy_teacher(), cfg)
+    fit_toy(recipe, tmp_path, steps=400)
+    assert consistency.sampler_meta(cfg)["kind"] == "ode"
+    teacher = distances(toy_sample_ode(toy_teacher(), N_EVAL, 2, seed=NOISE_SEED))
+    student = distances(toy_sample_ode(recipe.student, N_EVAL, 2, seed=NOISE_SEED))
+    print(f"2 steps: teacher {teacher}, 2-segment student {student}")
+    assert student["sw"] < teacher["sw"] / 2 and student["energy"] < teacher["energy"] / 2
+
+
 def test_boundary_condition_is_exact():
     model = ToyVelocityNet()
     x = toy_data(16)
-    out = consistency.consistency_output(model, x, torch.zeros(16), toy_text(16))
-    assert torch.equal(out, x)
-    assert not torch.allclose(consistency.consistency_output(model, x, torch.full((16,), 0.5), toy_text(16)), x)
+    zero, half = torch.zeros(16), torch.full((16,), 0.5)
+    assert torch.equal(consistency.consistency_output(model, x, zero, toy_text(16), zero), x)
+    assert torch.equal(consistency.consistency_output(model, x, half, toy_text(16), half), x)
+    assert not torch.allclose(consistency.consistency_output(model, x, half, toy_text(16), zero), x)
 
 
+@pytest.mark.parametrize("segments", [1, 4])
 @pytest.mark.parametrize("solver", ["euler", "heun"])
-def test_straight_teacher_is_already_consistent(solver):
-    # For a straight flow the teacher step is exact and f(x, s) = x - s·c is constant along it: zero loss.
-    recipe = consistency.Consistency(ConstantVelocity(), consistency.Config(intervals=8, solver=solver))
+def test_straight_teacher_is_already_consistent(solver, segments):
+    # For a straight flow the teacher step is exact and f(x, s) = x + (e - s)·c is constant along it
+    # within a segment: zero loss, which needs the target's time to stay in the segment of s.
+    cfg = consistency.Config(intervals=8, solver=solver, segments=segments)
+    recipe = consistency.Consistency(ConstantVelocity(), cfg)
     batch = Batch(toy_data(64), toy_text(64), TOY_TEXT)
     assert recipe.loss(batch, 0)[0].item() < 1e-12
     torch.manual_seed(0)
-    recipe = consistency.Consistency(ToyVelocityNet(), consistency.Config(intervals=8, solver=solver))
+    recipe = consistency.Consistency(ToyVelocityNet(), cfg)
     assert recipe.loss(batch, 0)[0].item() > 1e-8
 
 
@@ -87,6 +105,15 @@ def test_sampler_meta_times_come_from_the_schedule():
     assert all(a > b for a, b in zip(meta["times"]["4"], meta["times"]["4"][1:]))
 
 
+def test_segment_ends_are_the_euler_sampling_grid():
+    # K Euler steps on the exported grid land on the K segment ends the student was trained to jump to.
+    cfg = consistency.Config(intervals=12, shift=3.0, segments=3)
+    meta = consistency.sampler_meta(cfg)
+    assert meta == {"kind": "ode", "shift": 3.0, "segments": 3}
+    ends = rf_time_grid(cfg.intervals, cfg.shift)[:: cfg.intervals // cfg.segments]
+    torch.testing.assert_close(ends, rf_time_grid(cfg.segments, meta["shift"]))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
@@ -94,6 +121,8 @@ def test_sampler_meta_times_come_from_the_schedule():
         ({"solver": "rk4"}, "solver"),
         ({"target_decay": 1.0}, "target_decay"),
         ({"sample_steps": ()}, "sample_steps"),
+        ({"segments": 0}, "segments"),
+        ({"intervals": 8, "segments": 3}, "segments"),
         ({"loss": "l1"}, "loss"),
     ],
 )
