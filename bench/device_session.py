@@ -14,7 +14,9 @@ its own time limit; a failing step is logged and the session goes on. Outputs la
     python -m bench.device_session --part bench --out $OUT --commit <hash>
 
 `--eval-points N` adds N in-training evaluations to every distillation run (budget curves in each
-run's metrics.jsonl); `--benches attention trigflow` runs a subset of the benchmarks.
+run's metrics.jsonl); `--benches attention trigflow` runs a subset of the benchmarks; `--methods rcm
+--distill-batch 128` gives one recipe the whole GPU with a larger batch (its `shapes` steps are
+host-bound on an H200, so a larger batch should cost little time per step: to be measured).
 
 Result JSONs record the commit they measured. The device machine gets the tree without `.git`,
 so `git rev-parse` fails there: the caller passes `--commit $(git rev-parse --short HEAD)`,
@@ -89,11 +91,15 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "methods.cli", *args]
 
 
-def distill_args(method: str, distill_s: float, eval_points: int = 0) -> list[str]:
+def distill_args(method: str, distill_s: float, eval_points: int = 0, batch: int | None = None) -> list[str]:
     """--steps (and schedule options) so that `method` fits `distill_s` seconds; with eval_points, that
-    many in-training evaluations of the EMA student (128 clips at 1/2/4 steps) spread over the run."""
+    many in-training evaluations of the EMA student (128 clips at 1/2/4 steps) spread over the run.
+    `batch` replaces the recipe's default batch size; the step count still assumes STEP_S (right while
+    a step is host-bound, as the `shapes` model's are on an H200; --time-limit cuts a slower run)."""
     steps = max(8, int(distill_s / STEP_S[method]))
     args = ["--steps", str(steps), "--time-limit", str(distill_s)]
+    if batch is not None:
+        args += ["--batch-size", str(batch)]
     if eval_points:
         args += ["--eval-every", str(max(1, steps // eval_points)), "--eval-num", "128"]
     if method == "progressive":
@@ -149,13 +155,13 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
         s.start(
             f"distill_{m}",
             cli("distill", m, "--teacher", str(teacher), "--out", str(runs / m),
-                *distill_args(m, args.distill_seconds, args.eval_points)),
+                *distill_args(m, args.distill_seconds, args.eval_points, args.distill_batch)),
         )
-        for m in METHODS
+        for m in args.methods
     ]
     for job in jobs:
         s.wait(job, timeout=args.distill_seconds + 150)
-    for m in METHODS:
+    for m in args.methods:
         student = runs / m / "student_ema.safetensors"
         if student.exists():
             evals.append(evaluate(s, f"eval_{m}", student, [1, 2, 4], args.num, runs / f"eval_{m}.json"))
@@ -200,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="flow-matching option of the teacher run (vdistill pretrain --set), repeatable")
     p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training time limit")
     p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                   help="distillation recipes to run side by side (default: all four)")
+    p.add_argument("--distill-batch", type=int, help="batch size of every distillation run (default: each recipe's)")
     p.add_argument("--eval-points", type=int, default=0,
                    help="in-training evaluations per distillation run (budget curves in metrics.jsonl)")
     p.add_argument("--num", type=int, default=256, help="clips per evaluation")
@@ -208,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmarks of part bench (default: all)")
     p.add_argument("--commit", help="commit recorded in the results (default: git, else $VDISTILL_COMMIT)")
     args = p.parse_args(argv)
+    if args.distill_batch is not None and args.distill_batch < 1:
+        p.error(f"--distill-batch must be >= 1, got {args.distill_batch}")
     if args.teacher is not None and not args.teacher.is_file():
         p.error(f"--teacher {args.teacher} does not exist")
     if args.teacher is not None and (args.init or args.set):
