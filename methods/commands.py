@@ -115,7 +115,8 @@ def evaluate_model(
 
 
 def format_table(rows: list[dict]) -> str:
-    cols = ["steps", "acc_all", "acc_shape", "acc_colour", "acc_direction", "fd", "smoothness", "diversity"]
+    cols = ["steps", "acc_all", "acc_shape", "acc_square", "square_fill", "acc_colour", "acc_direction", "fd",
+            "smoothness", "diversity"]
     lines = [" | ".join(f"{c:>13}" for c in cols)]
     for r in rows:
         lines.append(" | ".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in cols))

@@ -3,6 +3,10 @@
 ``evaluate_clips(videos, labels)`` reports, from :func:`methods.analyzer.analyze`:
 
 * ``acc_shape``, ``acc_colour``, ``acc_direction``, ``acc_all`` — prompt accuracy;
+* ``acc_circle``, ``acc_square``, ``acc_triangle`` — shape accuracy among the clips prompted with that
+  shape (nan if none), and ``square_fill`` — median box fill ratio of the clips prompted as squares
+  (real squares >= 0.976; below ``analyzer.FILL_SQUARE`` = 0.93 a shape reads as a circle): where
+  few-step students lose accuracy, it is rounded corners;
 * ``detected`` — fraction of clips with a shape in at least two frames;
 * ``smoothness`` — mean residual (px) of a straight-line fit to the centroid track;
 * ``diversity`` — mean pairwise feature distance among clips that share a prompt;
@@ -19,8 +23,8 @@ import functools
 
 import torch
 
-from methods.analyzer import analyze
-from methods.data import MovingShapes, ShapesConfig
+from methods.analyzer import FEATURE_NAMES, analyze
+from methods.data import SHAPES, MovingShapes, ShapesConfig
 
 REFERENCE_SEED = 10_007  # real clips for FD come from a seed no training stream uses by default
 
@@ -75,6 +79,11 @@ def diversity(features: torch.Tensor, labels: torch.Tensor) -> float:
     return float(dist[same].mean())
 
 
+def _median_fill(features: torch.Tensor, rows: torch.Tensor) -> float:
+    fill = features[rows, FEATURE_NAMES.index("fill")]
+    return float(fill.median()) if len(fill) else float("nan")
+
+
 def evaluate_clips(videos: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor | None = None,
                    cfg: ShapesConfig | None = None) -> dict[str, float]:
     """Metrics for videos [B, 3, T, H, W] in [-1, 1] generated for labels [B, 3] (see module docstring).
@@ -98,6 +107,8 @@ def evaluate_clips(videos: torch.Tensor, labels: torch.Tensor, reference: torch.
         "acc_colour": float(correct[:, 1].double().mean()),
         "acc_direction": float(correct[:, 2].double().mean()),
         "acc_all": float(correct.all(dim=1).double().mean()),
+        **{f"acc_{name}": float(correct[labels[:, 0] == i, 0].double().mean()) for i, name in enumerate(SHAPES)},
+        "square_fill": _median_fill(result.features, result.detected & (labels[:, 0] == SHAPES.index("square"))),
         "detected": float(result.detected.double().mean()),
         "smoothness": float(result.smoothness.nanmean()) if result.detected.any() else float("nan"),
         "diversity": diversity(result.features, labels),

@@ -79,6 +79,22 @@ def test_blur_lowers_shape_accuracy_and_raises_fd(real, reference, clean):
     assert m["acc_shape"] < clean["acc_shape"] and m["fd"] > clean["fd"]
 
 
+def test_per_shape_accuracy_and_square_fill(real, reference, clean):
+    videos, labels = real
+    assert clean["acc_circle"] == clean["acc_square"] == clean["acc_triangle"] == 1.0
+    assert clean["square_fill"] >= 0.97
+    # blurring rounds the corners: squares fall under the fill threshold and read as circles
+    m = evaluate_clips(_blur(videos), labels, reference=reference)
+    assert m["square_fill"] < clean["square_fill"] - 0.05
+    assert m["acc_square"] < m["acc_circle"]
+    # the per-shape rates are rates within each prompted shape: they average back to acc_shape
+    counts = torch.bincount(labels[:, 0], minlength=3).double() / len(labels)
+    per_shape = torch.tensor([m["acc_circle"], m["acc_square"], m["acc_triangle"]], dtype=torch.float64)
+    assert math.isclose(float(counts @ per_shape), m["acc_shape"], rel_tol=1e-12)
+    none = evaluate_clips(videos[labels[:, 0] != 1], labels[labels[:, 0] != 1], reference=reference)
+    assert math.isnan(none["acc_square"]) and math.isnan(none["square_fill"])
+
+
 def test_frozen_frames_hurt_smoothness_and_fd(real, reference, clean):
     m = evaluate_clips(_freeze(real[0]), real[1], reference=reference)
     print(m)
