@@ -36,21 +36,26 @@ JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 4, True), (128, 32, 8, 3, Tr
 
 
 @triton.jit
+def _load_rows(ptrs, kn, stride_n, N_K, MASK_N: tl.constexpr):
+    """Rows kn of a [N_K, D] block (`ptrs` already offset by the columns); rows past N_K read as 0 if MASK_N."""
+    if MASK_N:
+        rows = tl.load(ptrs + kn[:, None] * stride_n, mask=(kn < N_K)[:, None], other=0.0)
+    else:
+        rows = tl.load(ptrs + kn[:, None] * stride_n)
+    return rows
+
+
+@triton.jit
 def _jvp_scores(q, tq, k_ptrs, tk_ptrs, start_n, offs_n, N_K, stride_kn, stride_tkn, scale, MASK_N: tl.constexpr):
     """S = QKᵀ (unscaled; -inf past N_K) and Ṡ = c(Q̇Kᵀ + QK̇ᵀ) of one KV block; masked only for the tail."""
     kn = start_n + offs_n
-    if MASK_N:
-        valid = kn < N_K
-        k = tl.load(k_ptrs + kn[:, None] * stride_kn, mask=valid[:, None], other=0.0)
-        tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn, mask=valid[:, None], other=0.0)
-    else:
-        k = tl.load(k_ptrs + kn[:, None] * stride_kn)
-        tk = tl.load(tk_ptrs + kn[:, None] * stride_tkn)
+    k = _load_rows(k_ptrs, kn, stride_kn, N_K, MASK_N)
+    tk = _load_rows(tk_ptrs, kn, stride_tkn, N_K, MASK_N)
     kt = tl.trans(k)
     s = tl.dot(q, kt)
     sd = tl.dot(q, tl.trans(tk), acc=tl.dot(tq, kt)) * scale
     if MASK_N:
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.where((kn < N_K)[None, :], s, float("-inf"))
     return s, sd
 
 
@@ -61,13 +66,8 @@ def _jvp_update(
 ):
     """Online-softmax update of the accumulators with one KV block's scores (S, Ṡ) and its V, V̇."""
     kn = start_n + offs_n
-    if MASK_N:
-        valid = kn < N_K
-        v = tl.load(v_ptrs + kn[:, None] * stride_vn, mask=valid[:, None], other=0.0)
-        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn, mask=valid[:, None], other=0.0)
-    else:
-        v = tl.load(v_ptrs + kn[:, None] * stride_vn)
-        tv = tl.load(tv_ptrs + kn[:, None] * stride_tvn)
+    v = _load_rows(v_ptrs, kn, stride_vn, N_K, MASK_N)
+    tv = _load_rows(tv_ptrs, kn, stride_tvn, N_K, MASK_N)
     m_new = _new_max(m_i, tl.max(s, 1) * qk_scale, LAZY, TAU)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * qk_scale - m_new[:, None])  # masked columns: p = 0, so Ṡ there never counts
