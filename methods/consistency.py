@@ -30,6 +30,8 @@ student maps a point of the segment (e_{k+1}, e_k] to the teacher's ODE point at
 The loss is unchanged; the target time s' never leaves the segment of s. Such a student samples
 deterministically by Euler steps on the same shifted grid (`sampler_meta` exports {"kind": "ode"}):
 K steps land on the segment ends exactly, 2K steps take each jump in two halves along its chord.
+Use the Euler solver (the default of `sample`/`evaluate`): Heun would average the velocities of two
+different jumps.
 """
 
 from __future__ import annotations
