@@ -29,7 +29,7 @@ from kernels.attention_tuning import KEY, LOG2E, configs, fit_smem, launch, n_bu
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE[, PIPELINE]): two live [BLOCK_M, D] fp32
 # accumulators favour narrow KV tiles (BLOCK_M 128 / BLOCK_N 32 / 8 warps: 239 registers, no spills at
 # D=128 on sm_90); the first row is the conservative default. The PIPELINE rows carry the next block's
-# S and Ṡ through the loop (+32 registers per thread at 8 warps, so also a 16-warp row); not yet
+# S and Ṡ through the loop (an estimated +32 registers per thread at 8 warps, so also a 16-warp row); not yet
 # measured on a GPU: the autotuner keeps them only if they win.
 JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 4, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True),
                (128, 64, 8, 3, True), (128, 32, 8, 3, True, True), (128, 32, 16, 3, True, True)]

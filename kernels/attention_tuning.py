@@ -43,7 +43,7 @@ def configs(rows: list[tuple]) -> list[triton.Config]:
     under the interpreter one 16×16 tile (so tiny test lengths span several blocks), lazy rescale on
     (tests pick other flags by replacing a kernel's configs)."""
     if INTERPRET:
-        rows = [(16, 16, 1, 1, True)[: min(5, len(rows[0]))]]
+        rows = [(16, 16, 1, 1, True)[: len(rows[0])]]
     out = []
     for m, n, w, s, *flags in rows:
         kw = {"BLOCK_M": m, "BLOCK_N": n} | dict(zip(FLAGS, flags))
