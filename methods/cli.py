@@ -91,6 +91,8 @@ def _add_distill(sub) -> None:
     p.add_argument("method", help="reflow | progressive | consistency | rcm")
     p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors (e.g. the shipped one)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--init", type=Path,
+                   help="start the student from this exported student's weights (default: the teacher's)")
     p.add_argument("--steps", type=int, help="override the method's number of training steps")
     p.add_argument("--batch-size", type=int, help="override the batch size")
     p.add_argument("--lr", type=float, help="override the learning rate")
@@ -246,7 +248,9 @@ def _distill(args) -> int:
         return 0
     if not args.teacher.is_file():
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
-    distill(args.method, args.teacher, args.out, train, cfg, resume=args.resume)
+    if args.init is not None and not args.init.is_file():
+        raise FileNotFoundError(f"--init {args.init} does not exist")
+    distill(args.method, args.teacher, args.out, train, cfg, resume=args.resume, init=args.init)
     return 0
 
 

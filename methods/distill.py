@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from methods.batches import Prefetched, ShapesBatches
-from methods.commands import evaluate_model
+from methods.commands import evaluate_model, init_from
 from methods.generate import ModelBundle
 from methods.trainer import TrainConfig, Trainer
 
@@ -78,7 +78,7 @@ def apply_overrides(cfg, assignments: list[str]):
     return dataclasses.replace(cfg, **changes)
 
 
-RESUME_KEYS = ("method", "method_config", "model", "data", "text_max_len", "teacher_cfg_scale")
+RESUME_KEYS = ("method", "init", "method_config", "model", "data", "text_max_len", "teacher_cfg_scale")
 
 
 def check_resumable(out: str | Path, run_config: dict) -> None:
@@ -121,8 +121,13 @@ def distill(
     train: TrainConfig | None = None,
     method_cfg=None,
     resume: bool = False,
+    init: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Distil the teacher at `teacher_path` with `method`; returns the exported student files."""
+    """Distil the teacher at `teacher_path` with `method`; returns the exported student files.
+
+    `init`: start the student from an exported student's weights instead of the teacher's (e.g. a
+    DMD/rCM fine-tune of a consistency student); the teacher, and rCM's critic, stay the teacher.
+    """
     module = distiller(method)
     train = train or module.default_train()
     cfg = method_cfg or module.Config()
@@ -130,10 +135,13 @@ def distill(
     teacher = ModelBundle.load(teacher_path, device)
     torch.manual_seed(train.seed)
     recipe = module.build_recipe(teacher, cfg)
+    if init is not None:
+        init_from(recipe.student, Path(init))
     teacher_run = teacher.meta.get("run_config", {})
     run_config = {
         "method": method,
         "teacher": str(teacher_path),
+        "init": None if init is None else str(init),
         "method_config": dataclasses.asdict(cfg),
         "model": teacher.model.cfg.to_dict(),
         "data": dataclasses.asdict(teacher.data),

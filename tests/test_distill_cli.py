@@ -159,3 +159,37 @@ def test_bad_evaluation_options(teacher, tmp_path, capsys):
     assert "eval_every must be >= 0" in capsys.readouterr().err
     assert _distill("reflow", teacher, tmp_path / "b", "--eval-every", "2", "--eval-num", "0") == 2
     assert "eval_num must be >= 1" in capsys.readouterr().err
+
+
+def test_init_starts_the_student_from_another_student(teacher, tmp_path, capsys):
+    from methods.checkpoint import load_dit, save_weights
+
+    other, _ = load_dit(teacher)  # another student: the teacher's weights moved by noise
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    start = tmp_path / "other.safetensors"
+    save_weights(start, other)
+    out = tmp_path / "reflow_from_cd"
+    assert _distill("reflow", teacher, out, "--init", str(start), "--lr", "1e-12") == 0
+    init, trained, base = load_file(start), load_file(out / "student.safetensors"), load_file(teacher)
+    assert all(torch.allclose(trained[k], init[k], rtol=0, atol=1e-8) for k in init)
+    assert max((init[k] - base[k]).abs().max() for k in init) > 1e-3  # not the teacher's weights
+    assert read_weights_meta(out / "student_ema.safetensors")["run_config"]["init"] == str(start)
+    assert _distill("reflow", teacher, out, "--steps", "5", "--resume") == 2  # resume keeps the same start
+    assert "init differs" in capsys.readouterr().err
+
+
+def test_missing_or_mismatched_init_is_refused(teacher, tmp_path, capsys):
+    from methods.checkpoint import save_weights
+    from models.dit import build_dit
+
+    out = tmp_path / "out"
+    assert _distill("reflow", teacher, out, "--init", str(tmp_path / "none.safetensors")) == 2
+    assert "--init" in capsys.readouterr().err
+    wider = tmp_path / "wider.safetensors"
+    save_weights(wider, build_dit("tiny", dim=64))
+    assert _distill("reflow", teacher, out, "--init", str(wider)) == 2
+    err = capsys.readouterr().err
+    assert "--init" in err and "differs" in err
+    assert not out.exists()
