@@ -77,6 +77,26 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--out", type=Path, help="write the results as JSON here")
 
 
+def _add_tune_times(sub) -> None:
+    from methods.tune_times import DEFAULT_SHIFTS, TUNING_SEED
+
+    p = sub.add_parser("tune-times", help="choose a consistency student's intermediate sampling times on a tuning seed")
+    p.add_argument("--model", type=Path, required=True, help="exported consistency/rCM student (.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="tuned copy to write (.safetensors; plus .tuning.json/.png)")
+    p.add_argument("--steps", type=int, nargs="+", default=[2], help="step counts to tune (>= 2)")
+    p.add_argument("--shifts", type=float, nargs="+", default=list(DEFAULT_SHIFTS),
+                   help="grid shifts to try (2 steps: middle RF time shift/(1+shift))")
+    p.add_argument("--num", type=int, default=256, help="clips per point (balanced over the 72 prompts)")
+    p.add_argument("--seed", type=int, default=TUNING_SEED, help="tuning noise seed (report on another one)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def _tune_times(args) -> int:
+    from methods.tune_times import tune
+
+    return tune(args)
+
+
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="the default job: sample and score the shipped teacher at few and many steps")
     p.add_argument("--model", type=Path, help="exported .safetensors (default: the shipped teacher)")
@@ -196,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_demo, _add_reflow_pairs, _add_bench,
-                _add_plot_evals):
+    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_tune_times, _add_demo, _add_reflow_pairs,
+                _add_bench, _add_plot_evals):
         add(sub)
     return parser
 
@@ -262,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill": _distill,
         "sample": commands.sample,
         "evaluate": commands.evaluate,
+        "tune-times": _tune_times,
         "demo": commands.demo,
         "reflow-pairs": _reflow_pairs,
         "bench": _bench,
