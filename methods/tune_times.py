@@ -19,8 +19,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from methods.checkpoint import load_dit, save_weights
-from methods.commands import evaluate_model
+from methods.checkpoint import save_weights
+from methods.commands import evaluate_model, resolve_device
 from methods.generate import ModelBundle
 from methods.media import save_figure
 from methods.samplers import consistency_times
@@ -69,15 +69,14 @@ def sweep(
     return rows
 
 
-def write_tuned(source: Path, out: Path, rows: list[dict]) -> dict[str, list[float]]:
-    """Copy the export at `source` to `out` with the best times of `rows` stored in its sampler."""
-    model, meta = load_dit(source)
+def write_tuned(bundle: ModelBundle, source: Path, out: Path, rows: list[dict]) -> dict[str, list[float]]:
+    """Write `bundle` (loaded from `source`) to `out` with the best times of `rows` stored in its sampler."""
     chosen = {str(n): row["times"] for n, row in sorted(best_rows(rows).items())}
-    sampler = dict(meta["sampler"])
+    sampler = dict(bundle.meta["sampler"])
     sampler["times"] = {**sampler.get("times", {}), **chosen}
-    meta = {k: v for k, v in meta.items() if k not in HEADER_KEYS}
+    meta = {k: v for k, v in bundle.meta.items() if k not in HEADER_KEYS}
     meta.update(sampler=sampler, tuned_times={"source": str(source), "seed": rows[0]["seed"], "chosen": chosen})
-    save_weights(out, model, meta)
+    save_weights(out, bundle.model, meta)
     return chosen
 
 
@@ -113,11 +112,9 @@ def tune(args) -> int:
         raise ValueError("--out must differ from --model (the untuned export is kept)")
     if args.out.suffix != ".safetensors":
         raise ValueError(f"--out must be a .safetensors path, got {args.out}")
-    from methods.commands import resolve_device
-
     bundle = ModelBundle.load(args.model, resolve_device(args.device))
     rows = sweep(bundle, args.steps, args.shifts, args.num, args.seed)
-    chosen = write_tuned(args.model, args.out, rows)
+    chosen = write_tuned(bundle, args.model, args.out, rows)
     report = args.out.with_suffix(".tuning.json")
     report.write_text(json.dumps({"model": str(args.model), "chosen": chosen, "rows": rows}, indent=1))
     plot_sweep(rows, args.out.with_suffix(".tuning.png"))
