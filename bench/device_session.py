@@ -1,17 +1,26 @@
 """One prepared GPU session: correctness, the moving-shapes teacher and students, and kernel benchmarks.
 
-The lent GPU comes in short leases, so everything that needs it runs from this one script, in two
-parts that fit one call each (`--part train`, `--part bench`). Every step runs as a subprocess with
-its own time limit; a failing step is logged and the session goes on. Outputs land in `--out`
-($OUT on the device machine), packed into a few files because only 8 come back:
+The lent GPU comes in short leases, so everything that needs it runs from this one script, in
+parts that fit one call each (`--part train`, `--part bench`, `--part finetune`). Every step runs
+as a subprocess with its own time limit; a failing step is logged and the session goes on.
+Outputs land in `--out` ($OUT on the device machine), packed into a few files because only 8
+come back:
 
     summary.txt                 one line per step: status, seconds, log file
-    teacher.safetensors         the teacher trained here (part train without --teacher)
+    teacher.safetensors         the teacher trained here (part train or finetune without --teacher)
+    *_tuned.safetensors         part finetune's students with their tuned sampling times
     train_results.tar.gz        run configs, metrics.jsonl, evaluation JSONs, sample grids, logs
     bench_results.tar.gz        benchmark JSONs and logs (part bench)
+    finetune_results.tar.gz     as train_results, for part finetune
 
     python -m bench.device_session --part train --out $OUT --teacher models/weights/shapes-teacher/model.safetensors
     python -m bench.device_session --part bench --out $OUT --commit <hash>
+    python -m bench.device_session --part finetune --out $OUT --teacher models/weights/shapes-teacher/model.safetensors
+
+`--part finetune` is the path that gave the best 2-step CPU student: a consistency student
+(`--distill-seconds`), then rCM started from its export (`--finetune-seconds`; no tangent warm-up,
+2-step backward simulation), then `vdistill tune-times` on both exports (tuning seed 1) and
+evaluations of the tuned copies (seed 0); one recipe at a time, each with the whole GPU.
 
 `--eval-points N` adds N in-training evaluations to every distillation run (budget curves in each
 run's metrics.jsonl); `--benches attention trigflow` runs a subset of the benchmarks; `--methods rcm
@@ -91,9 +100,12 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "methods.cli", *args]
 
 
-def distill_args(method: str, distill_s: float, eval_points: int = 0, batch: int | None = None) -> list[str]:
+def distill_args(
+    method: str, distill_s: float, eval_points: int = 0, batch: int | None = None, rcm_warmup: bool = True
+) -> list[str]:
     """--steps (and schedule options) so that `method` fits `distill_s` seconds; with eval_points, that
     many in-training evaluations of the EMA student (128 clips at 1/2/4 steps) spread over the run.
+    rCM ramps its tangent over the first sixth of the run unless `rcm_warmup` is False.
     `batch` replaces the recipe's default batch size; the step count still assumes STEP_S (right while
     a step is host-bound, as the `shapes` model's are on an H200; --time-limit cuts a slower run)."""
     steps = max(8, int(distill_s / STEP_S[method]))
@@ -105,7 +117,7 @@ def distill_args(method: str, distill_s: float, eval_points: int = 0, batch: int
     if method == "progressive":
         stages = [max(1, round(f * steps)) for f in PROGRESSIVE_STAGE_SHARE]
         args += ["--set", "stage_steps=" + ",".join(map(str, stages))]
-    if method == "rcm":
+    if method == "rcm" and rcm_warmup:
         args += ["--set", f"tangent_warmup={max(1, steps // 6)}"]
     if method == "reflow":
         args += ["--set", "pair_steps=4"]
@@ -181,6 +193,52 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
         s.wait(job, timeout=240)
 
 
+FINETUNE_OPTIONS = ("--set", "tangent_warmup=0", "--set", "max_sim_steps=2")  # rCM from a consistency student
+
+
+def finetune_steps(args: argparse.Namespace, teacher: Path, runs: Path) -> list[tuple[str, list[str], float]]:
+    """(name, command, timeout) of part finetune, in order; each step reads the previous one's files."""
+    consistency, rcm = runs / "consistency", runs / "rcm_finetune"
+    steps = [
+        ("distill_consistency",
+         cli("distill", "consistency", "--teacher", str(teacher), "--out", str(consistency),
+             *distill_args("consistency", args.distill_seconds, args.eval_points, args.distill_batch)),
+         args.distill_seconds + 150),
+        ("distill_rcm_finetune",
+         cli("distill", "rcm", "--teacher", str(teacher), "--out", str(rcm),
+             "--init", str(consistency / "student_ema.safetensors"), *FINETUNE_OPTIONS,
+             *distill_args("rcm", args.finetune_seconds, args.eval_points, args.distill_batch, rcm_warmup=False)),
+         args.finetune_seconds + 150),
+    ]
+    for run in (consistency, rcm):
+        tuned = run / "student_tuned.safetensors"
+        steps += [
+            (f"tune_{run.name}",
+             cli("tune-times", "--model", str(run / "student_ema.safetensors"), "--out", str(tuned),
+                 "--steps", "2", "4", "--num", str(args.num)),
+             240),
+            (f"eval_{run.name}_tuned",
+             cli("evaluate", "--model", str(tuned), "--steps", "1", "2", "4", "--num", str(args.num),
+                 "--out", str(runs / f"eval_{run.name}_tuned.json")),
+             240),
+        ]
+    return steps
+
+
+def part_finetune(s: Session, args: argparse.Namespace) -> None:
+    teacher = args.teacher or pretrain_teacher(s, args, s.work / "runs" / "teacher")
+    if teacher is None:
+        return
+    runs = s.work / "runs"
+    for name, cmd, timeout in finetune_steps(args, teacher, runs):
+        if s.run(name, cmd, timeout) != 0 and name == "distill_consistency":
+            return  # everything after reads its export
+    for run in ("consistency", "rcm_finetune"):
+        tuned = runs / run / "student_tuned.safetensors"
+        if tuned.exists():  # the students come back too (pack leaves weights out)
+            (s.out / f"{run}_tuned.safetensors").write_bytes(tuned.read_bytes())
+
+
 BENCHES = {"attention": 240, "ema": 75, "trigflow": 75, "rcm_step": 120}  # bench/bench_<name>.py: time limit
 
 
@@ -192,9 +250,10 @@ def part_bench(s: Session, names: list[str], quick: bool) -> None:
               timeout=BENCHES[name])
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=["train", "bench"], required=True, help="which half of the session to run")
+    p.add_argument("--part", choices=["train", "bench", "finetune"], required=True,
+                   help="which part of the session to run")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_out")), help="returned files")
     p.add_argument("--work", type=Path, default=Path("/tmp/vdistill_session"), help="scratch directory")
     p.add_argument("--preset", default="shapes", help="teacher preset (tiny: a CPU dry run of this script)")
@@ -206,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="flow-matching option of the teacher run (vdistill pretrain --set), repeatable")
     p.add_argument("--teacher-seconds", type=float, default=150, help="teacher training time limit")
     p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
+    p.add_argument("--finetune-seconds", type=float, default=240,
+                   help="time limit of part finetune's rCM run (from the consistency student)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="distillation recipes to run side by side (default: all four)")
     p.add_argument("--distill-batch", type=int, help="batch size of every distillation run (default: each recipe's)")
@@ -216,7 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--benches", nargs="+", choices=list(BENCHES), default=list(BENCHES),
                    help="benchmarks of part bench (default: all)")
     p.add_argument("--commit", help="commit recorded in the results (default: git, else $VDISTILL_COMMIT)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_arg_parser()
     args = p.parse_args(argv)
+    if args.finetune_seconds <= 0:
+        p.error(f"--finetune-seconds must be > 0, got {args.finetune_seconds}")
     if args.distill_batch is not None and args.distill_batch < 1:
         p.error(f"--distill-batch must be >= 1, got {args.distill_batch}")
     if args.teacher is not None and not args.teacher.is_file():
@@ -238,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.part == "train":
             part_train(s, args)
+        elif args.part == "finetune":
+            part_finetune(s, args)
         else:
             part_bench(s, args.benches, args.quick)
     finally:

@@ -1,5 +1,7 @@
 """bench/device_session.py: the distillation arguments it sizes for a time budget (no GPU needed)."""
 
+import json
+
 import pytest
 
 from bench import device_session as ds
@@ -25,8 +27,34 @@ def test_progressive_stages_cover_the_run():
 @pytest.mark.parametrize("argv,match", [
     (["--part", "train", "--distill-batch", "0"], "--distill-batch"),
     (["--part", "train", "--methods", "dmd"], "--methods"),
+    (["--part", "finetune", "--finetune-seconds", "0"], "--finetune-seconds"),
 ])
 def test_bad_arguments_are_refused_by_name(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit):
         ds.main([*argv, "--out", str(tmp_path)])
     assert match in capsys.readouterr().err
+
+
+def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys):
+    from methods.cli import build_parser, main
+
+    args = ds.build_arg_parser().parse_args(
+        ["--part", "finetune", "--eval-points", "2", "--distill-batch", "64", "--num", "32"]
+    )
+    teacher, runs = tmp_path / "teacher.safetensors", tmp_path / "runs"
+    steps = ds.finetune_steps(args, teacher, runs)
+    commands = {name: cmd[3:] for name, cmd, _ in steps}  # [python, -m, methods.cli, ...]
+    for cmd in commands.values():
+        build_parser().parse_args(cmd)  # every command is one the CLI accepts
+    rcm = commands["distill_rcm_finetune"]
+    assert rcm[rcm.index("--init") + 1] == str(runs / "consistency" / "student_ema.safetensors")
+    assert rcm[rcm.index("--batch-size") + 1] == "64"
+    assert main([*rcm, "--dry-run"]) == 0
+    resolved = json.loads(capsys.readouterr().out)["method_config"]
+    assert (resolved["tangent_warmup"], resolved["max_sim_steps"]) == (0, 2)
+    for run in ("consistency", "rcm_finetune"):
+        tune, evaluate = commands[f"tune_{run}"], commands[f"eval_{run}_tuned"]
+        assert tune[tune.index("--model") + 1] == str(runs / run / "student_ema.safetensors")
+        assert evaluate[evaluate.index("--model") + 1] == tune[tune.index("--out") + 1]
+    order = [name for name, _, _ in steps]
+    assert order.index("distill_consistency") < order.index("distill_rcm_finetune") < order.index("tune_rcm_finetune")
