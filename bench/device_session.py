@@ -124,10 +124,12 @@ def distill_args(
     return args
 
 
+def evaluate_cmd(model: Path, steps: list[int], num: int, out: Path) -> list[str]:
+    return cli("evaluate", "--model", str(model), "--steps", *map(str, steps), "--num", str(num), "--out", str(out))
+
+
 def evaluate(s: Session, name: str, model: Path, steps: list[int], num: int, out: Path):
-    return s.start(
-        name, cli("evaluate", "--model", str(model), "--steps", *map(str, steps), "--num", str(num), "--out", str(out))
-    )
+    return s.start(name, evaluate_cmd(model, steps, num, out))
 
 
 def pretrain_teacher(s: Session, args: argparse.Namespace, teacher_dir: Path) -> Path | None:
@@ -217,19 +219,17 @@ def finetune_steps(args: argparse.Namespace, teacher: Path, runs: Path) -> list[
              cli("tune-times", "--model", str(run / "student_ema.safetensors"), "--out", str(tuned),
                  "--steps", "2", "4", "--num", str(args.num)),
              240),
-            (f"eval_{run.name}_tuned",
-             cli("evaluate", "--model", str(tuned), "--steps", "1", "2", "4", "--num", str(args.num),
-                 "--out", str(runs / f"eval_{run.name}_tuned.json")),
+            (f"eval_{run.name}_tuned", evaluate_cmd(tuned, [1, 2, 4], args.num, runs / f"eval_{run.name}_tuned.json"),
              240),
         ]
     return steps
 
 
 def part_finetune(s: Session, args: argparse.Namespace) -> None:
-    teacher = args.teacher or pretrain_teacher(s, args, s.work / "runs" / "teacher")
+    runs = s.work / "runs"
+    teacher = args.teacher or pretrain_teacher(s, args, runs / "teacher")
     if teacher is None:
         return
-    runs = s.work / "runs"
     for name, cmd, timeout in finetune_steps(args, teacher, runs):
         if s.run(name, cmd, timeout) != 0 and name == "distill_consistency":
             return  # everything after reads its export
