@@ -72,7 +72,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
     p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
     p.add_argument("--shift", type=float, help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="noise seed(s); several: rows per seed, then their mean with standard errors")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
 

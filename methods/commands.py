@@ -14,7 +14,7 @@ from tqdm import tqdm
 from methods.batches import Prefetched, ShapesBatches
 from methods.checkpoint import load_dit
 from methods.data import parse_prompt, prompt_for
-from methods.evaluate import evaluate_clips, reference_features
+from methods.evaluate import evaluate_clips, mean_over_seeds, reference_features
 from methods.generate import ModelBundle, balanced_labels, generate, spread_labels
 from methods.media import save_annotated_grid, save_gif, save_grid_png, save_mp4
 from methods.presets import RunConfig
@@ -117,6 +117,7 @@ def evaluate_model(
 def format_table(rows: list[dict]) -> str:
     cols = ["steps", "acc_all", "acc_shape", "acc_square", "square_fill", "acc_colour", "acc_direction", "fd",
             "smoothness", "diversity"]
+    cols += [c for c in ("acc_all_se", "acc_all_binomial_se", "fd_se") if c in rows[0]]  # rows over seeds
     lines = [" | ".join(f"{c:>13}" for c in cols)]
     for r in rows:
         lines.append(" | ".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in cols))
@@ -124,14 +125,26 @@ def format_table(rows: list[dict]) -> str:
 
 
 def evaluate(args) -> int:
+    if len(set(args.seed)) != len(args.seed):
+        raise ValueError(f"--seed: each seed once, got {args.seed}")
     device = resolve_device(args.device)
     bundle = ModelBundle.load(args.model, device)
-    rows = evaluate_model(bundle, args.steps, args.num, args.solver, args.cfg, args.seed, shift=args.shift)
-    print(format_table(rows))
+    result = {"model": str(args.model), "device": str(device), "cfg_scale": args.cfg or bundle.cfg_scale,
+              "shift": args.shift, "seeds": args.seed}
+    per_seed = {}
+    for seed in args.seed:
+        per_seed[seed] = evaluate_model(bundle, args.steps, args.num, args.solver, args.cfg, seed, shift=args.shift)
+        if len(args.seed) > 1:
+            print(f"seed {seed}")
+        print(format_table(per_seed[seed]))
+    if len(args.seed) > 1:
+        result["per_seed"] = per_seed
+        rows = mean_over_seeds(list(per_seed.values()))
+        print(f"mean over seeds {' '.join(map(str, args.seed))} (_se: standard error)\n{format_table(rows)}")
+    else:
+        rows = per_seed[args.seed[0]]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        result = {"model": str(args.model), "device": str(device), "cfg_scale": args.cfg or bundle.cfg_scale,
-                  "shift": args.shift}
         args.out.write_text(json.dumps({**result, "rows": rows}, indent=2))
     return 0
 

@@ -15,11 +15,17 @@
   FD = |mu_a - mu_b|^2 + tr(S_a + S_b - 2 (S_a^1/2 S_b S_a^1/2)^1/2).
   The matrix square roots come from symmetric eigendecompositions in float64, with negative
   round-off eigenvalues clipped to zero, so FD is real and >= 0 up to round-off.
+
+``mean_over_seeds(per_seed)`` averages evaluations of one model under several noise seeds: each
+metric's mean, ``<metric>_se`` its standard error from the spread over seeds, and for ``acc_all``
+also ``acc_all_binomial_se`` = sqrt(p (1 - p) / (seeds * num)), the error of a proportion over all
+clips (rougher from the spread when there are only two or three seeds).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -116,3 +122,27 @@ def evaluate_clips(videos: torch.Tensor, labels: torch.Tensor, reference: torch.
     }
     return metrics
 
+
+
+def mean_over_seeds(per_seed: list[list[dict]]) -> list[dict]:
+    """Rows of one evaluation per seed (same step counts, same ``num``) -> one row per step count."""
+    if len(per_seed) < 2:
+        raise ValueError(f"per_seed: need evaluations under at least 2 seeds, got {len(per_seed)}")
+    k = len(per_seed)
+    rows = []
+    for same_steps in zip(*per_seed, strict=True):
+        first = same_steps[0]
+        if any(r["steps"] != first["steps"] or r["num"] != first["num"] for r in same_steps):
+            raise ValueError("per_seed: the seeds' rows differ in steps or num")
+        row = {key: value for key, value in first.items() if not isinstance(value, float)}
+        for key, value in first.items():
+            if isinstance(value, float) and key != "wall_s":
+                values = torch.tensor([r[key] for r in same_steps], dtype=torch.float64)
+                row[key] = float(values.mean())
+                row[f"{key}_se"] = float(values.std() / math.sqrt(k))
+        p = row["acc_all"]
+        row["acc_all_binomial_se"] = math.sqrt(p * (1 - p) / (k * first["num"]))
+        row["seeds"] = k
+        row["wall_s"] = sum(r["wall_s"] for r in same_steps)
+        rows.append(row)
+    return rows

@@ -95,6 +95,26 @@ def test_evaluate_writes_rows(tiny_model, tmp_path):
     assert all(0 <= r["acc_all"] <= 1 for r in rows)
 
 
+def test_evaluate_over_several_seeds_averages_the_single_seed_runs(tiny_model, tmp_path, capsys):
+    args = ["evaluate", "--model", str(tiny_model), "--steps", "1", "--num", "8"]
+    singles = []
+    for seed in (0, 3):
+        assert main([*args, "--seed", str(seed), "--out", str(tmp_path / f"seed{seed}.json")]) == 0
+        singles.append(json.loads((tmp_path / f"seed{seed}.json").read_text())["rows"][0])
+    assert main([*args, "--seed", "0", "3", "--out", str(tmp_path / "both.json")]) == 0
+    both = json.loads((tmp_path / "both.json").read_text())
+    def metrics(row):
+        return {key: value for key, value in row.items() if key != "wall_s"}
+
+    assert both["seeds"] == [0, 3]
+    assert [metrics(r[0]) for r in both["per_seed"].values()] == [metrics(r) for r in singles]
+    assert both["rows"][0]["fd"] == pytest.approx((singles[0]["fd"] + singles[1]["fd"]) / 2)
+    assert both["rows"][0]["fd_se"] == pytest.approx(abs(singles[0]["fd"] - singles[1]["fd"]) / 2)
+    assert "mean over seeds 0 3" in capsys.readouterr().out
+    assert main([*args, "--seed", "1", "1"]) == 2
+    assert "--seed: each seed once" in capsys.readouterr().err
+
+
 def test_shift_changes_the_sampler_grid_and_must_be_positive(tiny_model):
     bundle = ModelBundle.load(tiny_model)
     labels = balanced_labels(2)

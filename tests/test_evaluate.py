@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from methods.analyzer import FEATURE_NAMES, analyze
 from methods.data import SHAPES, MovingShapes, ShapesConfig
-from methods.evaluate import diversity, evaluate_clips, frechet_distance, reference_features
+from methods.evaluate import diversity, evaluate_clips, frechet_distance, mean_over_seeds, reference_features
 
 
 @pytest.fixture(scope="module")
@@ -251,3 +251,19 @@ def test_word_sensitivity_is_zero_exactly_when_the_text_cannot_reach_the_output(
         torch.nn.init.zeros_(block.cross_attn.o.weight)
         torch.nn.init.zeros_(block.cross_attn.o.bias)
     assert all(v == 0 for v in word_sensitivity(bundle, times=(0.5,), num=4)["0.5"].values())
+
+
+def test_mean_over_seeds_gives_means_and_standard_errors():
+    def row(acc, fd):
+        return {"steps": 2, "num": 100, "solver": "euler", "acc_all": acc, "fd": fd, "wall_s": 1.5}
+
+    (mean,) = mean_over_seeds([[row(0.5, 3.0)], [row(0.7, 5.0)]])
+    assert mean["acc_all"] == pytest.approx(0.6) and mean["fd"] == pytest.approx(4.0)
+    # sample std of two values a, b is |a - b| / sqrt(2); over sqrt(2) seeds: |a - b| / 2
+    assert mean["acc_all_se"] == pytest.approx(0.1) and mean["fd_se"] == pytest.approx(1.0)
+    assert mean["acc_all_binomial_se"] == pytest.approx((0.6 * 0.4 / 200) ** 0.5)
+    assert mean["steps"] == 2 and mean["solver"] == "euler" and mean["seeds"] == 2 and mean["wall_s"] == 3.0
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        mean_over_seeds([[row(0.5, 3.0)]])
+    with pytest.raises(ValueError, match="differ in steps"):
+        mean_over_seeds([[row(0.5, 3.0)], [{**row(0.7, 5.0), "steps": 4}]])
