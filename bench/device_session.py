@@ -20,7 +20,7 @@ come back:
 `--part finetune` is the path that gave the best 2-step CPU student: a consistency student
 (`--distill-seconds`), then rCM started from its export (`--finetune-seconds`; no tangent warm-up,
 2-step backward simulation), then `vdistill tune-times` on both exports (tuning seed 1) and
-evaluations of the tuned copies (seed 0); one recipe at a time, each with the whole GPU.
+evaluations of the tuned copies (seeds 0, 2, 3: per seed and the mean); one recipe at a time, each with the whole GPU.
 
 `--eval-points N` adds N in-training evaluations to every distillation run (budget curves in each
 run's metrics.jsonl); `--benches attention trigflow` runs a subset of the benchmarks; `--methods rcm
@@ -124,8 +124,9 @@ def distill_args(
     return args
 
 
-def evaluate_cmd(model: Path, steps: list[int], num: int, out: Path) -> list[str]:
-    return cli("evaluate", "--model", str(model), "--steps", *map(str, steps), "--num", str(num), "--out", str(out))
+def evaluate_cmd(model: Path, steps: list[int], num: int, out: Path, seeds: tuple[int, ...] = (0,)) -> list[str]:
+    return cli("evaluate", "--model", str(model), "--steps", *map(str, steps), "--num", str(num), "--out", str(out),
+               "--seed", *map(str, seeds))
 
 
 def evaluate(s: Session, name: str, model: Path, steps: list[int], num: int, out: Path):
@@ -196,6 +197,7 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
 
 
 FINETUNE_OPTIONS = ("--set", "tangent_warmup=0", "--set", "max_sim_steps=2")  # rCM from a consistency student
+REPORT_SEEDS = (0, 2, 3)  # tuned students are reported on these; tune-times chooses on its own seed (1)
 
 
 def finetune_steps(args: argparse.Namespace, teacher: Path, runs: Path) -> list[tuple[str, list[str], float]]:
@@ -219,7 +221,8 @@ def finetune_steps(args: argparse.Namespace, teacher: Path, runs: Path) -> list[
              cli("tune-times", "--model", str(run / "student_ema.safetensors"), "--out", str(tuned),
                  "--steps", "2", "4", "--num", str(args.num)),
              240),
-            (f"eval_{run.name}_tuned", evaluate_cmd(tuned, [1, 2, 4], args.num, runs / f"eval_{run.name}_tuned.json"),
+            (f"eval_{run.name}_tuned",
+             evaluate_cmd(tuned, [1, 2, 4], args.num, runs / f"eval_{run.name}_tuned.json", REPORT_SEEDS),
              240),
         ]
     return steps

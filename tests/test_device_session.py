@@ -56,5 +56,7 @@ def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys)
         tune, evaluate = commands[f"tune_{run}"], commands[f"eval_{run}_tuned"]
         assert tune[tune.index("--model") + 1] == str(runs / run / "student_ema.safetensors")
         assert evaluate[evaluate.index("--model") + 1] == tune[tune.index("--out") + 1]
+        report_seeds, tuning_seed = build_parser().parse_args(evaluate).seed, build_parser().parse_args(tune).seed
+        assert len(report_seeds) > 1 and tuning_seed not in report_seeds
     order = [name for name, _, _ in steps]
     assert order.index("distill_consistency") < order.index("distill_rcm_finetune") < order.index("tune_rcm_finetune")
