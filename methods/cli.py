@@ -114,6 +114,8 @@ def _add_distill(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--init", type=Path,
                    help="start the student from this exported student's weights (default: the teacher's)")
+    p.add_argument("--teacher-cfg", type=float,
+                   help="guidance scale of the teacher, baked into the student (default: the teacher's own)")
     p.add_argument("--steps", type=int, help="override the method's number of training steps")
     p.add_argument("--batch-size", type=int, help="override the batch size")
     p.add_argument("--lr", type=float, help="override the learning rate")
@@ -271,7 +273,8 @@ def _distill(args) -> int:
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init {args.init} does not exist")
-    distill(args.method, args.teacher, args.out, train, cfg, resume=args.resume, init=args.init)
+    distill(args.method, args.teacher, args.out, train, cfg, resume=args.resume, init=args.init,
+            teacher_cfg=args.teacher_cfg)
     return 0
 
 

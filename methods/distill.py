@@ -19,6 +19,7 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import typing
 from pathlib import Path
 
@@ -122,17 +123,23 @@ def distill(
     method_cfg=None,
     resume: bool = False,
     init: str | Path | None = None,
+    teacher_cfg: float | None = None,
 ) -> dict[str, Path]:
     """Distil the teacher at `teacher_path` with `method`; returns the exported student files.
 
     `init`: start the student from an exported student's weights instead of the teacher's (e.g. a
     DMD/rCM fine-tune of a consistency student); the teacher, and rCM's critic, stay the teacher.
+    `teacher_cfg`: the teacher's guidance scale to bake into the student (default: the teacher's own).
     """
+    if teacher_cfg is not None and not (math.isfinite(teacher_cfg) and teacher_cfg > 0):
+        raise ValueError(f"--teacher-cfg must be a finite number > 0, got {teacher_cfg}")
     module = distiller(method)
     train = train or module.default_train()
     cfg = method_cfg or module.Config()
     device = train.resolved_device()
     teacher = ModelBundle.load(teacher_path, device)
+    if teacher_cfg is not None:
+        teacher = dataclasses.replace(teacher, cfg_scale=teacher_cfg)
     torch.manual_seed(train.seed)
     recipe = module.build_recipe(teacher, cfg)
     if init is not None:

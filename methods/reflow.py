@@ -29,7 +29,7 @@ from methods.losses import check_loss, regression_loss
 from methods.pretrain import FlowMatchingConfig, sample_rf_time
 from methods.recipe import Batch, Recipe
 from methods.samplers import SOLVERS, sample_rf
-from methods.shards import ShardDataset, ShardLoader
+from methods.shards import ShardDataset, ShardLoader, shard_extra, shard_paths
 from methods.students import frozen, student_from
 from methods.trainer import TrainConfig
 from models.parameterization import guided, rf_interpolate
@@ -68,6 +68,13 @@ class ReFlow(Recipe):
         self.teacher = frozen(teacher)
         self.times = FlowMatchingConfig(cfg_dropout=0.0, time_sampling=cfg.time_sampling)
         self.loader: ShardLoader | None = None
+        if cfg.pairs is not None:
+            scales = {shard_extra(path).get("cfg_scale") for path in shard_paths(cfg.pairs)} - {None}
+            if scales - {teacher_scale}:
+                raise ValueError(
+                    f"pairs: shards in {cfg.pairs} were generated with guidance {sorted(scales)}, but this run distils "
+                    f"the teacher at guidance {teacher_scale} (make pairs at that scale or drop --teacher-cfg)"
+                )
 
     @torch.no_grad()
     def online_pairs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -134,6 +134,15 @@ def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return latents, text, mask, meta
 
 
+def shard_extra(path: str | Path) -> dict:
+    """The ``extra`` metadata of one shard, read from its header alone (no tensors loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["meta"]).get("extra", {})
+    except Exception as e:  # safetensors raises several types for corrupt files
+        raise ValueError(f"{path}: not a readable shard header ({e})") from e
+
+
 def shard_paths(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:
     """A directory -> its ``*.safetensors`` files sorted by name; a path or list -> as given."""
     if isinstance(paths_or_dir, (str, Path)):

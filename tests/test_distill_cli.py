@@ -193,3 +193,22 @@ def test_missing_or_mismatched_init_is_refused(teacher, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--init" in err and "differs" in err
     assert not out.exists()
+
+
+def test_teacher_cfg_is_baked_in_recorded_and_checked(teacher, tmp_path, capsys):
+    own = read_weights_meta(teacher)["run_config"].get("cfg_scale", 3.0)
+    assert _distill("consistency", teacher, tmp_path / "own") == 0
+    assert _distill("consistency", teacher, tmp_path / "strong", "--teacher-cfg", str(own + 2)) == 0
+    meta = read_weights_meta(tmp_path / "strong" / "student_ema.safetensors")["run_config"]
+    assert (meta["teacher_cfg_scale"], meta["cfg_scale"]) == (own + 2, 1.0)
+    assert read_metrics(tmp_path / "strong")[-1]["loss"] != read_metrics(tmp_path / "own")[-1]["loss"]
+    assert _distill("consistency", teacher, tmp_path / "own", "--steps", "5", "--resume", "--teacher-cfg", "9") == 2
+    assert "teacher_cfg_scale differs" in capsys.readouterr().err
+    assert _distill("consistency", teacher, tmp_path / "bad", "--teacher-cfg", "0") == 2
+    assert "--teacher-cfg must be a finite number > 0" in capsys.readouterr().err
+    pairs = tmp_path / "pairs"  # pairs made at the teacher's own guidance do not fit another one
+    assert main(["reflow-pairs", "--teacher", str(teacher), "--out", str(pairs), "--num", "2", "--steps", "1",
+                 "--device", "cpu"]) == 0
+    assert _distill("reflow", teacher, tmp_path / "rf", "--set", f"pairs={pairs}", "--teacher-cfg", str(own + 2)) == 2
+    assert "generated with guidance" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists() and _files(tmp_path / "rf") == []
