@@ -110,15 +110,7 @@ def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
             tensors = {k: f.get_tensor(k) for k in names}
     except Exception as e:  # safetensors raises several types for corrupt files
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{path}: metadata format is {header.get('format')!r}, expected {FORMAT!r}")
-    if header.get("version") != str(VERSION):
-        raise ValueError(f"{path}: unsupported shard version {header.get('version')!r} "
-                         f"(this reader reads {VERSION})")
-    try:
-        meta = json.loads(header["meta"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: metadata 'meta' is missing or not JSON") from e
+    meta = _header_meta(path, header)
     missing = {"latents", "text"} - names
     if missing:
         raise ValueError(f"{path}: missing tensor(s) {sorted(missing)}")
@@ -134,13 +126,27 @@ def read_shard(path: str | Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return latents, text, mask, meta
 
 
+def _header_meta(path: Path, header: dict) -> dict:
+    """The JSON ``meta`` of a shard's safetensors header, after checking its format and version."""
+    if header.get("format") != FORMAT:
+        raise ValueError(f"{path}: metadata format is {header.get('format')!r}, expected {FORMAT!r}")
+    if header.get("version") != str(VERSION):
+        raise ValueError(f"{path}: unsupported shard version {header.get('version')!r} "
+                         f"(this reader reads {VERSION})")
+    try:
+        return json.loads(header["meta"])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: metadata 'meta' is missing or not JSON") from e
+
+
 def shard_extra(path: str | Path) -> dict:
     """The ``extra`` metadata of one shard, read from its header alone (no tensors loaded)."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            return json.loads((f.metadata() or {})["meta"]).get("extra", {})
+            header = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for corrupt files
-        raise ValueError(f"{path}: not a readable shard header ({e})") from e
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
+    return _header_meta(Path(path), header).get("extra", {})
 
 
 def shard_paths(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:
