@@ -29,7 +29,7 @@ from methods.losses import check_loss, regression_loss
 from methods.pretrain import FlowMatchingConfig, sample_rf_time
 from methods.recipe import Batch, Recipe
 from methods.samplers import SOLVERS, sample_rf
-from methods.shards import ShardDataset, ShardLoader, shard_extra, shard_paths
+from methods.shards import ShardDataset, ShardLoader, shard_meta, shard_paths
 from methods.students import frozen, student_from
 from methods.trainer import TrainConfig
 from models.parameterization import guided, rf_interpolate
@@ -68,13 +68,6 @@ class ReFlow(Recipe):
         self.teacher = frozen(teacher)
         self.times = FlowMatchingConfig(cfg_dropout=0.0, time_sampling=cfg.time_sampling)
         self.loader: ShardLoader | None = None
-        if cfg.pairs is not None:
-            scales = {shard_extra(path).get("cfg_scale") for path in shard_paths(cfg.pairs)} - {None}
-            if scales - {teacher_scale}:
-                raise ValueError(
-                    f"pairs: shards in {cfg.pairs} were generated with guidance {sorted(scales)}, but this run distils "
-                    f"the teacher at guidance {teacher_scale} (make pairs at that scale or drop --teacher-cfg)"
-                )
 
     @torch.no_grad()
     def online_pairs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -84,26 +77,10 @@ class ReFlow(Recipe):
         data = sample_rf(velocity, noise, self.cfg.pair_steps, self.cfg.pair_solver, self.cfg.shift)
         return noise, data.float(), batch.text
 
-    def _open_pairs(self, batch_size: int, like: Batch) -> ShardLoader:
-        dataset = ShardDataset(self.cfg.pairs)
-        c, *rest = like.x0.shape[1:]
-        want, have = [2 * c, *rest], list(dataset.latent_shape)
-        if have != want:
-            raise ValueError(
-                f"pairs: shards in {self.cfg.pairs} hold [noise, data] latents of shape {have}, but this "
-                f"teacher/student works on clips {list(like.x0.shape[1:])} (expected {want})"
-            )
-        if list(dataset.text_shape) != list(like.text.shape[1:]):
-            raise ValueError(
-                f"pairs: shard text embeddings are {list(dataset.text_shape)}, this teacher's text "
-                f"encoder gives {list(like.text.shape[1:])}"
-            )
-        return ShardLoader(dataset, batch_size, seed=0)
-
     def offline_pairs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, teacher sample, text) of the next shuffled batch of pair shards."""
         if self.loader is None:
-            self.loader = self._open_pairs(batch.x0.shape[0], batch)
+            self.loader = ShardLoader(ShardDataset(self.cfg.pairs), batch.x0.shape[0], seed=0)
         pairs = next(self.loader)
         noise, data = pairs.latents.to(batch.x0.device, torch.float32).chunk(2, dim=1)
         return noise, data, pairs.text.to(batch.text.device, batch.text.dtype)
@@ -136,9 +113,33 @@ def check_ode_teacher(teacher) -> None:
         raise ValueError(f"teacher must be a flow (ODE) model to distil from, but its export says sampler {kind!r}")
 
 
+def check_pairs(pairs: str, clip_shape: tuple[int, ...], text_shape: tuple[int, int], scale: float) -> None:
+    """ValueError unless every pair shard in `pairs` holds [noise, data] clips of `clip_shape` [C, T, H, W]
+    (2·C channels), text embeddings of `text_shape` [L, D], made at guidance `scale`; headers only."""
+    c, *rest = clip_shape
+    want = {"latents_shape": [2 * c, *rest], "text_shape": list(text_shape)}
+    for path in shard_paths(pairs):
+        meta = shard_meta(path)
+        for key, shape in want.items():
+            if meta.get(key) != shape:
+                raise ValueError(
+                    f"pairs: shard {path} holds {key} {meta.get(key)}, but this teacher/student needs {shape} "
+                    f"(clips {list(clip_shape)} as [noise, data], text [L, D] {list(text_shape)})"
+                )
+        made_at = meta.get("extra", {}).get("cfg_scale", scale)
+        if made_at != scale:
+            raise ValueError(
+                f"pairs: shard {path} was generated with guidance {made_at}, but this run distils the teacher "
+                f"at guidance {scale} (make pairs at that scale or drop --teacher-cfg)"
+            )
+
+
 def build_recipe(teacher, cfg: Config) -> ReFlow:
-    """`teacher`: a loaded `ModelBundle`; the student starts from its weights."""
+    """`teacher`: a loaded `ModelBundle`; the student starts from its weights. Offline pairs are checked
+    against the teacher's clip geometry, text encoder and guidance here, before any run file is written."""
     check_ode_teacher(teacher)
+    if cfg.pairs is not None:
+        check_pairs(cfg.pairs, teacher.data.clip_shape, (teacher.text.max_len, teacher.text.dim), teacher.cfg_scale)
     return ReFlow(teacher.model, cfg, teacher.cfg_scale)
 
 

@@ -139,14 +139,15 @@ def _header_meta(path: Path, header: dict) -> dict:
         raise ValueError(f"{path}: metadata 'meta' is missing or not JSON") from e
 
 
-def shard_extra(path: str | Path) -> dict:
-    """The ``extra`` metadata of one shard, read from its header alone (no tensors loaded)."""
+def shard_meta(path: str | Path) -> dict:
+    """The metadata of one shard (N, shapes, dtypes, ``extra``), read from its header alone (no tensors
+    loaded); `read_shard` checks it against the tensors."""
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for corrupt files
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from e
-    return _header_meta(Path(path), header).get("extra", {})
+    return _header_meta(Path(path), header)
 
 
 def shard_paths(paths_or_dir: str | Path | Sequence[str | Path]) -> list[Path]:

@@ -98,7 +98,12 @@ def test_pairs_of_another_geometry_are_refused(teacher, tmp_path, capsys):
     write_shard(tmp_path / "pairs" / "p.safetensors", torch.zeros(4, 6, 2, 8, 8), torch.zeros(4, 8, 32))
     out = tmp_path / "student"
     assert _distill("reflow", teacher, out, "--set", f"pairs={tmp_path / 'pairs'}") == 2
-    assert "pairs: shards in" in capsys.readouterr().err
+    assert "holds latents_shape [6, 2, 8, 8]" in capsys.readouterr().err
+    assert not out.exists()  # refused before the run directory is made
+    write_shard(tmp_path / "pairs" / "p.safetensors", torch.zeros(4, 6, 4, 16, 16), torch.zeros(4, 8, 32))
+    assert _distill("reflow", teacher, out, "--set", f"pairs={tmp_path / 'pairs'}") == 2
+    assert "holds text_shape [8, 32]" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_unknown_method_missing_and_corrupt_teacher(teacher, tmp_path, capsys):
