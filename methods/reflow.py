@@ -14,7 +14,8 @@ Pairs come online (one teacher ODE solve per batch, `pair_steps` Euler/Heun step
 shards written by `vdistill reflow-pairs` (`pairs=DIR`, methods/reflow_pairs.py), whose latents hold
 [noise, data] along the channel axis. In offline mode the recipe reads its own shuffled, resumable
 shard loader (its position is part of `extra_state`) and only takes the empty-prompt embedding from
-the trainer's batches. Repeated rectification (k-rectified flow): pass the (k-1)-rectified
+the trainer's batches; `build_recipe` first checks every shard's header against the teacher's clip
+geometry, text shape and guidance. Repeated rectification (k-rectified flow): pass the (k-1)-rectified
 student's export as the teacher; its guidance is already baked in (scale 1).
 """
 
