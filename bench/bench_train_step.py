@@ -1,7 +1,7 @@
 """One flow-matching training step of a preset's DiT (forward, backward, AdamW) per autocast precision.
 
 Answers "is `--precision bf16` worth it on this machine?": on CPUs with AMX / AVX512-BF16 the
-bf16 autocast step is several times faster than fp32; on older CPUs it can be slower. Both runs
+bf16 autocast step is about 2x faster than fp32; on AVX2-only CPUs bf16 is emulated, 11x slower. Both runs
 use the same model, batch and inputs; the ratio is fp32 time / bf16 time from the same run.
 
     python bench/bench_train_step.py --preset shapes --batch-size 32 --device cpu --out bench/results
@@ -16,6 +16,7 @@ import torch
 
 from bench.harness import cpu_bench_ms, do_bench_ms, finish, run_meta, utc_stamp
 from methods.presets import RunConfig, preset
+from methods.trainer import cpu_bf16_is_native
 from models.dit import VideoDiT
 
 
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
     speedup = rows[0]["ms"] / rows[1]["ms"]
     print(f"bf16 autocast speed-up: {speedup:.2f}x")
     result = {
-        "meta": {**run_meta(device, argv), "threads": torch.get_num_threads()},
+        "meta": {**run_meta(device, argv), "threads": torch.get_num_threads(),
+                 "cpu_capability": torch.backends.cpu.get_cpu_capability(), "onednn_bf16": cpu_bf16_is_native()},
         "preset": args.preset, "batch_size": args.batch_size, "rows": rows,
         "goals": [{"goal": "bf16 step faster than fp32", "value": speedup, "target": 1.0, "met": speedup > 1.0}],
         "wall_s": time.time() - t_start,

@@ -22,7 +22,8 @@ log = logging.getLogger("vdistill")
 
 def _add_precision(p) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also on CPU (fast with AMX)")
+                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also on CPU "
+                   "(fast with AMX, emulated and slow on AVX2-only CPUs)")
 
 
 def _add_pretrain(sub) -> None:
@@ -157,7 +158,7 @@ def _add_reflow_pairs(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--batch-size", type=int, default=64, help="clips per teacher batch")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="teacher forward precision (bf16 autocast: ~1.9x faster on an AMX CPU)")
+                   help="teacher forward precision (bf16 autocast: ~1.9x faster on an AMX CPU, slow on AVX2-only ones)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
 

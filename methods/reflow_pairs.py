@@ -27,6 +27,7 @@ from methods.generate import ModelBundle, balanced_labels, generate, sample_nois
 from methods.reflow import check_ode_teacher
 from methods.samplers import SOLVERS
 from methods.shards import write_shard
+from methods.trainer import warn_if_emulated_bf16
 
 log = logging.getLogger("vdistill")
 
@@ -61,6 +62,7 @@ def write_pairs(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     check_ode_teacher(teacher)
+    warn_if_emulated_bf16(teacher.device, precision)
     out = Path(out)
     labels = balanced_labels(num)
     paths = []

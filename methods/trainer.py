@@ -40,6 +40,22 @@ from methods.recipe import Recipe
 log = logging.getLogger("vdistill")
 
 
+def cpu_bf16_is_native() -> bool:
+    """oneDNN's own test for a fast bf16 path (AVX512 BW/VL/DQ, AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_if_emulated_bf16(device: torch.device, precision: str) -> None:
+    """bf16 autocast on a CPU without oneDNN's bf16 path is emulated: 11x slower than fp32 on an AVX2 EPYC
+    (`bench/results/train_step_cpu_20261128T130052.json`)."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_is_native():
+        log.warning(
+            "precision bf16 on this CPU (%s, no AVX512/AMX bf16 path) is emulated: about 11x slower than fp32 "
+            "per training step on a 2-core AVX2 EPYC (`vdistill bench train-step` times it); use --precision fp32",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -55,8 +71,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     seed: int = 0
     device: str = "auto"  # "auto" = cuda if available else cpu
-    # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (fast on CPUs with
-    # AMX: `vdistill bench train-step`, README); "fp32" = off
+    # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (2.2x faster on CPUs with
+    # AMX, 11x slower on AVX2-only ones, which get a warning: `vdistill bench train-step`, README); "fp32" = off
     precision: str = "auto"
     profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
     tensorboard: bool = False
@@ -110,6 +126,7 @@ class Trainer:
         self.recipe, self.data, self.cfg = recipe, data, cfg
         self.run_dir = Path(run_dir)
         self.device = cfg.resolved_device()
+        warn_if_emulated_bf16(self.device, cfg.precision)
         self.recipe.to(self.device)
         params = [p for p in recipe.student.parameters() if p.requires_grad]
         if not params:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from methods import checkpoint as ckpt
+from methods import trainer as trainer_module
 from methods.batches import Prefetched, ShapesBatches
 from methods.presets import tiny
 from methods.pretrain import FlowMatching
@@ -48,6 +49,18 @@ def test_bf16_precision_autocasts_on_cpu(tmp_path):
     fp32, auto, bf16 = losses("fp32", "fp32"), losses("auto", "auto"), losses("bf16", "bf16")
     assert auto == fp32
     assert bf16 != fp32 and all(abs(a - b) < 0.05 * a for a, b in zip(fp32, bf16))
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_emulated_cpu_bf16_is_warned_about(tmp_path, monkeypatch, caplog, native):
+    """bf16 on a CPU without oneDNN's bf16 path warns once, naming the fix; fp32 and native bf16 stay quiet."""
+    monkeypatch.setattr(trainer_module, "cpu_bf16_is_native", lambda: native)
+    with caplog.at_level("WARNING", logger="vdistill"):
+        for precision in ("fp32", "auto", "bf16"):
+            _trainer(tmp_path / precision, steps=1, prefetch=False, precision=precision)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == (0 if native else 1)
+    assert all("emulated" in w and "--precision fp32" in w for w in warnings)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
