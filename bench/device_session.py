@@ -19,8 +19,9 @@ come back:
 
 `--part finetune` is the path that gave the best 2-step CPU student: a consistency student
 (`--distill-seconds`), then rCM started from its export (`--finetune-seconds`; no tangent warm-up,
-2-step backward simulation), then `vdistill tune-times` on both exports (tuning seed 1) and
-evaluations of the tuned copies (seeds 0, 2, 3: per seed and the mean); one recipe at a time, each with the whole GPU.
+2-step backward simulation; `--finetune-set KEY=VALUE` adds rCM options), then `vdistill
+tune-times` on both exports (tuning seed 1) and evaluations of the tuned copies (seeds 0, 2, 3: per
+seed and the mean); one recipe at a time, each with the whole GPU.
 
 `--eval-points N` adds N in-training evaluations to every distillation run (budget curves in each
 run's metrics.jsonl); `--benches attention trigflow` runs a subset of the benchmarks; `--methods rcm
@@ -211,6 +212,7 @@ def finetune_steps(args: argparse.Namespace, teacher: Path, runs: Path) -> list[
         ("distill_rcm_finetune",
          cli("distill", "rcm", "--teacher", str(teacher), "--out", str(rcm),
              "--init", str(consistency / "student_ema.safetensors"), *FINETUNE_OPTIONS,
+             *(opt for kv in args.finetune_set for opt in ("--set", kv)),
              *distill_args("rcm", args.finetune_seconds, args.eval_points, args.distill_batch, rcm_warmup=False)),
          args.finetune_seconds + 150),
     ]
@@ -270,6 +272,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill-seconds", type=float, default=100, help="time limit of each distillation run")
     p.add_argument("--finetune-seconds", type=float, default=240,
                    help="time limit of part finetune's rCM run (from the consistency student)")
+    p.add_argument("--finetune-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="rCM option of part finetune's rCM run (vdistill distill rcm --set), repeatable; "
+                   "e.g. p_mean=0.0 moves the sCM time proposal to the 2-step sampler's middle time")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                    help="distillation recipes to run side by side (default: all four)")
     p.add_argument("--distill-batch", type=int, help="batch size of every distillation run (default: each recipe's)")

@@ -39,7 +39,8 @@ def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys)
     from methods.cli import build_parser, main
 
     args = ds.build_arg_parser().parse_args(
-        ["--part", "finetune", "--eval-points", "2", "--distill-batch", "64", "--num", "32"]
+        ["--part", "finetune", "--eval-points", "2", "--distill-batch", "64", "--num", "32",
+         "--finetune-set", "p_mean=0.0", "--finetune-set", "dmd_weight=0.05"]
     )
     teacher, runs = tmp_path / "teacher.safetensors", tmp_path / "runs"
     steps = ds.finetune_steps(args, teacher, runs)
@@ -52,6 +53,7 @@ def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys)
     assert main([*rcm, "--dry-run"]) == 0
     resolved = json.loads(capsys.readouterr().out)["method_config"]
     assert (resolved["tangent_warmup"], resolved["max_sim_steps"]) == (0, 2)
+    assert (resolved["p_mean"], resolved["dmd_weight"]) == (0.0, 0.05)
     for run in ("consistency", "rcm_finetune"):
         tune, evaluate = commands[f"tune_{run}"], commands[f"eval_{run}_tuned"]
         assert tune[tune.index("--model") + 1] == str(runs / run / "student_ema.safetensors")
