@@ -217,3 +217,16 @@ def test_teacher_cfg_is_baked_in_recorded_and_checked(teacher, tmp_path, capsys)
     assert _distill("reflow", teacher, tmp_path / "rf", "--set", f"pairs={pairs}", "--teacher-cfg", str(own + 2)) == 2
     assert "generated with guidance" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists() and _files(tmp_path / "rf") == []
+
+
+def test_reflow_pairs_warn_about_emulated_cpu_bf16(teacher, tmp_path, monkeypatch, caplog):
+    from methods import trainer
+
+    monkeypatch.setattr(trainer, "cpu_bf16_is_native", lambda: False)
+    for precision in ("fp32", "bf16"):
+        args = ["reflow-pairs", "--teacher", str(teacher), "--out", str(tmp_path / precision), "--num", "1"]
+        with caplog.at_level("WARNING", logger="vdistill"):
+            assert main([*args, "--steps", "1", "--device", "cpu", "--precision", precision]) == 0
+        warned = any("emulated" in r.getMessage() for r in caplog.records)
+        assert warned == (precision == "bf16")
+        caplog.clear()
