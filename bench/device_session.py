@@ -299,6 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--teacher {args.teacher} does not exist")
     if args.teacher is not None and (args.init or args.set):
         p.error("--teacher is used as it is: --init and --set apply to a teacher trained here")
+    if args.finetune_set:  # refused here, not after the consistency run has spent GPU time
+        from methods.distill import apply_overrides
+        from methods.rcm import Config as RCMConfig
+
+        try:
+            apply_overrides(RCMConfig(), args.finetune_set)
+        except ValueError as e:
+            p.error(f"--finetune-set: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     s = Session(args.out, args.work / args.part)
     import torch

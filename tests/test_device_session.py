@@ -28,6 +28,9 @@ def test_progressive_stages_cover_the_run():
     (["--part", "train", "--distill-batch", "0"], "--distill-batch"),
     (["--part", "train", "--methods", "dmd"], "--methods"),
     (["--part", "finetune", "--finetune-seconds", "0"], "--finetune-seconds"),
+    (["--part", "finetune", "--finetune-set", "p_mean"], "--finetune-set"),
+    (["--part", "finetune", "--finetune-set", "p_men=0.0"], "no option 'p_men'"),
+    (["--part", "finetune", "--finetune-set", "max_sim_steps=0"], "max_sim_steps must be >= 1"),
 ])
 def test_bad_arguments_are_refused_by_name(argv, match, capsys, tmp_path):
     with pytest.raises(SystemExit):
