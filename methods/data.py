@@ -231,11 +231,13 @@ class ShapesStream:
 
     Batch ``k`` holds the clips at indices drawn by ``default_rng([seed, k])``, so the stream is a
     pure function of (data set, batch_size, seed, k); ``state_dict()`` stores ``k`` and a resumed
-    stream yields exactly the batches the original would have yielded next.
+    stream yields exactly the batches the original would have yielded next. ``part`` keeps a slice of
+    each batch (a data-parallel rank's share; ``batch_size`` stays the global size).
     """
 
     def __init__(
-        self, dataset: MovingShapes, batch_size: int, seed: int = 0, device: torch.device | str = "cpu"
+        self, dataset: MovingShapes, batch_size: int, seed: int = 0, device: torch.device | str = "cpu",
+        part: slice = slice(None),
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -245,12 +247,13 @@ class ShapesStream:
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+        self.part = part
         self.step = 0
 
     def indices(self, step: int) -> list[int]:
-        """Data set indices of batch ``step``."""
+        """Data set indices of batch ``step`` (this stream's part of it)."""
         rng = np.random.default_rng([self.seed, step])
-        return rng.integers(0, len(self.dataset), size=self.batch_size).tolist()
+        return rng.integers(0, len(self.dataset), size=self.batch_size).tolist()[self.part]
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str], torch.Tensor]]:
         return self

@@ -221,14 +221,18 @@ class ShardLoader:
 
     Epoch e visits the clips in the order ``default_rng([seed, e]).permutation(N)`` (identity if
     ``shuffle=False``) in batches of ``batch_size``; a final partial batch is dropped.
-    ``state_dict()`` = (epoch, position in the epoch).
+    ``state_dict()`` = (epoch, position in the epoch). ``part`` keeps a slice of each batch (a
+    data-parallel rank's share; ``batch_size`` stays the global size).
     """
 
-    def __init__(self, dataset: ShardDataset, batch_size: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, dataset: ShardDataset, batch_size: int, seed: int = 0, shuffle: bool = True, part: slice = slice(None)
+    ) -> None:
         if not 1 <= batch_size <= len(dataset):
             raise ValueError(f"batch_size must be in [1, {len(dataset)}] (the data set size), "
                              f"got {batch_size}")
         self.dataset, self.batch_size, self.seed, self.shuffle = dataset, batch_size, seed, shuffle
+        self.part = part
         self.epoch, self.position = 0, 0
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -243,7 +247,7 @@ class ShardLoader:
             self.epoch, self.position = self.epoch + 1, 0
         idx = self._order(self.epoch)[self.position:self.position + self.batch_size]
         self.position += self.batch_size
-        return self.dataset.batch(idx.tolist())
+        return self.dataset.batch(idx.tolist()[self.part])
 
     def state_dict(self) -> dict[str, int | bool]:
         """Position (epoch, position) plus the settings a resume must match."""
