@@ -11,16 +11,19 @@ from __future__ import annotations
 import queue
 import threading
 
+from methods import distributed
 from methods.data import MovingShapes, ShapesConfig, ShapesStream
 from methods.recipe import Batch
 from methods.text import TextEncoder
 
 
 class ShapesBatches:
-    """Moving-shapes clips with text embeddings from a `TextEncoder`, rendered on `device`."""
+    """Moving-shapes clips with text embeddings from a `TextEncoder`, rendered on `device`; under torchrun
+    each rank renders its share of the global batch of `batch_size` clips."""
 
     def __init__(self, data_cfg: ShapesConfig, text: TextEncoder, batch_size: int, seed: int = 0, device: str = "cpu"):
-        self.stream = ShapesStream(MovingShapes(data_cfg, seed=seed), batch_size, seed=seed, device=device)
+        part = distributed.shard_of(batch_size)
+        self.stream = ShapesStream(MovingShapes(data_cfg, seed=seed), batch_size, seed=seed, device=device, part=part)
         self.text = text
         self.device = device
         self.null = text.null(1, device)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from methods import commands
+from methods import commands, distributed
 
 log = logging.getLogger("vdistill")
 
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         "plot-evals": _plot_evals,
     }
     try:
-        with logging_redirect_tqdm():  # log lines print above the progress bars instead of through them
+        # torchrun (WORLD_SIZE > 1): one process group for the command; log lines print above the progress bars
+        with distributed.process_group_from_env(), logging_redirect_tqdm():
             return handlers[args.command](args)
     except (ValueError, FileNotFoundError) as e:
         print(f"vdistill {args.command}: error: {e}", file=sys.stderr)

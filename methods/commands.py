@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from methods import distributed
 from methods.batches import Prefetched, ShapesBatches
 from methods.checkpoint import load_dit
 from methods.data import parse_prompt, prompt_for
@@ -55,7 +56,8 @@ def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None 
     finally:
         data.close()
     paths = trainer.export()
-    log.info("exported %s", ", ".join(str(p) for p in paths.values()))
+    if distributed.is_main():
+        log.info("exported %s", ", ".join(str(p) for p in paths.values()))
     return paths
 
 

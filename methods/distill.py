@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from methods import distributed
 from methods.batches import Prefetched, ShapesBatches
 from methods.commands import evaluate_model, init_from
 from methods.generate import ModelBundle
@@ -169,6 +170,7 @@ def distill(
     finally:
         data.close()
     paths = trainer.export()
-    (Path(out) / "method_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-    log.info("exported %s", ", ".join(str(p) for p in paths.values()))
+    if distributed.is_main():
+        (Path(out) / "method_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        log.info("exported %s", ", ".join(str(p) for p in paths.values()))
     return paths

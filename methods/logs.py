@@ -10,9 +10,16 @@ log = logging.getLogger("vdistill")
 
 
 class RunLog:
-    """Append-only JSONL metrics file; on resume, lines past the resumed step are dropped."""
+    """Append-only JSONL metrics file; on resume, lines past the resumed step are dropped. A disabled log
+    (data-parallel ranks other than 0) touches no file."""
 
-    def __init__(self, run_dir: str | Path, tensorboard: bool = False, resume_step: int | None = None):
+    def __init__(
+        self, run_dir: str | Path, tensorboard: bool = False, resume_step: int | None = None, enabled: bool = True
+    ):
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
@@ -22,7 +29,6 @@ class RunLog:
             self.path.write_text("".join(ln + "\n" for ln in kept))
         elif resume_step is None:
             self.path.write_text("")
-        self.tb = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -31,6 +37,8 @@ class RunLog:
             self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.tb is not None:

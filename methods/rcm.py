@@ -37,6 +37,7 @@ from kernels.ema import EMA
 from kernels.ema_schedule import EMAProfile
 from kernels.scm_tangent import scm_tangent
 from kernels.trigflow import trigflow_noise
+from methods import distributed
 from methods.generate import ModelBundle
 from methods.rcm_dmd import critic_loss, dmd_loss, simulate_to_last_step
 from methods.recipe import Batch, Recipe
@@ -80,7 +81,7 @@ class Config:
     critic_lr: float = 1e-4
     critic_betas: tuple[float, float] = (0.0, 0.999)
     critic_grad_clip: float = 1.0
-    noise_seed: int = 0  # seed of the fused TrigFlow noise (offset = step)
+    noise_seed: int = 0  # seed of the fused TrigFlow noise (offset from the step and the rank)
     mid_times_2: tuple[float, ...] = (1.1,)  # TrigFlow times after π/2 for 2-, 3-, 4-step sampling
     mid_times_3: tuple[float, ...] = (1.3, 0.8)
     mid_times_4: tuple[float, ...] = (1.3, 1.0, 0.6)
@@ -130,6 +131,7 @@ class RCM(Recipe):
         self._weight_opt: torch.optim.Optimizer | None = None
         self._target_ema: EMA | None = None
         self._samples: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (step, x̂, text) for the critic
+        self._replicas: dict[str, torch.nn.Module] = {}  # the critic as its loss sees it (DDP under torchrun)
 
     # ---- helpers ---------------------------------------------------------------------------------
     def tangent_ratio(self, step: int) -> float:
@@ -185,7 +187,7 @@ class RCM(Recipe):
         cfg, x0, text = self.cfg, batch.x0, batch.text
         b, dev = x0.shape[0], x0.device
         t = sample_trig_time(b, cfg.p_mean, cfg.p_std, dev)
-        x_t, _ = trigflow_noise(x0, t, seed=cfg.noise_seed, offset=2 * step)
+        x_t, _ = trigflow_noise(x0, t, seed=cfg.noise_seed, offset=distributed.stream_offset(2 * step))
         with torch.no_grad():
             dxt_dt = guided_trig_velocity(self.teacher, text, batch.null_text, self.cfg_scale)(x_t, t).float()
         f_target, df_dt = self.tangent_pass(x_t, t, text, dxt_dt)
@@ -223,13 +225,20 @@ class RCM(Recipe):
             t_d = sample_trig_time(b, cfg.dmd_p_mean, cfg.dmd_p_std, dev)
             per_dmd, _ = dmd_loss(
                 x_hat, t_d, self.teacher, self.critic, text, batch.null_text, self.cfg_scale,
-                seed=cfg.noise_seed, offset=2 * step + 1,
+                seed=cfg.noise_seed, offset=distributed.stream_offset(2 * step + 1),
             )
             per_dmd = torch.where(torch.isfinite(per_dmd.detach()), per_dmd, 0.0)
             loss = loss + cfg.dmd_weight * per_dmd.mean()
             logs["dmd_loss"] = float(per_dmd.detach().mean())
             self._samples = (step, x_hat.detach(), text)
         return loss, logs
+
+    def trained_by_loss(self) -> list[torch.nn.Module]:
+        return [self.student] + ([self.weight] if self.weight is not None else [])
+
+    def replicate_auxiliary(self, wrap) -> None:
+        if self.critic is not None:
+            self._replicas["critic"] = wrap(self.critic)
 
     def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
         """Step w_φ's optimiser, the target EMA and (on DMD steps) the critic."""
@@ -253,7 +262,7 @@ class RCM(Recipe):
         self.critic.train()
         for _ in range(self.cfg.critic_updates):
             t = sample_trig_time(x_hat.shape[0], self.cfg.dmd_p_mean, self.cfg.dmd_p_std, x_hat.device)
-            loss = critic_loss(self.critic, x_hat, text, t)
+            loss = critic_loss(self._replicas.get("critic", self.critic), x_hat, text, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.critic_grad_clip > 0:

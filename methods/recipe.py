@@ -4,7 +4,8 @@ A recipe owns its networks (the student, and e.g. a frozen teacher or a critic) 
 into a scalar loss for the student. The trainer owns everything generic: device placement,
 autocast, the student's optimiser, clipping, EMA, checkpoints, logs and profiling ranges.
 Recipes with networks of their own to train (rCM's critic) do it in `auxiliary_step`, with their
-own optimiser, and put its state in `state_dict` so that resume stays exact.
+own optimiser, and put its state in `state_dict` so that resume stays exact; under torchrun they
+compute those losses through the modules `replicate_auxiliary` hands them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,15 @@ class Recipe(nn.Module):
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         """Scalar loss for the student at training step `step`, and scalars to log."""
         raise NotImplementedError
+
+    def trained_by_loss(self) -> list[nn.Module]:
+        """The networks `loss` trains (their gradients are averaged across data-parallel ranks)."""
+        return [self.student]
+
+    def replicate_auxiliary(self, wrap) -> None:
+        """Called once by the trainer with `wrap(module) -> module` (DDP under torchrun, else identity):
+        recipes that train networks of their own in `auxiliary_step` compute those losses through the
+        wrapped modules so that every rank applies the same update."""
 
     def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
         """Optional extra update after the student's (e.g. a critic); returns scalars to log."""

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from methods import distributed
 from methods.losses import check_loss, regression_loss
 from methods.pretrain import FlowMatchingConfig, sample_rf_time
 from methods.recipe import Batch, Recipe
@@ -78,10 +79,15 @@ class ReFlow(Recipe):
         data = sample_rf(velocity, noise, self.cfg.pair_steps, self.cfg.pair_solver, self.cfg.shift)
         return noise, data.float(), batch.text
 
+    def _pair_loader(self, global_batch: int) -> ShardLoader:
+        """Shuffled pair batches of `global_batch` pairs; each data-parallel rank reads its share."""
+        part = distributed.shard_of(global_batch)
+        return ShardLoader(ShardDataset(self.cfg.pairs), global_batch, seed=0, part=part)
+
     def offline_pairs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, teacher sample, text) of the next shuffled batch of pair shards."""
         if self.loader is None:
-            self.loader = ShardLoader(ShardDataset(self.cfg.pairs), batch.x0.shape[0], seed=0)
+            self.loader = self._pair_loader(batch.x0.shape[0] * distributed.world_size())
         pairs = next(self.loader)
         noise, data = pairs.latents.to(batch.x0.device, torch.float32).chunk(2, dim=1)
         return noise, data, pairs.text.to(batch.text.device, batch.text.dtype)
@@ -103,7 +109,7 @@ class ReFlow(Recipe):
         if "pairs" in state:
             if not self.cfg.pairs:
                 raise ValueError("the checkpoint was trained on offline pairs but this run has no `pairs` directory")
-            self.loader = ShardLoader(ShardDataset(self.cfg.pairs), int(state["pairs"]["batch_size"]), seed=0)
+            self.loader = self._pair_loader(int(state["pairs"]["batch_size"]))
             self.loader.load_state_dict(state["pairs"])
 
 

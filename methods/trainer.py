@@ -5,7 +5,8 @@ backward -> grad clipping -> fused AdamW -> EMA update (`kernels.ema`, all tenso
 few launches) -> optional auxiliary update (critic). Every phase sits in an NVTX range; a capture window drives
 `nsys --capture-range=cudaProfilerApi`. Checkpoints hold the student, optimiser, EMA, recipe
 extra state, data position and all RNG states, written atomically, so a resumed run reproduces
-the uninterrupted one exactly (on CPU bit for bit).
+the uninterrupted one exactly (on CPU bit for bit). Under torchrun the loss goes through DDP and
+rank 0 alone writes (`methods/distributed.py` has the conventions).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from kernels.ema import EMA, EMAProfile
+from methods import distributed
 from methods.checkpoint import (
     checkpoint_path,
     list_checkpoints,
@@ -97,11 +99,16 @@ class TrainConfig:
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
 
     def resolved_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        """The device of this process; under torchrun with CUDA, the GPU of its LOCAL_RANK."""
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-        return torch.device(self.device)
+        if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available()):
+            return torch.device("cpu")
+        if distributed.world_size() > 1:
+            if self.device not in ("auto", "cuda"):
+                raise ValueError(f"device {self.device!r}: under torchrun use 'auto' or 'cuda' (rank -> LOCAL_RANK)")
+            return torch.device("cuda", distributed.local_rank())
+        return torch.device("cuda" if self.device == "auto" else self.device)
 
 
 def _rng_state() -> dict:
@@ -119,8 +126,22 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _RecipeLoss(torch.nn.Module):
+    """The recipe's loss as a module that owns the networks it trains, so that DDP can wrap it: one DDP
+    forward per step however many times the recipe calls its student."""
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.trained = torch.nn.ModuleList(recipe.trained_by_loss())
+        self.loss_of = recipe.loss
+
+    def forward(self, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss_of(batch, step)
+
+
 class Trainer:
-    """Runs `recipe` on batches from `data` (an iterator of `Batch` with state_dict/load_state_dict)."""
+    """Runs `recipe` on batches from `data` (an iterator of `Batch` with state_dict/load_state_dict;
+    under torchrun, each rank's share of the global batch)."""
 
     def __init__(self, recipe: Recipe, data, cfg: TrainConfig, run_dir: str | Path, run_config: dict | None = None):
         self.recipe, self.data, self.cfg = recipe, data, cfg
@@ -128,6 +149,10 @@ class Trainer:
         self.device = cfg.resolved_device()
         warn_if_emulated_bf16(self.device, cfg.precision)
         self.recipe.to(self.device)
+        if distributed.world_size() > 1:  # weights come from rank 0 (DDP broadcasts); noise differs per rank
+            torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank() + 1)
+        self.recipe_loss = distributed.replicate(_RecipeLoss(recipe), self.device)
+        self.recipe.replicate_auxiliary(lambda module: distributed.replicate(module, self.device))
         params = [p for p in recipe.student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the recipe's student has no trainable parameters")
@@ -150,6 +175,8 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The run's state (every rank must call: it gathers each rank's RNG state)."""
+        rng_by_rank = distributed.gather_objects(_rng_state())
         return {
             "step": self.step,
             "student": self.recipe.student.state_dict(),
@@ -157,24 +184,34 @@ class Trainer:
             "ema": self.ema.state_dict(),
             "recipe": self.recipe.extra_state(),
             "data": self.data.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_by_rank[0],
+            "world_size": len(rng_by_rank),
+            **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
             "config": self.run_config,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        world = distributed.world_size()
+        if state.get("world_size", 1) != world:
+            raise ValueError(
+                f"cannot resume: the checkpoint was written by {state.get('world_size', 1)} ranks and this run has "
+                f"{world}; each rank's noise stream is part of the state, so resume with the same number of ranks"
+            )
         self.recipe.student.load_state_dict(state["student"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.ema.load_state_dict(state["ema"])
         self.recipe.load_extra_state(state["recipe"])
         self.data.load_state_dict(state["data"])
-        _set_rng_state(state["rng"])
+        _set_rng_state(state["rng_by_rank"][distributed.rank()] if world > 1 else state["rng"])
         self.step = state["step"]
 
     def save(self) -> Path:
         path = checkpoint_path(self.run_dir, self.step)
         with nvtx_range("checkpoint"):
-            save_checkpoint(path, self.state_dict())
-        prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+            state = self.state_dict()
+            if distributed.is_main():
+                save_checkpoint(path, state)
+                prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
     def resume(self) -> bool:
@@ -183,13 +220,16 @@ class Trainer:
         if not ckpts:
             return False
         self.load_state_dict(load_checkpoint(ckpts[-1], map_location=self.device))
-        log.info("resumed %s at step %d", ckpts[-1], self.step)
+        if distributed.is_main():
+            log.info("resumed %s at step %d", ckpts[-1], self.step)
         return True
 
     def export(self) -> dict[str, Path]:
-        """Write the raw student and EMA profile 0 as safetensors next to the checkpoints."""
+        """Write the raw student and EMA profile 0 as safetensors next to the checkpoints (rank 0 writes)."""
         meta = {"recipe": self.recipe.name, "step": self.step, "run_config": self.run_config, **self.export_meta}
         paths = {"raw": self.run_dir / "student.safetensors", "ema": self.run_dir / "student_ema.safetensors"}
+        if not distributed.is_main():
+            return paths
         save_weights(paths["raw"], self.recipe.student, meta)
         with self.ema.swapped(self.recipe.student, profile=0):
             save_weights(paths["ema"], self.recipe.student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]})
@@ -211,7 +251,7 @@ class Trainer:
             batch = next(self.data).to(self.device)
         self.recipe.student.train()
         with nvtx_range("student_forward"), self._autocast():
-            loss, logs = self.recipe.loss(batch, step)
+            loss, logs = self.recipe_loss(batch, step)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
         with nvtx_range("student_backward"):
@@ -230,21 +270,30 @@ class Trainer:
         return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": self._lr(step), **logs, **aux}
 
     def _evaluate(self, runlog: RunLog, bar: tqdm) -> None:
+        """Rank 0 scores the EMA student while the other ranks wait."""
+        if not distributed.is_main():
+            distributed.barrier()
+            return
         with nvtx_range("evaluate"), self.ema.swapped(self.recipe.student, profile=0):
             scores = self.evaluator(self.recipe.student)
+        distributed.barrier()
         runlog.write(self.step, {f"eval_{k}": v for k, v in scores.items()})
         bar.write(f"step {self.step} EMA: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 
     def fit(self, resume: bool = False) -> list[dict]:
         """Train to `cfg.steps`; returns the logged rows of this call."""
         resumed = self.resume() if resume else False
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
-        runlog = RunLog(self.run_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None)
+        main = distributed.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+        runlog = RunLog(self.run_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=main)
         window = CaptureWindow(self.cfg.profile_window)
         rows: list[dict] = []
         start_time = time.perf_counter()
-        bar = tqdm(total=self.cfg.steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True)
+        bar = tqdm(
+            total=self.cfg.steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True, disable=not main
+        )
         try:
             while self.step < self.cfg.steps:
                 window.at_step(self.step)
@@ -253,9 +302,12 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 elapsed = time.perf_counter() - start_time
-                out_of_time = self.cfg.time_limit_s is not None and elapsed > self.cfg.time_limit_s
+                out_of_time = self.cfg.time_limit_s is not None and distributed.any_rank(
+                    elapsed > self.cfg.time_limit_s, self.device
+                )
                 last = self.step == self.cfg.steps or out_of_time
                 if self.step % self.cfg.log_every == 0 or last:
+                    metrics = distributed.mean_over_ranks(metrics, self.device)
                     runlog.write(self.step, {**metrics, "wall_s": elapsed})
                     rows.append({"step": self.step, **metrics, "wall_s": elapsed})
                     bar.set_postfix(loss=f"{metrics['loss']:.4g}")

@@ -1,0 +1,112 @@
+"""Data-parallel training through torchrun and `torch.nn.parallel.DistributedDataParallel`.
+
+`torchrun --nproc_per_node N -m methods.cli pretrain|distill ...` sets RANK / WORLD_SIZE / LOCAL_RANK;
+the CLI then opens one process group (NCCL for CUDA tensors, gloo for CPU ones, so the same code is
+tested on CPU). Conventions: `--batch-size` is the global batch, each rank takes its slice of the
+global batch the single-process run would draw; gradients are averaged by DDP (overlapped with the
+backward); every rank keeps identical weights, optimiser and EMA states; rank 0 alone writes
+checkpoints, logs, evaluations and exports; each rank's RNG state goes into the checkpoint, so a run
+resumes exactly with the same number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", rank()))
+
+
+@contextlib.contextmanager
+def process_group_from_env() -> Iterator[None]:
+    """Open the process group torchrun describes (WORLD_SIZE > 1) for the duration; otherwise nothing."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield
+        return
+    backend = "cpu:gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend=backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_of(global_batch: int) -> slice:
+    """This rank's part of a global batch of `global_batch` items; ValueError unless it divides evenly."""
+    world = world_size()
+    if global_batch % world:
+        raise ValueError(f"batch_size {global_batch} is the global batch and must be divisible by the "
+                         f"{world} ranks")
+    per_rank = global_batch // world
+    return slice(rank() * per_rank, (rank() + 1) * per_rank)
+
+
+def stream_offset(index: int) -> int:
+    """Counter offset of a rank's noise stream `index` (e.g. the step): independent across ranks, and
+    `index` itself in a single-process run."""
+    return index * world_size() + rank()
+
+
+def replicate(module: nn.Module, device: torch.device) -> nn.Module:
+    """`module` wrapped for gradient averaging across ranks (itself when single-process). Rank 0's weights
+    are broadcast at wrapping; gradients are all-reduced in buckets during the backward of a loss computed
+    through the returned module's forward, and live in those buckets (no second copy of the gradients)."""
+    if world_size() == 1:
+        return module
+    ids = [device] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Each scalar averaged over the ranks (all ranks must call)."""
+    if world_size() == 1 or not values:
+        return values
+    stacked = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
+    dist.all_reduce(stacked)
+    return dict(zip(values, (stacked / world_size()).tolist()))
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when `flag` is true on some rank (all ranks must call)."""
+    if world_size() == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()

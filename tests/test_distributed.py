@@ -1,0 +1,129 @@
+"""Data-parallel training (DDP over gloo, two CPU ranks): the same update as one process with the whole
+batch, ranks that stay identical, an exact resume, and the CLI under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from distributed_workers import final_state, fit, tiny_dit, trainer
+
+from methods.checkpoint import list_checkpoints
+from methods.data import MovingShapes, ShapesStream
+from methods.presets import tiny
+from methods.shards import ShardDataset, ShardLoader, write_shard
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _fit_on_two_ranks(kind: str, run_dir: Path, steps: int, resume: bool = False) -> list[dict]:
+    """Train on ranks 0 and 1; [rank 0's {state, rows}, rank 1's]."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(fit, args=(2, _free_port(), kind, str(run_dir), steps, resume), nprocs=2, join=True)
+    return [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=lambda m, key=key: f"{key}: {m}", **tol)
+
+
+def test_rank_parts_make_up_the_single_process_batch():
+    dataset = MovingShapes(tiny().data, seed=3)
+    whole = ShapesStream(dataset, 6, seed=3)
+    parts = [ShapesStream(dataset, 6, seed=3, part=slice(3 * r, 3 * r + 3)) for r in (0, 1)]
+    for _ in range(2):
+        videos, prompts, labels = next(whole)
+        split = [next(p) for p in parts]
+        torch.testing.assert_close(torch.cat([s[0] for s in split]), videos, rtol=0, atol=0)
+        assert [p for s in split for p in s[1]] == prompts
+        assert torch.equal(torch.cat([s[2] for s in split]), labels)
+
+
+def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
+    """Deterministic loss: 2 ranks x 2 clips (the halves of the single process's batch) == 1 process x 4 clips
+    (gradient mean, clipping, AdamW, EMA),
+    and the loss rank 0 logs (the mean over ranks) is the single process's."""
+    single = trainer("denoise", tmp_path / "single", steps=3)
+    single_rows = single.fit()
+    ranks = _fit_on_two_ranks("denoise", tmp_path / "ddp", steps=3)
+    torch.testing.assert_close(torch.cat([r["first_x0"] for r in ranks]), single.recipe.first_x0, rtol=0, atol=0)
+    _assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    _assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(single.recipe.student.head.weight, tiny_dit().head.weight)  # it did train
+    assert [r["loss"] for r in ranks[0]["rows"]] == pytest.approx([r["loss"] for r in single_rows], rel=1e-5)
+
+
+def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
+    """rCM with critic, w_φ and EMA target: the ranks draw different noise but hold the same weights; a run
+    cut at step 2 and resumed on two ranks ends bit-identical to the uninterrupted one."""
+    full = _fit_on_two_ranks("rcm", tmp_path / "full", steps=4)
+    _assert_same(full[0]["state"], full[1]["state"], rtol=0, atol=0)
+    assert "critic_loss" in full[0]["rows"][-1]
+    _fit_on_two_ranks("rcm", tmp_path / "cut", steps=2)
+    resumed = _fit_on_two_ranks("rcm", tmp_path / "cut", steps=4, resume=True)
+    _assert_same(resumed[0]["state"], full[0]["state"], rtol=0, atol=0)
+    assert [r["loss"] for r in resumed[0]["rows"]] == [r["loss"] for r in full[0]["rows"][2:]]
+    assert not (tmp_path / "full" / "rank1").exists() and len(list_checkpoints(tmp_path / "full")) == 2
+
+    with pytest.raises(ValueError, match="written by 2 ranks and this run has 1"):
+        trainer("rcm", tmp_path / "cut", steps=6).fit(resume=True)
+
+
+@pytest.mark.parametrize("method", ["reflow", "progressive", "consistency"])
+def test_every_recipe_keeps_the_ranks_identical(tmp_path, method):
+    ranks = _fit_on_two_ranks(method, tmp_path / method, steps=2)
+    _assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    assert ranks[0]["state"]["student.head.weight"].ne(tiny_dit().head.weight).any()
+
+
+def test_pair_shard_parts_make_up_the_single_process_batch(tmp_path):
+    latents, text = torch.randn(10, 2, 1, 2, 2), torch.randn(10, 3, 4)
+    write_shard(tmp_path / "pairs.safetensors", latents, text)
+    dataset = ShardDataset(tmp_path)
+    whole = ShardLoader(dataset, 4, seed=5)
+    parts = [ShardLoader(dataset, 4, seed=5, part=slice(2 * r, 2 * r + 2)) for r in (0, 1)]
+    for _ in range(3):  # into the second epoch
+        expected = next(whole).latents
+        torch.testing.assert_close(torch.cat([next(p).latents for p in parts]), expected, rtol=0, atol=0)
+
+
+def _torchrun_pretrain(out: Path, batch_size: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(_free_port()), "-m", "methods.cli", "pretrain", "--preset", "tiny", "--steps", "2",
+           "--batch-size", str(batch_size), "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_pretrain_cli_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node 2 -m methods.cli pretrain`: one set of files, written by rank 0, with each
+    rank's RNG state in the checkpoint; a global batch the ranks cannot split is refused by name."""
+    out = tmp_path / "run"
+    done = _torchrun_pretrain(out, batch_size=4)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (out / "student_ema.safetensors").is_file()
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    state = torch.load(list_checkpoints(out)[-1], weights_only=False)
+    assert state["world_size"] == 2 and len(state["rng_by_rank"]) == 2
+    assert not torch.equal(state["rng_by_rank"][0]["torch"], state["rng_by_rank"][1]["torch"])
+
+    odd = _torchrun_pretrain(tmp_path / "odd", batch_size=3)
+    assert odd.returncode != 0
+    assert "batch_size 3 is the global batch and must be divisible by the 2 ranks" in odd.stderr
