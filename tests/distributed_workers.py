@@ -55,13 +55,17 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4) -> Traine
     train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=batch_size, grad_clip=0.05)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
-    if kind == "denoise":
+    if kind == "denoise":  # with an in-training evaluation every 2 steps (rank 0 scores, the others wait)
+        train = replace(train, eval_every=2)
         recipe = Denoise(tiny_dit())
     else:
         module = distiller(kind)
         teacher = ModelBundle(tiny_dit().eval(), text, run.data, 2.0, {})
         recipe = module.build_recipe(teacher, RCM_CONFIG if kind == "rcm" else module.Config())
-    return Trainer(recipe, data, train, run_dir, run_config={"method": kind})
+    t = Trainer(recipe, data, train, run_dir, run_config={"method": kind})
+    if kind == "denoise":
+        t.evaluator = lambda student: {"head_sum": float(student.head.weight.detach().sum())}
+    return t
 
 
 def final_state(t: Trainer) -> dict[str, torch.Tensor]:

@@ -57,7 +57,7 @@ def test_rank_parts_make_up_the_single_process_batch():
 
 def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
     """Deterministic loss: 2 ranks x 2 clips (the halves of the single process's batch) == 1 process x 4 clips
-    (gradient mean, clipping, AdamW, EMA),
+    (gradient mean, clipping, AdamW, EMA, an in-training evaluation),
     and the loss rank 0 logs (the mean over ranks) is the single process's."""
     single = trainer("denoise", tmp_path / "single", steps=3)
     single_rows = single.fit()
@@ -67,6 +67,8 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
     _assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
     assert not torch.equal(single.recipe.student.head.weight, tiny_dit().head.weight)  # it did train
     assert [r["loss"] for r in ranks[0]["rows"]] == pytest.approx([r["loss"] for r in single_rows], rel=1e-5)
+    evals = [json.loads(ln) for ln in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if "eval" in ln]
+    assert [e["step"] for e in evals] == [2]  # written once, by rank 0
 
 
 def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
