@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from models.layers import DiTBlock, layer_norm, modulate, upcast
 from models.rope import grid_position_code, rope_split, rope_tables
@@ -129,6 +130,9 @@ class VideoDiT(nn.Module):
         nn.init.zeros_(self.head.bias)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._code_cache: dict[tuple, torch.Tensor] = {}
+        # activation checkpointing (a training switch, not part of the config): with grad enabled each block
+        # keeps only its input and recomputes its activations in the backward; no_grad and JVP passes unchanged
+        self.checkpoint_blocks = False
 
     def token_grid(self, x_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """(T', H', W') token grid for an input of shape [B, C, T, H, W]; ValueError if it does not tile."""
@@ -172,8 +176,13 @@ class VideoDiT(nn.Module):
         time_mod = self.time_proj(temb).unflatten(1, (6, self.cfg.dim))  # (B, 6, dim)
         context = self.text_embed(text.to(x.dtype))  # (B, L, dim)
         rope = self._rope(grid, x.device)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
-            tokens = block(tokens, time_mod, context, rope)
+            if recompute:  # no RNG inside a block: nothing to preserve for the recomputation
+                args = (tokens, time_mod, context, rope)
+                tokens = checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
+            else:
+                tokens = block(tokens, time_mod, context, rope)
 
         shift, scale = (upcast(self.head_modulation) + upcast(temb)[:, None]).to(tokens.dtype).unbind(1)
         out = self.head(modulate(layer_norm(tokens, self.cfg.eps), shift[:, None], scale[:, None]))
