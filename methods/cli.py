@@ -26,6 +26,20 @@ def _add_precision(p) -> None:
                    "(fast with AMX, emulated and slow on AVX2-only CPUs)")
 
 
+def _add_training_switches(p) -> None:
+    """Switches of every training command (pretrain, distill)."""
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
+    p.add_argument(
+        "--profile-window",
+        type=int,
+        nargs=2,
+        metavar=("START", "STOP"),
+        help="call cudaProfilerStart/Stop around steps [START, STOP) for nsys --capture-range=cudaProfilerApi",
+    )
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each DiT block's activations in the backward (long clips: memory for compute)")
+
+
 def _add_pretrain(sub) -> None:
     p = sub.add_parser("pretrain", help="train a rectified-flow teacher on the moving-shapes benchmark")
     p.add_argument("--preset", default="shapes", help="run preset (methods/presets.py): tiny | shapes")
@@ -37,15 +51,8 @@ def _add_pretrain(sub) -> None:
     _add_precision(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init", type=Path, help="start from an exported model's weights (continued training)")
-    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
     p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
-    p.add_argument(
-        "--profile-window",
-        type=int,
-        nargs=2,
-        metavar=("START", "STOP"),
-        help="call cudaProfilerStart/Stop around steps [START, STOP) for nsys --capture-range=cudaProfilerApi",
-    )
+    _add_training_switches(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="flow-matching option (methods/pretrain.py), repeatable; e.g. logit_mean=1.0")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
@@ -127,6 +134,7 @@ def _add_distill(sub) -> None:
     p.add_argument("--eval-every", type=int,
                    help="score the EMA student every N steps (accuracy and FD at 1, 2, 4 steps) into metrics.jsonl")
     p.add_argument("--eval-num", type=int, help="clips per in-training evaluation (default 64)")
+    _add_training_switches(p)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
@@ -234,6 +242,9 @@ def _train_overrides(train, args, **extra):
         "lr": args.lr,
         "device": args.device,
         "time_limit_s": args.time_limit,
+        "tensorboard": args.tensorboard or None,
+        "profile_window": tuple(args.profile_window) if args.profile_window else None,
+        "activation_checkpointing": args.activation_checkpointing or None,
         **extra,
     }
     return replace(train, **{k: v for k, v in values.items() if v is not None})
@@ -245,13 +256,7 @@ def _pretrain(args) -> int:
 
     run = preset(args.preset)
     run = replace(run, flow=apply_overrides(run.flow, args.set))
-    train = _train_overrides(
-        run.train,
-        args,
-        precision=args.precision,
-        profile_window=tuple(args.profile_window) if args.profile_window else None,
-        tensorboard=args.tensorboard or None,
-    )
+    train = _train_overrides(run.train, args, precision=args.precision)
     run = replace(run, train=train)
     if args.dry_run:
         print(json.dumps(run.to_dict(), indent=2, default=str))

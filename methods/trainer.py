@@ -38,6 +38,7 @@ from methods.checkpoint import (
 from methods.logs import RunLog
 from methods.profiling import CaptureWindow, nvtx_range
 from methods.recipe import Recipe
+from models.dit import VideoDiT
 
 log = logging.getLogger("vdistill")
 
@@ -77,6 +78,9 @@ class TrainConfig:
     # AMX, 11x slower on AVX2-only ones, which get a warning: `vdistill bench train-step`, README); "fp32" = off
     precision: str = "auto"
     profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
+    # recompute each DiT block's activations in the backward instead of keeping them (every trained DiT of
+    # the recipe: the student, rCM's critic): activation memory of one block input per block, ~1/3 more compute
+    activation_checkpointing: bool = False
     tensorboard: bool = False
     time_limit_s: float | None = None  # stop early (checkpointed) once this much wall time has passed
     # every `eval_every` steps (0 = never) score EMA profile 0 with the trainer's `evaluator` (distillation
@@ -126,6 +130,16 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _checkpoint_dit_blocks(recipe: Recipe) -> None:
+    """Turn on activation checkpointing in every trained DiT of `recipe` (frozen ones run without grad)."""
+    dits = [m for m in recipe.modules() if isinstance(m, VideoDiT) and any(p.requires_grad for p in m.parameters())]
+    if not dits:
+        raise ValueError(f"activation_checkpointing: recipe {recipe.name!r} trains no DiT whose blocks could be "
+                         "recomputed")
+    for dit in dits:
+        dit.checkpoint_blocks = True
+
+
 class _RecipeLoss(torch.nn.Module):
     """The recipe's loss as a module that owns the networks it trains, so that DDP can wrap it: one DDP
     forward per step however many times the recipe calls its student."""
@@ -149,6 +163,8 @@ class Trainer:
         self.device = cfg.resolved_device()
         warn_if_emulated_bf16(self.device, cfg.precision)
         self.recipe.to(self.device)
+        if cfg.activation_checkpointing:
+            _checkpoint_dit_blocks(recipe)
         if distributed.world_size() > 1:  # weights come from rank 0 (DDP broadcasts); noise differs per rank
             torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank() + 1)
         self.recipe_loss = distributed.replicate(_RecipeLoss(recipe), self.device)

@@ -15,6 +15,16 @@ def test_dry_run_prints_resolved_config(capsys):
     assert cfg["train"]["steps"] == 7 and cfg["model"]["dim"] == 192
 
 
+def test_pretrain_training_switches(capsys):
+    assert main(["pretrain", "--preset", "tiny", "--dry-run"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert not train["activation_checkpointing"] and train["profile_window"] is None
+    assert main(["pretrain", "--preset", "tiny", "--activation-checkpointing", "--profile-window", "2", "4",
+                 "--dry-run"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert train["activation_checkpointing"] and train["profile_window"] == [2, 4]
+
+
 def test_pretrain_set_overrides_the_flow_options(capsys):
     assert main(["pretrain", "--preset", "tiny", "--set", "logit_mean=1.5", "--precision", "bf16", "--dry-run"]) == 0
     cfg = json.loads(capsys.readouterr().out)
@@ -27,10 +37,13 @@ def test_pretrain_set_overrides_the_flow_options(capsys):
 
 def test_distill_dry_run_takes_the_training_overrides(capsys):
     argv = ["distill", "progressive", "--teacher", "t.safetensors", "--out", "r", "--precision", "bf16",
-            "--batch-size", "8", "--set", "teacher_steps=8", "--set", "stage_steps=300", "--dry-run"]
+            "--batch-size", "8", "--set", "teacher_steps=8", "--set", "stage_steps=300", "--dry-run",
+            "--activation-checkpointing", "--profile-window", "5", "7", "--tensorboard"]
     assert main(argv) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["train"]["precision"] == "bf16" and cfg["train"]["batch_size"] == 8
+    assert cfg["train"]["activation_checkpointing"] and cfg["train"]["tensorboard"]
+    assert cfg["train"]["profile_window"] == [5, 7]
     assert cfg["method_config"]["teacher_steps"] == 8
 
 

@@ -158,9 +158,9 @@ def test_trigflow_sampling_equals_rf_consistency_sampler():
     torch.testing.assert_close(rf, x0, rtol=1e-5, atol=1e-5)
 
 
-def _trainer(run_dir, steps, cfg):
+def _trainer(run_dir, steps, cfg, **train_options):
     run = tiny()
-    train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=2)
+    train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=2, **train_options)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
     recipe = RCM(_tiny_dit(), cfg, cfg_scale=2.0)
@@ -176,6 +176,22 @@ def test_resume_with_critic_is_exact(tmp_path):
     assert "critic_loss" in full[-1] and "dmd_loss" in full[-1]
     for key in ("loss", "grad_norm", "critic_loss", "dmd_loss", "scm_loss"):
         assert [r[key] for r in resumed] == [r[key] for r in full[2:]], key
+
+
+def test_activation_checkpointing_trains_rcm_identically(tmp_path):
+    """Student and critic recompute their blocks in the backward: the same losses, norms and weights."""
+    cfg = Config(tangent_warmup=2, dmd_start=1, adaptive_weight=True, max_sim_steps=2)
+    plain = _trainer(tmp_path / "plain", 3, cfg)
+    rows = [plain.fit()]
+    recomputed = _trainer(tmp_path / "recomputed", 3, cfg, activation_checkpointing=True)  # same seeds
+    assert recomputed.recipe.student.checkpoint_blocks and recomputed.recipe.critic.checkpoint_blocks
+    assert not recomputed.recipe.teacher.checkpoint_blocks  # frozen: it only runs without grad
+    rows.append(recomputed.fit())
+    assert "critic_loss" in rows[1][-1]
+    for key in ("loss", "grad_norm", "critic_loss", "dmd_loss"):
+        assert [r.get(key) for r in rows[1]] == [r.get(key) for r in rows[0]], key
+    for a, b in zip(plain.recipe.critic.parameters(), recomputed.recipe.critic.parameters()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
 def test_distill_rcm_cli_end_to_end(tmp_path):

@@ -12,6 +12,7 @@ from methods.batches import Prefetched, ShapesBatches
 from methods.presets import tiny
 from methods.pretrain import FlowMatching
 from methods.text import WordTextEncoder
+from methods.toy import ToyBatches, ToyVelocityNet
 from methods.trainer import TrainConfig, Trainer
 from models.dit import VideoDiT
 
@@ -108,6 +109,12 @@ def test_export_round_trips_ema_weights(tmp_path):
 def test_checkpoints_are_pruned(tmp_path):
     _trainer(tmp_path, steps=9, prefetch=False).fit()
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000006.pt", "step_00000009.pt"]
+
+
+def test_activation_checkpointing_needs_a_trained_dit(tmp_path):
+    cfg = TrainConfig(steps=1, batch_size=4, device="cpu", activation_checkpointing=True)
+    with pytest.raises(ValueError, match="activation_checkpointing: recipe 'pretrain' trains no DiT"):
+        Trainer(FlowMatching(ToyVelocityNet(hidden=8, depth=1)), ToyBatches(4), cfg, tmp_path)
 
 
 @pytest.mark.parametrize(
