@@ -14,7 +14,9 @@ Phases of an iteration with DMD on (`methods/rcm.py`, in the trainer's order, bf
 Providers: "triton" (Triton flash attention with the fused forward+tangent kernel, fused
 TrigFlow noising and tangent, fused multi-tensor EMA) and "reference" (math attention
 `attention_ref` and forward AD through it, eager noising with torch.randn, `scm_tangent_ref`,
-foreach-lerp EMA), switched with `kernels.reference_kernels()`.
+foreach-lerp EMA), switched with `kernels.reference_kernels()`; "triton-recompute" is "triton" with
+activation checkpointing in the student and the critic (`--activation-checkpointing`: each DiT block
+recomputed in the backward), for the memory it saves and the time it costs.
 
 Shapes: the `small` preset (3×8×32×32 clips, 512 tokens, batch 32) and a Wan2.1-1.3B-width DiT
 with 2 layers at 32,760 tokens (latent 16×21×60×104, patch (1,2,2), batch 1, 512 text tokens).
@@ -126,6 +128,10 @@ class Setup:
         self.device = device
         self.n_params = sum(p.numel() for p in self.params)
 
+    def recompute(self, on: bool) -> None:
+        """Activation checkpointing of the trained DiTs (student, critic) on or off."""
+        self.recipe.student.checkpoint_blocks = self.recipe.critic.checkpoint_blocks = on
+
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -205,7 +211,8 @@ def _summary(samples: list[float]) -> tuple[float, float, float]:
 def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
     from kernels import reference_kernels
 
-    fused = provider == "triton"
+    fused = provider != "reference"
+    setup.recompute(provider == "triton-recompute")
     timer = PhaseTimer(setup.device)
     cuda = setup.device.type == "cuda"
     per_iter: list[dict[str, float]] = []
@@ -265,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per provider")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per provider (compilation)")
     p.add_argument("--autotune", action="store_true", help="autotune the attention kernels (slower start)")
-    p.add_argument("--providers", nargs="+", default=["triton", "reference"], choices=["triton", "reference"])
+    providers = ["triton", "triton-recompute", "reference"]
+    p.add_argument("--providers", nargs="+", default=providers, choices=providers)
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: smoke test with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
     p.add_argument("--out", type=Path, help="directory for the JSON result")
@@ -299,15 +307,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = f"{'shape':<16}{'provider':<10}{'step ms':>10}{'tok/s':>11}{'peak GiB':>9}  " + " ".join(
+    head = f"{'shape':<16}{'provider':<18}{'step ms':>10}{'tok/s':>11}{'peak GiB':>9}  " + " ".join(
         f"{ph[:8]:>8}" for ph in PHASES)
     print(head)
     for r in rows:
         if "error" in r:
-            print(f"{r['shape']:<16}{r.get('provider', ''):<10}  {r['error']}")
+            print(f"{r['shape']:<16}{r.get('provider', ''):<18}  {r['error']}")
             continue
         phases = " ".join(f"{r['phases_ms'][ph]['median']:>8.2f}" for ph in PHASES)
-        print(f"{r['shape']:<16}{r['provider']:<10}{r['step_ms']:>10.2f}{r['tokens_per_s']:>11.0f}"
+        print(f"{r['shape']:<16}{r['provider']:<18}{r['step_ms']:>10.2f}{r['tokens_per_s']:>11.0f}"
               f"{r.get('peak_mem_gib', float('nan')):>9.2f}  {phases}  {r.get('check', '')}")
 
 

@@ -244,7 +244,7 @@ def part_finetune(s: Session, args: argparse.Namespace) -> None:
             (s.out / f"{run}_tuned.safetensors").write_bytes(tuned.read_bytes())
 
 
-BENCHES = {"attention": 240, "ema": 75, "trigflow": 75, "rcm_step": 120}  # bench/bench_<name>.py: time limit
+BENCHES = {"attention": 240, "ema": 75, "trigflow": 75, "rcm_step": 150}  # bench/bench_<name>.py: time limit
 
 
 def part_bench(s: Session, names: list[str], quick: bool) -> None:
