@@ -50,10 +50,11 @@ def tiny_dit() -> torch.nn.Module:
 
 def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4) -> Trainer:
     """A tiny-DiT trainer: `kind` "denoise" (deterministic loss) or a distillation method of a random tiny
-    teacher (guidance 2; rCM with critic, adaptive weight and EMA target; progressive with a new stage, so a new
-    teacher copied from the student, at every step)."""
+    teacher (guidance 2). rCM with critic, adaptive weight, EMA target and activation checkpointing;
+    progressive with a new stage, so a new teacher copied from the student, at every step."""
     run = tiny()
-    train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=batch_size, grad_clip=0.05)
+    train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=batch_size, grad_clip=0.05,
+                    activation_checkpointing=kind == "rcm")
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
     if kind == "denoise":  # with an in-training evaluation every 2 steps (rank 0 scores, the others wait)
@@ -62,7 +63,9 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4) -> Traine
     else:
         module = distiller(kind)
         teacher = ModelBundle(tiny_dit().eval(), text, run.data, 2.0, {})
-        cfg = {"rcm": RCM_CONFIG, "progressive": module.Config(stage_steps=(1,))}.get(kind, module.Config())
+        cfg = RCM_CONFIG if kind == "rcm" else module.Config()
+        if kind == "progressive":
+            cfg = replace(cfg, stage_steps=(1,))
         recipe = module.build_recipe(teacher, cfg)
     t = Trainer(recipe, data, train, run_dir, run_config={"method": kind})
     if kind == "denoise":
