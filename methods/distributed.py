@@ -64,12 +64,6 @@ def shard_of(global_batch: int) -> slice:
     return slice(rank() * per_rank, (rank() + 1) * per_rank)
 
 
-def stream_offset(index: int) -> int:
-    """Counter offset of a rank's noise stream `index` (e.g. the step): independent across ranks, and
-    `index` itself in a single-process run."""
-    return index * world_size() + rank()
-
-
 def replicate(module: nn.Module, device: torch.device) -> nn.Module:
     """`module` wrapped for gradient averaging across ranks (itself when single-process). Rank 0's weights
     are broadcast at wrapping; gradients are all-reduced in buckets during the backward of a loss computed

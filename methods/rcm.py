@@ -37,7 +37,6 @@ from kernels.ema import EMA
 from kernels.ema_schedule import EMAProfile
 from kernels.scm_tangent import scm_tangent
 from kernels.trigflow import trigflow_noise
-from methods import distributed
 from methods.generate import ModelBundle
 from methods.rcm_dmd import critic_loss, dmd_loss, simulate_to_last_step
 from methods.recipe import Batch, Recipe
@@ -81,7 +80,7 @@ class Config:
     critic_lr: float = 1e-4
     critic_betas: tuple[float, float] = (0.0, 0.999)
     critic_grad_clip: float = 1.0
-    noise_seed: int = 0  # seed of the fused TrigFlow noise (offset from the step and the rank)
+    noise_seed: int = 0  # seed of the fused TrigFlow noise (offset from the step and the batch part)
     mid_times_2: tuple[float, ...] = (1.1,)  # TrigFlow times after π/2 for 2-, 3-, 4-step sampling
     mid_times_3: tuple[float, ...] = (1.3, 0.8)
     mid_times_4: tuple[float, ...] = (1.3, 1.0, 0.6)
@@ -187,7 +186,7 @@ class RCM(Recipe):
         cfg, x0, text = self.cfg, batch.x0, batch.text
         b, dev = x0.shape[0], x0.device
         t = sample_trig_time(b, cfg.p_mean, cfg.p_std, dev)
-        x_t, _ = trigflow_noise(x0, t, seed=cfg.noise_seed, offset=distributed.stream_offset(2 * step))
+        x_t, _ = trigflow_noise(x0, t, seed=cfg.noise_seed, offset=batch.noise_offset(2 * step))
         with torch.no_grad():
             dxt_dt = guided_trig_velocity(self.teacher, text, batch.null_text, self.cfg_scale)(x_t, t).float()
         f_target, df_dt = self.tangent_pass(x_t, t, text, dxt_dt)
@@ -225,7 +224,7 @@ class RCM(Recipe):
             t_d = sample_trig_time(b, cfg.dmd_p_mean, cfg.dmd_p_std, dev)
             per_dmd, _ = dmd_loss(
                 x_hat, t_d, self.teacher, self.critic, text, batch.null_text, self.cfg_scale,
-                seed=cfg.noise_seed, offset=distributed.stream_offset(2 * step + 1),
+                seed=cfg.noise_seed, offset=batch.noise_offset(2 * step + 1),
             )
             per_dmd = torch.where(torch.isfinite(per_dmd.detach()), per_dmd, 0.0)
             loss = loss + cfg.dmd_weight * per_dmd.mean()
