@@ -38,6 +38,8 @@ def _add_training_switches(p) -> None:
     )
     p.add_argument("--activation-checkpointing", action="store_true",
                    help="recompute each DiT block's activations in the backward (long clips: memory for compute)")
+    p.add_argument("--grad-accum", type=int,
+                   help="micro-batches per step and rank, gradients accumulated (--batch-size stays the step's batch)")
 
 
 def _add_pretrain(sub) -> None:
@@ -245,6 +247,7 @@ def _train_overrides(train, args, **extra):
         "tensorboard": args.tensorboard or None,
         "profile_window": tuple(args.profile_window) if args.profile_window else None,
         "activation_checkpointing": args.activation_checkpointing or None,
+        "grad_accum": args.grad_accum,
         **extra,
     }
     return replace(train, **{k: v for k, v in values.items() if v is not None})

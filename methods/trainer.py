@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from kernels.ema import EMA, EMAProfile
@@ -62,7 +63,8 @@ def warn_if_emulated_bf16(device: torch.device, precision: str) -> None:
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 32
+    batch_size: int = 32  # clips per optimiser step, over all ranks and micro-batches
+    grad_accum: int = 1  # micro-batches per step and rank, gradients accumulated (activation memory / grad_accum)
     lr: float = 2e-4
     adam_betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
@@ -90,9 +92,11 @@ class TrainConfig:
     eval_num: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "eval_num"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_num"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum {self.grad_accum} must divide batch_size {self.batch_size}")
         if self.eval_every < 0:
             raise ValueError(f"eval_every must be >= 0 (0 = off), got {self.eval_every}")
         if self.lr <= 0:
@@ -262,17 +266,31 @@ class Trainer:
         warm = self.cfg.warmup_steps
         return self.cfg.lr * min(1.0, (step + 1) / warm) if warm > 0 else self.cfg.lr
 
+    def _accumulating(self, last: bool):
+        """No gradient all-reduce for the backward of a micro-batch other than the step's last (DDP)."""
+        if last or not isinstance(self.recipe_loss, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.recipe_loss.no_sync()
+
     def train_step(self, step: int) -> dict[str, float]:
         with nvtx_range("data"):
             batch = next(self.data).to(self.device)
+        accum, world = self.cfg.grad_accum, distributed.world_size()
+        micro_batches = batch.split(accum, first_part=distributed.rank() * accum, count=world * accum)
         self.recipe.student.train()
-        with nvtx_range("student_forward"), self._autocast():
-            loss, logs = self.recipe_loss(batch, step)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
-        with nvtx_range("student_backward"):
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, micro_logs = [], []
+        for i, micro in enumerate(micro_batches):
+            with self._accumulating(last=i == accum - 1):
+                with nvtx_range("student_forward"), self._autocast():
+                    loss, logs = self.recipe_loss(micro, step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+                with nvtx_range("student_backward"):
+                    (loss / accum).backward()
+            losses.append(loss.item())
+            micro_logs.append(logs)
+        logs = {key: sum(m[key] for m in micro_logs) / accum for key in micro_logs[0]}
         with nvtx_range("optimizer"):
             clip = self.cfg.grad_clip or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.recipe.student.parameters(), clip)
@@ -283,7 +301,7 @@ class Trainer:
             self.ema.update()
         with nvtx_range("auxiliary"), self._autocast():
             aux = self.recipe.auxiliary_step(batch, step)
-        return {"loss": loss.item(), "grad_norm": float(grad_norm), "lr": self._lr(step), **logs, **aux}
+        return {"loss": sum(losses) / accum, "grad_norm": float(grad_norm), "lr": self._lr(step), **logs, **aux}
 
     def _evaluate(self, runlog: RunLog, bar: tqdm) -> None:
         """Rank 0 scores the EMA student while the other ranks wait."""

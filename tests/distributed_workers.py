@@ -1,4 +1,5 @@
-"""Process bodies for tests/test_distributed.py: data-parallel training on CPU ranks joined by gloo."""
+"""Tiny-DiT trainers for the data-parallel and gradient-accumulation tests, and the process body of
+tests/test_distributed.py (data-parallel training on CPU ranks joined by gloo)."""
 
 from __future__ import annotations
 
@@ -48,13 +49,13 @@ def tiny_dit() -> torch.nn.Module:
     return model
 
 
-def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4) -> Trainer:
+def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accum: int = 1) -> Trainer:
     """A tiny-DiT trainer: `kind` "denoise" (deterministic loss) or a distillation method of a random tiny
     teacher (guidance 2). rCM with critic, adaptive weight, EMA target and activation checkpointing;
     progressive with a new stage, so a new teacher copied from the student, at every step."""
     run = tiny()
     train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=batch_size, grad_clip=0.05,
-                    activation_checkpointing=kind == "rcm")
+                    activation_checkpointing=kind == "rcm", grad_accum=grad_accum)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
     if kind == "denoise":  # with an in-training evaluation every 2 steps (rank 0 scores, the others wait)
@@ -85,13 +86,16 @@ def final_state(t: Trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-def fit(rank: int, world: int, port: int, kind: str, run_dir: str, steps: int, resume: bool) -> None:
+def fit(
+    rank: int, world: int, port: int, kind: str, run_dir: str, steps: int, resume: bool, batch_size: int = 4,
+    grad_accum: int = 1,
+) -> None:
     """Rank `rank` of `world`: train, then save this rank's final state as rank<r>.pt in `run_dir`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        t = trainer(kind, Path(run_dir), steps)
+        t = trainer(kind, Path(run_dir), steps, batch_size, grad_accum)
         rows = t.fit(resume=resume)
         first_x0 = getattr(t.recipe, "first_x0", None)
         torch.save({"state": final_state(t), "rows": rows, "first_x0": first_x0}, Path(run_dir) / f"rank{rank}.pt")

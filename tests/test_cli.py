@@ -38,12 +38,14 @@ def test_pretrain_set_overrides_the_flow_options(capsys):
 def test_distill_dry_run_takes_the_training_overrides(capsys):
     argv = ["distill", "progressive", "--teacher", "t.safetensors", "--out", "r", "--precision", "bf16",
             "--batch-size", "8", "--set", "teacher_steps=8", "--set", "stage_steps=300", "--dry-run",
-            "--activation-checkpointing", "--profile-window", "5", "7", "--tensorboard"]
+            "--activation-checkpointing", "--profile-window", "5", "7", "--tensorboard", "--grad-accum", "4"]
     assert main(argv) == 0
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["train"]["precision"] == "bf16" and cfg["train"]["batch_size"] == 8
     assert cfg["train"]["activation_checkpointing"] and cfg["train"]["tensorboard"]
-    assert cfg["train"]["profile_window"] == [5, 7]
+    assert cfg["train"]["profile_window"] == [5, 7] and cfg["train"]["grad_accum"] == 4
+    assert main([*argv[:-2], "--grad-accum", "3"]) == 2  # does not divide the batch of 8
+    assert "grad_accum 3 must divide batch_size 8" in capsys.readouterr().err
     assert cfg["method_config"]["teacher_steps"] == 8
 
 

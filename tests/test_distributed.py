@@ -30,10 +30,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _fit_on_two_ranks(kind: str, run_dir: Path, steps: int, resume: bool = False) -> list[dict]:
+def _fit_on_two_ranks(kind: str, run_dir: Path, steps: int, resume: bool = False, batch_size: int = 4,
+                      grad_accum: int = 1) -> list[dict]:
     """Train on ranks 0 and 1; [rank 0's {state, rows}, rank 1's]."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(fit, args=(2, _free_port(), kind, str(run_dir), steps, resume), nprocs=2, join=True)
+    args = (2, _free_port(), kind, str(run_dir), steps, resume, batch_size, grad_accum)
+    mp.spawn(fit, args=args, nprocs=2, join=True)
     return [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
 
 
@@ -66,7 +68,8 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
     _assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
     _assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
     assert not torch.equal(single.recipe.student.head.weight, tiny_dit().head.weight)  # it did train
-    assert [r["loss"] for r in ranks[0]["rows"]] == pytest.approx([r["loss"] for r in single_rows], rel=1e-5)
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in ranks[0]["rows"]] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
     evals = [json.loads(ln) for ln in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines() if "eval" in ln]
     assert [e["step"] for e in evals] == [2]  # written once, by rank 0
 
@@ -85,6 +88,17 @@ def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
 
     with pytest.raises(ValueError, match="written by 2 ranks and this run has 1"):
         trainer("rcm", tmp_path / "cut", steps=6).fit(resume=True)
+
+
+def test_two_ranks_accumulating_two_micro_batches_train_as_one_process(tmp_path):
+    """8 clips per step as 2 ranks x 2 micro-batches x 2 clips (no all-reduce but for the last) == 1 x 8."""
+    single = trainer("denoise", tmp_path / "single", steps=2, batch_size=8)
+    single_rows = single.fit()
+    ranks = _fit_on_two_ranks("denoise", tmp_path / "ddp", steps=2, batch_size=8, grad_accum=2)
+    _assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    _assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in ranks[0]["rows"]] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
 
 
 @pytest.mark.parametrize("method", ["reflow", "progressive", "consistency"])

@@ -11,6 +11,7 @@ from methods import trainer as trainer_module
 from methods.batches import Prefetched, ShapesBatches
 from methods.presets import tiny
 from methods.pretrain import FlowMatching
+from methods.recipe import Batch
 from methods.text import WordTextEncoder
 from methods.toy import ToyBatches, ToyVelocityNet
 from methods.trainer import TrainConfig, Trainer
@@ -111,6 +112,34 @@ def test_checkpoints_are_pruned(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000006.pt", "step_00000009.pt"]
 
 
+def test_micro_batches_split_the_batch_and_draw_their_own_noise():
+    batch = Batch(torch.randn(6, 2), torch.randn(6, 3, 4), torch.zeros(1, 3, 4), torch.arange(18).view(6, 3))
+    parts = batch.split(3, first_part=3, count=6)  # rank 1 of 2, 3 micro-batches each
+    assert [p.part for p in parts] == [(3, 6), (4, 6), (5, 6)]
+    assert torch.equal(torch.cat([p.x0 for p in parts]), batch.x0)
+    assert torch.equal(torch.cat([p.labels for p in parts]), batch.labels) and parts[0].text.shape == (2, 3, 4)
+    offsets = [p.noise_offset(i) for i in range(4) for p in parts]  # every (step, part): its own stream
+    assert len(set(offsets)) == len(offsets)
+    assert batch.noise_offset(7) == 7 and parts[2].noise_offset(7) == 7 * 6 + 5
+    assert parts[0].to(torch.device("cpu")).part == (3, 6)
+    with pytest.raises(ValueError, match="grad_accum 4 must divide the batch of 6 clips"):
+        batch.split(4, first_part=0, count=4)
+
+
+def test_grad_accumulation_trains_as_the_whole_batch(tmp_path):
+    """Flow matching draws noise from the global RNG, so compare a deterministic recipe (x0 back at s = 0.5)."""
+    from distributed_workers import final_state, trainer
+
+    whole = trainer("denoise", tmp_path / "whole", steps=2, batch_size=4)
+    rows = [whole.fit()]
+    accumulated = trainer("denoise", tmp_path / "accumulated", steps=2, batch_size=4, grad_accum=2)
+    rows.append(accumulated.fit())
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in rows[1]] == pytest.approx([r[key] for r in rows[0]], rel=1e-5), key
+    for key, value in final_state(whole).items():
+        torch.testing.assert_close(final_state(accumulated)[key], value, rtol=1e-5, atol=1e-6)
+
+
 def test_activation_checkpointing_needs_a_trained_dit(tmp_path):
     cfg = TrainConfig(steps=1, batch_size=4, device="cpu", activation_checkpointing=True)
     with pytest.raises(ValueError, match="activation_checkpointing: recipe 'pretrain' trains no DiT"):
@@ -119,7 +148,8 @@ def test_activation_checkpointing_needs_a_trained_dit(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"), ({"precision": "fp8"}, "precision"), ({"device": "tpu"}, "device")],
+    [({"steps": 0}, "steps"), ({"lr": 0.0}, "lr"), ({"precision": "fp8"}, "precision"), ({"device": "tpu"}, "device"),
+     ({"grad_accum": 0}, "grad_accum must be >= 1"), ({"batch_size": 6, "grad_accum": 4}, "grad_accum 4 must divide")],
 )
 def test_bad_train_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
