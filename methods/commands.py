@@ -15,6 +15,7 @@ from methods import distributed
 from methods.batches import Prefetched, ShapesBatches
 from methods.checkpoint import load_dit
 from methods.data import parse_prompt, prompt_for
+from methods.distributed import resolve_device
 from methods.evaluate import evaluate_clips, mean_over_seeds, reference_features
 from methods.generate import ModelBundle, balanced_labels, generate, spread_labels
 from methods.media import save_annotated_grid, save_gif, save_grid_png, save_mp4
@@ -27,14 +28,6 @@ from models.dit import VideoDiT
 log = logging.getLogger("vdistill")
 
 SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "models" / "weights" / "shapes-teacher" / "model.safetensors"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return torch.device(name)
 
 
 def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None = None) -> dict[str, Path]:

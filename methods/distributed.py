@@ -54,6 +54,20 @@ def process_group_from_env() -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def resolve_device(name: str) -> torch.device:
+    """`name` ("auto", "cpu", "cuda[:N]") as this process's device; under torchrun with CUDA, "auto" and
+    "cuda" are the GPU of LOCAL_RANK (and another index is refused)."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available")
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if world_size() > 1:
+        if name not in ("auto", "cuda"):
+            raise ValueError(f"device {name!r}: under torchrun use 'auto' or 'cuda' (rank -> LOCAL_RANK)")
+        return torch.device("cuda", local_rank())
+    return torch.device("cuda" if name == "auto" else name)
+
+
 def shard_of(global_batch: int) -> slice:
     """This rank's part of a global batch of `global_batch` items; ValueError unless it divides evenly."""
     world = world_size()

@@ -108,15 +108,7 @@ class TrainConfig:
 
     def resolved_device(self) -> torch.device:
         """The device of this process; under torchrun with CUDA, the GPU of its LOCAL_RANK."""
-        if self.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} requested but CUDA is not available")
-        if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        if distributed.world_size() > 1:
-            if self.device not in ("auto", "cuda"):
-                raise ValueError(f"device {self.device!r}: under torchrun use 'auto' or 'cuda' (rank -> LOCAL_RANK)")
-            return torch.device("cuda", distributed.local_rank())
-        return torch.device("cuda" if self.device == "auto" else self.device)
+        return distributed.resolve_device(self.device)
 
 
 def _rng_state() -> dict:

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from methods.checkpoint import save_weights
-from methods.commands import evaluate_model, resolve_device
+from methods.commands import evaluate_model
+from methods.distributed import resolve_device
 from methods.generate import ModelBundle
 from methods.media import save_figure
 from methods.samplers import consistency_times
