@@ -161,7 +161,8 @@ def _add_reflow_pairs(sub) -> None:
     p = sub.add_parser("reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
     p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
     p.add_argument("--out", type=Path, required=True, help="shard directory (a rerun keeps existing shards)")
-    p.add_argument("--num", type=int, required=True, help="number of pairs")
+    p.add_argument("--num", "--num-pairs", dest="num", type=int, required=True,
+                   help="number of pairs (under torchrun spell it --num-pairs: torchrun reads --num as --numa-binding)")
     p.add_argument("--shard-size", type=int, default=256, help="pairs per shard")
     p.add_argument("--steps", type=int, default=16, help="teacher ODE steps per pair")
     p.add_argument("--solver", choices=["euler", "heun"], default="heun", help="ODE solver")
@@ -178,7 +179,7 @@ def _reflow_pairs(args) -> int:
 
     if not args.teacher.is_file():
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
-    teacher = ModelBundle.load(args.teacher, commands.resolve_device(args.device))
+    teacher = ModelBundle.load(args.teacher, distributed.resolve_device(args.device))
     paths = write_pairs(
         teacher,
         args.out,

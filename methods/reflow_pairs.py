@@ -9,8 +9,9 @@ autocast with `precision="bf16"`: about 1.9x faster on an AMX CPU, samples withi
 absolute of the float32 ones). Pair j of shard k has prompt number k·shard_size + j of the balanced
 (shape, colour, direction) cycle and noise that depends only on (seed, k, j), so every shard is
 reproducible; shards are written atomically and a rerun
-skips the ones that exist, which makes an interrupted run resumable. `methods.reflow` trains on
-them with `--set pairs=DIR`.
+skips the ones that exist, which makes an interrupted run resumable. Under torchrun rank r writes
+shards r, r + ranks, ... (the same files one process writes). `methods.reflow` trains on them with
+`--set pairs=DIR`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from methods import distributed
 from methods.data import prompt_for
 from methods.generate import ModelBundle, balanced_labels, generate, sample_noise
 from methods.reflow import check_ode_teacher
@@ -65,11 +67,13 @@ def write_pairs(
     warn_if_emulated_bf16(teacher.device, precision)
     out = Path(out)
     labels = balanced_labels(num)
-    paths = []
-    with tqdm(total=num, desc="reflow-pairs", unit="pair", dynamic_ncols=True) as bar:
-        for k in range(math.ceil(num / shard_size)):
-            path = out / f"pairs_{k:05d}.safetensors"
-            paths.append(path)
+    paths = [out / f"pairs_{k:05d}.safetensors" for k in range(math.ceil(num / shard_size))]
+    mine = range(distributed.rank(), len(paths), distributed.world_size())
+    total = sum(len(labels[k * shard_size : (k + 1) * shard_size]) for k in mine)
+    bar = tqdm(total=total, desc="reflow-pairs", unit="pair", dynamic_ncols=True, disable=not distributed.is_main())
+    with bar:
+        for k in mine:
+            path = paths[k]
             chunk = labels[k * shard_size : (k + 1) * shard_size]
             if path.is_file():
                 log.info("reflow-pairs: %s exists, skipped", path)
@@ -84,4 +88,5 @@ def write_pairs(
                      "precision": precision, "shard": k, "cfg_scale": teacher.cfg_scale}
             write_shard(path, torch.cat([noise, clips], dim=1), text, extra=extra)
             log.info("reflow-pairs: wrote %s (%d pairs)", path, len(chunk))
+    distributed.barrier()  # every rank's shards are written
     return paths

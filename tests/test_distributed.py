@@ -16,9 +16,10 @@ import torch.multiprocessing as mp
 from distributed_workers import final_state, fit, tiny_dit, trainer
 
 from methods.checkpoint import list_checkpoints
+from methods.cli import main
 from methods.data import MovingShapes, ShapesStream
 from methods.presets import tiny
-from methods.shards import ShardDataset, ShardLoader, write_shard
+from methods.shards import ShardDataset, ShardLoader, read_shard, write_shard
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,12 +120,16 @@ def test_pair_shard_parts_make_up_the_single_process_batch(tmp_path):
         torch.testing.assert_close(torch.cat([next(p).latents for p in parts]), expected, rtol=0, atol=0)
 
 
-def _torchrun_pretrain(out: Path, batch_size: int) -> subprocess.CompletedProcess:
+def _torchrun(*cli_args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m methods.cli ...` on CPU."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "methods.cli", "pretrain", "--preset", "tiny", "--steps", "2",
-           "--batch-size", str(batch_size), "--out", str(out)]
+           str(_free_port()), "-m", "methods.cli", *cli_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _torchrun_pretrain(out: Path, batch_size: int) -> subprocess.CompletedProcess:
+    return _torchrun("pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", str(batch_size), "--out", str(out))
 
 
 def test_pretrain_cli_under_torchrun(tmp_path):
@@ -143,3 +148,19 @@ def test_pretrain_cli_under_torchrun(tmp_path):
     odd = _torchrun_pretrain(tmp_path / "odd", batch_size=3)
     assert odd.returncode != 0
     assert "batch_size 3 is the global batch and must be divisible by the 2 ranks" in odd.stderr
+
+
+def test_reflow_pairs_under_torchrun_write_the_single_process_shards(tmp_path):
+    """Two ranks share the shards (rank r writes r, r + 2, ...) and write the files one process writes."""
+    assert main(["pretrain", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "teacher")]) == 0
+    args = ["reflow-pairs", "--teacher", str(tmp_path / "teacher" / "student_ema.safetensors"), "--num-pairs", "5",
+            "--shard-size", "2", "--steps", "2", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    done = _torchrun(*args, "--out", str(tmp_path / "ranks"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("reflow-pairs: wrote") == 3  # each shard by one rank
+    names = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert len(names) == 3 and sorted(p.name for p in (tmp_path / "ranks").iterdir()) == names
+    for name in names:
+        single, ranks = read_shard(tmp_path / "single" / name), read_shard(tmp_path / "ranks" / name)
+        assert torch.equal(single[0], ranks[0]) and torch.equal(single[1], ranks[1])
