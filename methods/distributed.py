@@ -6,7 +6,9 @@ tested on CPU). Conventions: `--batch-size` is the global batch, each rank takes
 global batch the single-process run would draw; gradients are averaged by DDP (overlapped with the
 backward); every rank keeps identical weights, optimiser and EMA states; rank 0 alone writes
 checkpoints, logs, evaluations and exports; each rank's RNG state goes into the checkpoint, so a run
-resumes exactly with the same number of ranks.
+resumes exactly with the same number of ranks. The trainer's micro-batches (`grad_accum`) split each
+rank's share further; every part of a step's batch draws its kernel noise from its own stream
+(`Batch.part`).
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """Data-parallel training (DDP over gloo, two CPU ranks): the same update as one process with the whole
-batch, ranks that stay identical, an exact resume, and the CLI under torchrun."""
+batch (also with gradient accumulation), ranks that stay identical, an exact resume, and the CLI
+(training, reflow-pairs) under torchrun."""
 
 from __future__ import annotations
 
@@ -59,9 +60,9 @@ def test_rank_parts_make_up_the_single_process_batch():
 
 
 def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
-    """Deterministic loss: 2 ranks x 2 clips (the halves of the single process's batch) == 1 process x 4 clips
-    (gradient mean, clipping, AdamW, EMA, an in-training evaluation),
-    and the loss rank 0 logs (the mean over ranks) is the single process's."""
+    """Deterministic loss: 2 ranks x 2 clips (the halves of the single process's batch) == 1 process x 4
+    clips (gradient mean, clipping, AdamW, EMA, an in-training evaluation); the loss rank 0 logs (the mean
+    over ranks) is the single process's."""
     single = trainer("denoise", tmp_path / "single", steps=3)
     single_rows = single.fit()
     ranks = _fit_on_two_ranks("denoise", tmp_path / "ddp", steps=3)
@@ -76,8 +77,8 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
 
 
 def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
-    """rCM with critic, w_φ and EMA target: the ranks draw different noise but hold the same weights; a run
-    cut at step 2 and resumed on two ranks ends bit-identical to the uninterrupted one."""
+    """rCM with critic, w_φ and EMA target: the ranks hold the same weights (student, EMA, critic, w_φ); a
+    run cut at step 2 and resumed on two ranks ends bit-identical to the uninterrupted one."""
     full = _fit_on_two_ranks("rcm", tmp_path / "full", steps=4)
     _assert_same(full[0]["state"], full[1]["state"], rtol=0, atol=0)
     assert "critic_loss" in full[0]["rows"][-1]
