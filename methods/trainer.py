@@ -64,7 +64,9 @@ def warn_if_emulated_bf16(device: torch.device, precision: str) -> None:
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # clips per optimiser step, over all ranks and micro-batches
-    grad_accum: int = 1  # micro-batches per step and rank, gradients accumulated (activation memory / grad_accum)
+    # micro-batches per step and rank, gradients accumulated (activation memory / grad_accum); rCM's critic
+    # then trains on the last micro-batch's samples (its update stays one micro-batch in size)
+    grad_accum: int = 1
     lr: float = 2e-4
     adam_betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
