@@ -14,6 +14,7 @@ rank's share further; every part of a step's batch draws its kernel noise from i
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 from collections.abc import Iterator
 
@@ -49,7 +50,9 @@ def process_group_from_env() -> Iterator[None]:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend=backend)
+    # ranks wait at a collective while rank 0 alone writes a checkpoint or evaluates: give that an hour, not
+    # NCCL's default 10 minutes (a failed rank still ends the run at once: torchrun stops the others)
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=1))
     try:
         yield
     finally:
