@@ -288,6 +288,9 @@ def _distill(args) -> int:
     return 0
 
 
+PARALLEL_COMMANDS = ("pretrain", "distill", "reflow-pairs")  # the commands that share their work under torchrun
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
@@ -303,6 +306,10 @@ def main(argv: list[str] | None = None) -> int:
         "plot-evals": _plot_evals,
     }
     try:
+        ranks = distributed.launched_ranks()
+        if ranks > 1 and args.command not in PARALLEL_COMMANDS:
+            raise ValueError(f"runs as one process, not under torchrun ({ranks} ranks: they would all do the same "
+                             f"work and write the same files); under torchrun run {', '.join(PARALLEL_COMMANDS)}")
         # torchrun (WORLD_SIZE > 1): one process group for the command; log lines print above the progress bars
         with distributed.process_group_from_env(), logging_redirect_tqdm():
             return handlers[args.command](args)

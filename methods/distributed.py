@@ -40,10 +40,15 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", rank()))
 
 
+def launched_ranks() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE; 1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 @contextlib.contextmanager
 def process_group_from_env() -> Iterator[None]:
     """Open the process group torchrun describes (WORLD_SIZE > 1) for the duration; otherwise nothing."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+    if launched_ranks() <= 1 or dist.is_initialized():
         yield
         return
     backend = "cpu:gloo"

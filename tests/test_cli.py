@@ -54,6 +54,14 @@ def test_unknown_preset_is_a_clear_error(capsys):
     assert "unknown preset 'huge'" in capsys.readouterr().err
 
 
+def test_single_process_commands_refuse_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets
+    assert main(["evaluate", "--model", str(tmp_path / "none.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "vdistill evaluate: error: runs as one process, not under torchrun (2 ranks" in err
+    assert "pretrain, distill, reflow-pairs" in err
+
+
 def test_missing_model_is_a_clear_error(tmp_path, capsys):
     assert main(["evaluate", "--model", str(tmp_path / "none.safetensors")]) == 2
     assert "does not exist" in capsys.readouterr().err
