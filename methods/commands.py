@@ -15,7 +15,6 @@ from methods import distributed
 from methods.batches import Prefetched, ShapesBatches
 from methods.checkpoint import load_dit
 from methods.data import parse_prompt, prompt_for
-from methods.distributed import resolve_device
 from methods.evaluate import evaluate_clips, mean_over_seeds, reference_features
 from methods.generate import ModelBundle, balanced_labels, generate, spread_labels
 from methods.media import save_annotated_grid, save_gif, save_grid_png, save_mp4
@@ -68,7 +67,7 @@ def init_from(model: VideoDiT, path: Path) -> None:
 
 
 def sample(args) -> int:
-    bundle = ModelBundle.load(args.model, resolve_device(args.device))
+    bundle = ModelBundle.load(args.model, distributed.resolve_device(args.device))
     prompts = args.prompt or [prompt_for(lab) for lab in spread_labels(8).tolist()]
     labels = torch.tensor([parse_prompt(p) for p in prompts])
     clips = generate(bundle, labels, args.steps, cfg_scale=args.cfg, solver=args.solver, seed=args.seed,
@@ -122,7 +121,7 @@ def format_table(rows: list[dict]) -> str:
 def evaluate(args) -> int:
     if len(set(args.seed)) != len(args.seed):
         raise ValueError(f"--seed: each seed once, got {args.seed}")
-    device = resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     bundle = ModelBundle.load(args.model, device)
     result = {"model": str(args.model), "device": str(device), "cfg_scale": args.cfg or bundle.cfg_scale,
               "shift": args.shift, "seeds": args.seed}
@@ -146,7 +145,7 @@ def evaluate(args) -> int:
 
 def demo(args) -> int:
     path = args.model or SHIPPED_TEACHER
-    device = resolve_device(args.device)
+    device = distributed.resolve_device(args.device)
     bundle = ModelBundle.load(path, device)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = evaluate_model(bundle, args.steps, args.num, labels=spread_labels(args.num))
