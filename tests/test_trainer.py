@@ -5,6 +5,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from distributed_workers import final_state, trainer
 
 from methods import checkpoint as ckpt
 from methods import trainer as trainer_module
@@ -128,8 +129,6 @@ def test_micro_batches_split_the_batch_and_draw_their_own_noise():
 
 def test_grad_accumulation_trains_as_the_whole_batch(tmp_path):
     """Flow matching draws noise from the global RNG, so compare a deterministic recipe (x0 back at s = 0.5)."""
-    from distributed_workers import final_state, trainer
-
     whole = trainer("denoise", tmp_path / "whole", steps=2, batch_size=4)
     rows = [whole.fit()]
     accumulated = trainer("denoise", tmp_path / "accumulated", steps=2, batch_size=4, grad_accum=2)
