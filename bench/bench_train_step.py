@@ -25,13 +25,18 @@ from methods.trainer import cpu_bf16_is_native
 from models.dit import VideoDiT
 
 
-def step_fn(run: RunConfig, model: VideoDiT, batch: int, precision: str, device: torch.device):
-    """A closure running one training step on fixed random inputs shaped like the run's clips."""
+def fixed_inputs(run: RunConfig, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """(x, time, text, target): seeded random inputs shaped like the run's clips."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(batch, *run.data.clip_shape, generator=gen).to(device)
     time_ = torch.rand(batch, generator=gen).to(device)
     text = torch.randn(batch, run.text_max_len, run.model.text_dim, generator=gen).to(device)
-    target = torch.randn(x.shape, generator=gen).to(device)
+    return x, time_, text, torch.randn(x.shape, generator=gen).to(device)
+
+
+def step_fn(run: RunConfig, model: VideoDiT, batch: int, precision: str, device: torch.device):
+    """A closure running one training step on `fixed_inputs`."""
+    x, time_, text, target = fixed_inputs(run, batch, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step() -> None:
@@ -47,9 +52,7 @@ def step_fn(run: RunConfig, model: VideoDiT, batch: int, precision: str, device:
 def saved_mib(model: VideoDiT, run: RunConfig, batch: int, precision: str, device: torch.device) -> float:
     """MiB of distinct storages one forward keeps for the backward: what the autograd graph saves, and the
     inputs of every block (all a checkpointed block keeps)."""
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *run.data.clip_shape, generator=gen).to(device)
-    text = torch.randn(batch, run.text_max_len, run.model.text_dim, generator=gen).to(device)
+    x, time_, text, _ = fixed_inputs(run, batch, device)
     storages: dict[int, int] = {}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
@@ -66,7 +69,7 @@ def saved_mib(model: VideoDiT, run: RunConfig, batch: int, precision: str, devic
     try:
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            model(x, torch.rand(batch, generator=gen).to(device), text).float().square().mean()
+            model(x, time_, text).float().square().mean()
     finally:
         for hook in hooks:
             hook.remove()
