@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from distributed_workers import tiny_dit
 
 from kernels.scm_tangent import scm_tangent
 from kernels.trigflow import trigflow_eps
@@ -22,22 +23,13 @@ from methods.text import WordTextEncoder
 from methods.toy import TOY_TEXT, ToyVelocityNet, sliced_wasserstein, toy_data, toy_sample_ode, toy_teacher, toy_text
 from methods.trainer import Trainer
 from methods.trigflow_student import rf_sampling_times, trig_velocity
-from models.dit import build_dit
 from models.parameterization import rf_time_from_trig, rf_x0, trig_velocity_from_rf
-
-
-def _tiny_dit(seed=0):
-    torch.manual_seed(seed)
-    model = build_dit("tiny")
-    for p in model.parameters():  # the zero-initialised head would make every output 0
-        p.data.normal_(0, 0.1)
-    return model.eval()
 
 
 @pytest.mark.parametrize("mode,tol", [("forward_ad", 2e-4), ("func", 2e-4), ("finite_difference", 2e-2)])
 def test_scm_tangent_matches_float64_func_jvp(mode, tol):
     """ĝ from the rearranged JVP pass + fused tangent vs g built in float64 from torch.func.jvp with (dx/dt, 1)."""
-    model = _tiny_dit()
+    model = tiny_dit().eval()
     recipe = RCM(model, Config(jvp_mode=mode, dmd_weight=0.0))
     g = torch.Generator().manual_seed(1)
     x_t, dxdt = torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 3, 4, 8, 8, generator=g)
@@ -45,7 +37,7 @@ def test_scm_tangent_matches_float64_func_jvp(mode, tol):
     f_minus, df_dt = recipe.tangent_pass(x_t, t, text, dxdt)
     got, norm = scm_tangent(f_minus, dxdt, x_t, df_dt, t, r, 0.1)
 
-    ref_model = _tiny_dit().double()
+    ref_model = tiny_dit().eval().double()
     x64, t64, dx64, text64 = x_t.double(), t.double(), dxdt.double(), text.double()
 
     def F(x, tt):
@@ -163,7 +155,7 @@ def _trainer(run_dir, steps, cfg, **train_options):
     train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=2, **train_options)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
-    recipe = RCM(_tiny_dit(), cfg, cfg_scale=2.0)
+    recipe = RCM(tiny_dit().eval(), cfg, cfg_scale=2.0)
     return Trainer(recipe, data, train, run_dir, run_config={"method": "rcm"})
 
 
