@@ -1,30 +1,60 @@
-"""NVTX ranges and an Nsight capture window, no-ops without CUDA.
+"""NVTX ranges and an Nsight capture window.
 
-Every trainer phase runs inside `nvtx_range(name)`, so an `nsys` timeline shows teacher, student
-forward/backward, optimiser and EMA blocks per step. `CaptureWindow(start, stop)` calls
-cudaProfilerStart/Stop around steps [start, stop), for
+Every trainer phase (and rCM's phases inside the student forward) runs inside `nvtx_range(name)`,
+so an `nsys` timeline shows teacher, JVP pass, student forward/backward, optimiser and EMA blocks
+per step. With the `nvtx` package (`pip install -e '.[profile]'`) the ranges go to an NVTX domain
+"vdistill" (`nsys ... --nvtx-domain-include=vdistill`), one colour per phase, on CPU-only runs too
+(nsys traces NVTX on the host); without it they go through `torch.cuda.nvtx` and need CUDA. With no
+profiler attached a range costs about 1 µs of host time (1.4 µs measured on CPU, ~20 ranges a step).
+`CaptureWindow(start, stop)` calls cudaProfilerStart/Stop around steps [start, stop), for
 `nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 
 import torch
 
+try:
+    import nvtx
+
+    DOMAIN = nvtx.get_domain("vdistill")
+except ImportError:  # the optional `profile` extra
+    DOMAIN = None
+
+# colours of the phases (ranges named "<phase>" or "<phase> <detail>", e.g. "step 12"); others grey
+PHASE_COLORS = {
+    "step": "white", "data": "cyan", "student_forward": "green", "student_backward": "darkgreen",
+    "optimizer": "orange", "ema": "yellow", "auxiliary": "purple", "checkpoint": "red", "evaluate": "blue",
+    "teacher": "brown", "jvp": "magenta", "simulate": "pink", "student": "lime", "dmd": "violet", "critic": "navy",
+}
+
+
+@functools.lru_cache(maxsize=512)
+def _attributes(name: str):
+    return DOMAIN.get_event_attributes(message=name, color=PHASE_COLORS.get(name.split(" ")[0], "grey"))
+
 
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
-    """Push/pop an NVTX range when CUDA is available; otherwise do nothing."""
-    if not torch.cuda.is_available():
+    """Push/pop an NVTX range: in the "vdistill" domain with the nvtx package, else through
+    `torch.cuda.nvtx` when CUDA is available; otherwise do nothing."""
+    if DOMAIN is not None:
+        DOMAIN.push_range(_attributes(name))
+        pop = DOMAIN.pop_range
+    elif torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        pop = torch.cuda.nvtx.range_pop
+    else:
         yield
         return
-    torch.cuda.nvtx.range_push(name)
     try:
         yield
     finally:
-        torch.cuda.nvtx.range_pop()
+        pop()
 
 
 class CaptureWindow:

@@ -38,6 +38,7 @@ from kernels.ema_schedule import EMAProfile
 from kernels.scm_tangent import scm_tangent
 from kernels.trigflow import trigflow_noise
 from methods.generate import ModelBundle
+from methods.profiling import nvtx_range
 from methods.rcm_dmd import critic_loss, dmd_loss, simulate_to_last_step
 from methods.recipe import Batch, Recipe
 from methods.students import frozen, student_from
@@ -187,23 +188,27 @@ class RCM(Recipe):
         b, dev = x0.shape[0], x0.device
         t = sample_trig_time(b, cfg.p_mean, cfg.p_std, dev)
         x_t, _ = trigflow_noise(x0, t, seed=cfg.noise_seed, offset=batch.noise_offset(2 * step))
-        with torch.no_grad():
+        with nvtx_range("teacher"), torch.no_grad():
             dxt_dt = guided_trig_velocity(self.teacher, text, batch.null_text, self.cfg_scale)(x_t, t).float()
-        f_target, df_dt = self.tangent_pass(x_t, t, text, dxt_dt)
+        with nvtx_range("jvp"):
+            f_target, df_dt = self.tangent_pass(x_t, t, text, dxt_dt)
 
         dmd = self.dmd_active(step)
         logs: dict[str, float] = {"tangent_r": self.tangent_ratio(step)}
         if dmd:  # the last simulation step shares the student's forward with F_θ
             sim_steps = int(torch.randint(1, cfg.max_sim_steps + 1, ()))
-            g_x, g_t = simulate_to_last_step(
-                trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_p_mean, cfg.dmd_p_std
-            )
-            both = trig_velocity(self.student, torch.cat([text, text]))(torch.cat([x_t, g_x]), torch.cat([t, g_t]))
+            with nvtx_range("simulate"):
+                g_x, g_t = simulate_to_last_step(
+                    trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_p_mean, cfg.dmd_p_std
+                )
+            with nvtx_range("student"):
+                both = trig_velocity(self.student, torch.cat([text, text]))(torch.cat([x_t, g_x]), torch.cat([t, g_t]))
             f_theta, f_gen = both.chunk(2)
             x_hat = trig_x0(g_x, g_t, f_gen.to(g_x.dtype))
             logs["sim_steps"] = float(sim_steps)
         else:
-            f_theta = trig_velocity(self.student, text)(x_t, t)
+            with nvtx_range("student"):
+                f_theta = trig_velocity(self.student, text)(x_t, t)
         f_minus = f_theta.detach().float() if cfg.target == "stopgrad" else f_target
 
         g_hat, g_norm = scm_tangent(f_minus, dxt_dt, x_t, df_dt, t, self.tangent_ratio(step), cfg.tangent_c)
@@ -222,10 +227,11 @@ class RCM(Recipe):
 
         if dmd:
             t_d = sample_trig_time(b, cfg.dmd_p_mean, cfg.dmd_p_std, dev)
-            per_dmd, _ = dmd_loss(
-                x_hat, t_d, self.teacher, self.critic, text, batch.null_text, self.cfg_scale,
-                seed=cfg.noise_seed, offset=batch.noise_offset(2 * step + 1),
-            )
+            with nvtx_range("dmd"):
+                per_dmd, _ = dmd_loss(
+                    x_hat, t_d, self.teacher, self.critic, text, batch.null_text, self.cfg_scale,
+                    seed=cfg.noise_seed, offset=batch.noise_offset(2 * step + 1),
+                )
             per_dmd = torch.where(torch.isfinite(per_dmd.detach()), per_dmd, 0.0)
             loss = loss + cfg.dmd_weight * per_dmd.mean()
             logs["dmd_loss"] = float(per_dmd.detach().mean())
@@ -252,7 +258,8 @@ class RCM(Recipe):
         if samples is None or samples[0] != step or step % self.cfg.critic_every:
             return logs
         _, x_hat, text = samples
-        logs["critic_loss"] = self.critic_step(x_hat, text)
+        with nvtx_range("critic"):
+            logs["critic_loss"] = self.critic_step(x_hat, text)
         return logs
 
     def critic_step(self, x_hat: torch.Tensor, text: torch.Tensor) -> float:
