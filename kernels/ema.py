@@ -33,6 +33,11 @@ import torch
 from kernels._dispatch import HAS_TRITON, use_triton
 from kernels.ema_schedule import EMAProfile
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support: no sharded parameters
+    DTensor = ()
+
 __all__ = ["EMA", "EMAProfile", "ema_update_ref"]
 
 MAX_PROFILES = 4
@@ -140,10 +145,15 @@ class _LaunchPlan:
     aligned: bool
 
 
+def _local(p: torch.Tensor) -> torch.Tensor:
+    """A parameter's own storage: the local shard of an FSDP2 (DTensor) parameter, else the tensor itself."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 def _named_tensors(params: Iterable[torch.Tensor] | torch.nn.Module, arg: str) -> tuple[list[str], list[torch.Tensor]]:
     if isinstance(params, torch.nn.Module):
         named = list(params.named_parameters())
-        return [n for n, _ in named], [p for _, p in named]
+        return [n for n, _ in named], [_local(p) for _, p in named]
     if isinstance(params, torch.Tensor):
         raise TypeError(f"{arg} must be a Module or an iterable of tensors, got a single Tensor")
     tensors = list(params)
@@ -157,7 +167,8 @@ class EMA:
     """fp32 EMA copies of a model's parameters under K ≤ 4 profiles, updated by one fused pass.
 
     params: a Module (its named parameters) or an iterable of float tensors (fp32/bf16/fp16, all on
-    one device, contiguous). profiles: `EMAProfile`s. The EMA weights start as fp32 copies of the
+    one device, contiguous; of a Module sharded by FSDP2, each rank averages its local shards). profiles:
+    `EMAProfile`s. The EMA weights start as fp32 copies of the
     parameters; `update()` applies one step with β_k = profiles[k].beta_at(step) and increments
     `step`. Keep the parameter objects (in-place optimizer updates and `p.data = ...` are both
     followed); create the EMA after moving the model to its device.
@@ -328,7 +339,7 @@ class EMA:
         """Context manager: `module` holds the EMA weights of `profile` inside, its own weights after
         (restored bit-exactly from a copy, also when the body raises). Do not call `update()` inside:
         it would average the EMA weights into themselves."""
-        params = list(module.parameters())
+        params = [_local(p) for p in module.parameters()]
         backup = [p.detach().clone() for p in params]
         self.copy_to(params, profile)
         try:

@@ -72,9 +72,11 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         old.unlink()
 
 
-def save_weights(path: str | Path, model: VideoDiT, meta: dict | None = None) -> None:
-    """Export a DiT as safetensors (float32) with its config (and `meta`) in the header, atomically."""
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+def save_weights(path: str | Path, model: VideoDiT, meta: dict | None = None, state: dict | None = None) -> None:
+    """Export a DiT as safetensors (float32) with its config (and `meta`) in the header, atomically.
+    `state`: the weights to write (default: the model's own state dict)."""
+    state = model.state_dict() if state is None else state
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     header = {"format": "vdistill-dit", "version": "1", "config": json.dumps(model.cfg.to_dict())}
     header.update({k: json.dumps(v) for k, v in (meta or {}).items()})
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))

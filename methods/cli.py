@@ -40,6 +40,8 @@ def _add_training_switches(p) -> None:
                    help="recompute each DiT block's activations in the backward (long clips: memory for compute)")
     p.add_argument("--grad-accum", type=int,
                    help="micro-batches per step and rank, gradients accumulated (--batch-size stays the step's batch)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student over the ranks (FSDP2) instead of replicating it (DDP)")
 
 
 def _add_pretrain(sub) -> None:
@@ -249,6 +251,7 @@ def _train_overrides(train, args, **extra):
         "profile_window": tuple(args.profile_window) if args.profile_window else None,
         "activation_checkpointing": args.activation_checkpointing or None,
         "grad_accum": args.grad_accum,
+        "fsdp": args.fsdp or None,
         **extra,
     }
     return replace(train, **{k: v for k, v in values.items() if v is not None})

@@ -118,6 +118,13 @@ class Consistency(Recipe):
         pred = consistency_output(self.student, x_s, s, batch.text, end)
         return regression_loss(pred, target, self.cfg.loss, self.cfg.huber_c), {}
 
+    def check_shardable(self) -> None:
+        if self.target is not None:
+            raise ValueError(
+                f"fsdp: {self.name} with target_decay > 0 cannot shard its student yet (its EMA target network is "
+                "a whole copy updated from the student's weights); use data parallelism (torchrun without --fsdp)"
+            )
+
     def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
         if self.target is not None:
             ema_update_ref(list(self.target.parameters()), list(self.student.parameters()), self.cfg.target_decay)

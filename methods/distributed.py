@@ -1,4 +1,4 @@
-"""Data-parallel training through torchrun and `torch.nn.parallel.DistributedDataParallel`.
+"""Data-parallel training through torchrun: `DistributedDataParallel`, or FSDP2 sharding of the student.
 
 `torchrun --nproc_per_node N -m methods.cli pretrain|distill ...` sets RANK / WORLD_SIZE / LOCAL_RANK;
 the CLI then opens one process group (NCCL for CUDA tensors, gloo for CPU ones, so the same code is
@@ -8,7 +8,9 @@ backward); every rank keeps identical weights, optimiser and EMA states; rank 0 
 checkpoints, logs, evaluations and exports; each rank's RNG state goes into the checkpoint, so a run
 resumes exactly with the same number of ranks. The trainer's micro-batches (`grad_accum`) split each
 rank's share further; every part of a step's batch draws its kernel noise from its own stream
-(`Batch.part`).
+(`Batch.part`). With `TrainConfig.fsdp` the student is sharded by FSDP2 (`shard`) instead of replicated:
+its forwards are then collectives, so every rank must run the same sequence of them (rCM draws its
+simulation steps from the step, not the rank's RNG; evaluations run on all ranks).
 """
 
 from __future__ import annotations
@@ -96,6 +98,77 @@ def replicate(module: nn.Module, device: torch.device) -> nn.Module:
         return module
     ids = [device] if device.type == "cuda" else None
     return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False, gradient_as_bucket_view=True)
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """`module` sharded over the ranks by FSDP2 (`fully_shard`), in place: each DiT block is its own unit
+    (its full weights exist only while it runs, all-gathered just before), then the rest of the module.
+    Rank 0's weights are broadcast first, so every rank shards the same model. Returns `module`."""
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise ValueError("fsdp: sharding needs a process group; launch with torchrun")
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+    for block in getattr(module, "blocks", ()):
+        fully_shard(block)
+    fully_shard(module)
+    return module
+
+
+def is_sharded(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+@contextlib.contextmanager
+def ema_weights(ema, module: nn.Module, profile: int = 0) -> Iterator[nn.Module]:
+    """`ema.swapped(module, profile)` that also holds for a sharded module: FSDP2 keeps the root's all-gathered
+    weights after a forward without backward (and reuses them at the next forward), so the swap frees them
+    on entry and on exit; the forwards inside then all-gather the swapped-in shards."""
+    _reshard(module)
+    with ema.swapped(module, profile):
+        try:
+            yield module
+        finally:
+            _reshard(module)
+
+
+def _reshard(module: nn.Module) -> None:
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in module.modules():
+        if isinstance(unit, FSDPModule):
+            unit.reshard()
+
+
+_FULL = {"full_state_dict": True, "cpu_offload": True}
+
+
+def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (unsharded) state dict of a sharded module on rank 0, on CPU; {} on the other ranks.
+    All ranks must call."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(**_FULL))
+
+
+def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """`optimizer`'s whole state (keyed by parameter name) on rank 0, on CPU; {} elsewhere. All ranks must call."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(**_FULL))
+
+
+def load_full_state(module: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
+    """Each rank takes its shards of whole states written by `full_model_state` / `full_optimizer_state`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(module, model_state, options=options)
+    set_optimizer_state_dict(module, optimizer, optim_state, options=options)
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

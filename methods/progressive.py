@@ -126,6 +126,12 @@ class Progressive(Recipe):
     def _steps(self) -> int:
         return self.cfg.student_steps(self.stage)
 
+    def check_shardable(self) -> None:
+        raise ValueError(
+            f"fsdp: {self.name} cannot shard its student yet (each stage copies the student's weights into a new "
+            "teacher); use data parallelism (torchrun without --fsdp)"
+        )
+
     def extra_state(self) -> dict:
         return {"stage": self.stage, "teacher": self.teacher.state_dict() if self.stage > 0 else None}
 

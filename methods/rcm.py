@@ -37,6 +37,7 @@ from kernels.ema import EMA
 from kernels.ema_schedule import EMAProfile
 from kernels.scm_tangent import scm_tangent
 from kernels.trigflow import trigflow_noise
+from methods import distributed
 from methods.generate import ModelBundle
 from methods.profiling import nvtx_range
 from methods.rcm_dmd import critic_loss, dmd_loss, simulate_to_last_step
@@ -169,8 +170,8 @@ class RCM(Recipe):
         cs_x = cs.view(-1, *([1] * (x_t.dim() - 1)))
         tangent_x = (cs_x * dxt_dt).to(x_t.dtype)
         model = trig_model(self.student)
-        swap = self._target().swapped(self.student) if self.cfg.target == "ema" else contextlib.nullcontext()
-        with swap:
+        ema_target = self.cfg.target == "ema"
+        with distributed.ema_weights(self._target(), self.student) if ema_target else contextlib.nullcontext():
             if self.cfg.jvp_mode == "finite_difference":
                 h = self.cfg.fd_step
                 with torch.no_grad():
@@ -196,7 +197,9 @@ class RCM(Recipe):
         dmd = self.dmd_active(step)
         logs: dict[str, float] = {"tangent_r": self.tangent_ratio(step)}
         if dmd:  # the last simulation step shares the student's forward with F_θ
-            sim_steps = int(torch.randint(1, cfg.max_sim_steps + 1, ()))
+            # the same on every rank (a sharded student's forwards are collectives): drawn from the step
+            steps_rng = torch.Generator().manual_seed(cfg.noise_seed * 1_000_003 + step)
+            sim_steps = int(torch.randint(1, cfg.max_sim_steps + 1, (), generator=steps_rng))
             with nvtx_range("simulate"):
                 g_x, g_t = simulate_to_last_step(
                     trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_p_mean, cfg.dmd_p_std
@@ -240,6 +243,11 @@ class RCM(Recipe):
 
     def trained_by_loss(self) -> list[torch.nn.Module]:
         return [self.student] + ([self.weight] if self.weight is not None else [])
+
+    def check_shardable(self) -> None:
+        if self.weight is not None:
+            raise ValueError("fsdp: rCM's adaptive weight w_φ cannot be trained with a sharded student yet; "
+                             "set adaptive_weight=false or use data parallelism (torchrun without --fsdp)")
 
     def replicate_auxiliary(self, wrap) -> None:
         if self.critic is not None:

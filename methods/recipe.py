@@ -66,6 +66,10 @@ class Recipe(nn.Module):
         """The networks `loss` trains (their gradients are averaged across data-parallel ranks)."""
         return [self.student]
 
+    def check_shardable(self) -> None:
+        """ValueError when FSDP2 (`TrainConfig.fsdp`) cannot shard this recipe's student: e.g. a recipe that
+        copies the student's weights into another network of its own."""
+
     def replicate_auxiliary(self, wrap) -> None:
         """Called once by the trainer with `wrap(module) -> module` (DDP under torchrun, else identity):
         recipes that train networks of their own in `auxiliary_step` compute those losses through the

@@ -5,8 +5,8 @@ backward -> grad clipping -> fused AdamW -> EMA update (`kernels.ema`, all tenso
 few launches) -> optional auxiliary update (critic). Every phase sits in an NVTX range; a capture window drives
 `nsys --capture-range=cudaProfilerApi`. Checkpoints hold the student, optimiser, EMA, recipe
 extra state, data position and all RNG states, written atomically, so a resumed run reproduces
-the uninterrupted one exactly (on CPU bit for bit). Under torchrun the loss goes through DDP and
-rank 0 alone writes (`methods/distributed.py` has the conventions).
+the uninterrupted one exactly (on CPU bit for bit). Under torchrun the loss goes through DDP (or the
+student is sharded by FSDP2, `fsdp`) and rank 0 alone writes (`methods/distributed.py` has the conventions).
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from kernels.ema import EMA, EMAProfile
@@ -85,6 +87,10 @@ class TrainConfig:
     # recompute each DiT block's activations in the backward instead of keeping them (every trained DiT of
     # the recipe: the student, rCM's critic): activation memory of one block input per block, ~1/3 more compute
     activation_checkpointing: bool = False
+    # shard the student over the ranks with FSDP2 (torchrun only): each rank keeps 1/N of its weights,
+    # gradients, optimiser and EMA states; rCM's critic stays replicated (DDP). Not for recipes that copy
+    # the student's weights into networks of their own (progressive, consistency with an EMA target)
+    fsdp: bool = False
     tensorboard: bool = False
     time_limit_s: float | None = None  # stop early (checkpointed) once this much wall time has passed
     # every `eval_every` steps (0 = never) score EMA profile 0 with the trainer's `evaluator` (distillation
@@ -118,6 +124,10 @@ def _rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def _to_cpu(value):
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
 
 def _set_rng_state(state: dict) -> None:
@@ -165,12 +175,18 @@ class Trainer:
             _checkpoint_dit_blocks(recipe)
         if distributed.world_size() > 1:  # weights come from rank 0 (DDP broadcasts); noise differs per rank
             torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank() + 1)
-        self.recipe_loss = distributed.replicate(_RecipeLoss(recipe), self.device)
+        self._sharded: list[torch.nn.Module] = []
+        if cfg.fsdp:
+            recipe.check_shardable()
+            self._sharded = [distributed.shard(module) for module in recipe.trained_by_loss()]
+            self.recipe_loss = _RecipeLoss(recipe)
+        else:
+            self.recipe_loss = distributed.replicate(_RecipeLoss(recipe), self.device)
         self.recipe.replicate_auxiliary(lambda module: distributed.replicate(module, self.device))
         params = [p for p in recipe.student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the recipe's student has no trainable parameters")
-        fused = self.device.type == "cuda"
+        fused = self.device.type == "cuda" and not cfg.fsdp  # sharded (DTensor) parameters: foreach AdamW
         self.optimizer = torch.optim.AdamW(
             params,
             lr=cfg.lr,
@@ -189,19 +205,32 @@ class Trainer:
 
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The run's state (every rank must call: it gathers each rank's RNG state)."""
+        """The run's state (every rank must call: it gathers each rank's RNG state). Sharded (`fsdp`): the
+        whole student and optimiser states, gathered to rank 0, and each rank's EMA and recipe state (the
+        EMA of its shards), as "sharded_by_rank"."""
         rng_by_rank = distributed.gather_objects(_rng_state())
-        return {
+        state = {
             "step": self.step,
-            "student": self.recipe.student.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "ema": self.ema.state_dict(),
-            "recipe": self.recipe.extra_state(),
             "data": self.data.state_dict(),
             "rng": rng_by_rank[0],
             "world_size": len(rng_by_rank),
             **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
             "config": self.run_config,
+        }
+        if not self.cfg.fsdp:
+            return {
+                **state,
+                "student": self.recipe.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict(),
+                "recipe": self.recipe.extra_state(),
+            }
+        local = {"ema": self.ema.state_dict(), "recipe": self.recipe.extra_state()}
+        return {
+            **state,
+            "student": distributed.full_model_state(self.recipe.student),
+            "optimizer": distributed.full_optimizer_state(self.recipe.student, self.optimizer),
+            "sharded_by_rank": distributed.gather_objects(tree_map(_to_cpu, local)),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -211,10 +240,18 @@ class Trainer:
                 f"cannot resume: the checkpoint was written by {state.get('world_size', 1)} ranks and this run has "
                 f"{world}; each rank's noise stream is part of the state, so resume with the same number of ranks"
             )
-        self.recipe.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.ema.load_state_dict(state["ema"])
-        self.recipe.load_extra_state(state["recipe"])
+        if ("sharded_by_rank" in state) != self.cfg.fsdp:
+            written = "with" if "sharded_by_rank" in state else "without"
+            raise ValueError(f"cannot resume: the checkpoint was written {written} --fsdp; resume the same way")
+        if self.cfg.fsdp:
+            distributed.load_full_state(self.recipe.student, self.optimizer, state["student"], state["optimizer"])
+            local = state["sharded_by_rank"][distributed.rank()]
+        else:
+            self.recipe.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            local = state
+        self.ema.load_state_dict(local["ema"])
+        self.recipe.load_extra_state(local["recipe"])
         self.data.load_state_dict(state["data"])
         _set_rng_state(state["rng_by_rank"][distributed.rank()] if world > 1 else state["rng"])
         self.step = state["step"]
@@ -242,11 +279,18 @@ class Trainer:
         """Write the raw student and EMA profile 0 as safetensors next to the checkpoints (rank 0 writes)."""
         meta = {"recipe": self.recipe.name, "step": self.step, "run_config": self.run_config, **self.export_meta}
         paths = {"raw": self.run_dir / "student.safetensors", "ema": self.run_dir / "student_ema.safetensors"}
-        if not distributed.is_main():
-            return paths
-        save_weights(paths["raw"], self.recipe.student, meta)
-        with self.ema.swapped(self.recipe.student, profile=0):
-            save_weights(paths["ema"], self.recipe.student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]})
+        student = self.recipe.student
+        if self.cfg.fsdp:  # gather the whole weights to rank 0 (every rank takes part)
+            raw = distributed.full_model_state(student)
+            with distributed.ema_weights(self.ema, student):
+                ema = distributed.full_model_state(student)
+        elif distributed.is_main():
+            raw = student.state_dict()
+            with self.ema.swapped(student, profile=0):
+                ema = {k: v.clone() for k, v in student.state_dict().items()}
+        if distributed.is_main():
+            save_weights(paths["raw"], student, meta, state=raw)
+            save_weights(paths["ema"], student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]}, state=ema)
         return paths
 
     # ---- training ----------------------------------------------------------------------------
@@ -261,7 +305,10 @@ class Trainer:
         return self.cfg.lr * min(1.0, (step + 1) / warm) if warm > 0 else self.cfg.lr
 
     def _accumulating(self, last: bool):
-        """No gradient all-reduce for the backward of a micro-batch other than the step's last (DDP)."""
+        """No gradient all-reduce (DDP) or reduce-scatter (FSDP2) for the backward of a micro-batch other than
+        the step's last."""
+        for module in self._sharded:
+            module.set_requires_gradient_sync(last)
         if last or not isinstance(self.recipe_loss, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.recipe_loss.no_sync()
@@ -288,6 +335,8 @@ class Trainer:
         with nvtx_range("optimizer"):
             clip = self.cfg.grad_clip or math.inf
             grad_norm = torch.nn.utils.clip_grad_norm_(self.recipe.student.parameters(), clip)
+            if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over all ranks' shards
+                grad_norm = grad_norm.full_tensor()
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(step)
             self.optimizer.step()
@@ -298,13 +347,18 @@ class Trainer:
         return {"loss": sum(losses) / accum, "grad_norm": float(grad_norm), "lr": self._lr(step), **logs, **aux}
 
     def _evaluate(self, runlog: RunLog, bar: tqdm) -> None:
-        """Rank 0 scores the EMA student while the other ranks wait."""
-        if not distributed.is_main():
+        """Rank 0 scores the EMA student while the other ranks wait; a sharded student's forwards need every
+        rank, so then all ranks run the (deterministic) evaluation and rank 0 writes."""
+        together = self.cfg.fsdp
+        if not together and not distributed.is_main():
             distributed.barrier()
             return
-        with nvtx_range("evaluate"), self.ema.swapped(self.recipe.student, profile=0):
+        with nvtx_range("evaluate"), distributed.ema_weights(self.ema, self.recipe.student):
             scores = self.evaluator(self.recipe.student)
-        distributed.barrier()
+        if not together:
+            distributed.barrier()
+        if not distributed.is_main():
+            return
         runlog.write(self.step, {f"eval_{k}": v for k, v in scores.items()})
         bar.write(f"step {self.step} EMA: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 

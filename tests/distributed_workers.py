@@ -4,12 +4,18 @@ tests/test_distributed.py (data-parallel training on CPU ranks joined by gloo)."
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
 
+from methods import distributed
 from methods.batches import ShapesBatches
 from methods.distill import distiller
 from methods.generate import ModelBundle
@@ -20,7 +26,11 @@ from methods.text import WordTextEncoder
 from methods.trainer import Trainer
 from models.dit import build_dit
 
+ROOT = Path(__file__).resolve().parents[1]
+
 RCM_CONFIG = Config(tangent_warmup=2, dmd_start=1, target="ema", adaptive_weight=True, max_sim_steps=2)
+# what FSDP can shard: the same without w_φ (kind "rcm-shardable")
+RCM_SHARDABLE = replace(RCM_CONFIG, adaptive_weight=False)
 
 
 class Denoise(Recipe):
@@ -49,22 +59,24 @@ def tiny_dit() -> torch.nn.Module:
     return model
 
 
-def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accum: int = 1) -> Trainer:
+def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accum: int = 1,
+            fsdp: bool = False) -> Trainer:
     """A tiny-DiT trainer: `kind` "denoise" (deterministic loss) or a distillation method of a random tiny
-    teacher (guidance 2). rCM with critic, adaptive weight, EMA target and activation checkpointing;
-    progressive with a new stage, so a new teacher copied from the student, at every step."""
+    teacher (guidance 2). rCM with critic, adaptive weight, EMA target and activation checkpointing
+    ("rcm-shardable": without the adaptive weight); progressive with a new stage, so a new teacher copied
+    from the student, at every step. `fsdp`: the student sharded over the ranks."""
     run = tiny()
     train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=batch_size, grad_clip=0.05,
-                    activation_checkpointing=kind == "rcm", grad_accum=grad_accum)
+                    activation_checkpointing=kind.startswith("rcm"), grad_accum=grad_accum, fsdp=fsdp)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
     if kind == "denoise":  # with an in-training evaluation every 2 steps (rank 0 scores, the others wait)
         train = replace(train, eval_every=2)
         recipe = Denoise(tiny_dit())
     else:
-        module = distiller(kind)
+        module = distiller(kind.removesuffix("-shardable"))
         teacher = ModelBundle(tiny_dit().eval(), text, run.data, 2.0, {})
-        cfg = RCM_CONFIG if kind == "rcm" else module.Config()
+        cfg = {"rcm": RCM_CONFIG, "rcm-shardable": RCM_SHARDABLE}.get(kind) or module.Config()
         if kind == "progressive":
             cfg = replace(cfg, stage_steps=(1,))
         recipe = module.build_recipe(teacher, cfg)
@@ -75,10 +87,11 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accu
 
 
 def final_state(t: Trainer) -> dict[str, torch.Tensor]:
-    """Every trained tensor of a finished run: the student, its EMA and (rCM) the critic and w_φ."""
-    state = {f"student.{k}": v for k, v in t.recipe.student.state_dict().items()}
-    with t.ema.swapped(t.recipe.student, profile=0):
-        state.update({f"ema.{k}": v.clone() for k, v in t.recipe.student.state_dict().items()})
+    """Every trained tensor of a finished run: the student, its EMA and (rCM) the critic and w_φ; a sharded
+    student's tensors whole (every rank must call)."""
+    state = {f"student.{k}": _whole(v) for k, v in t.recipe.student.state_dict().items()}
+    with distributed.ema_weights(t.ema, t.recipe.student):
+        state.update({f"ema.{k}": _whole(v).clone() for k, v in t.recipe.student.state_dict().items()})
     for name in ("critic", "weight"):
         module = getattr(t.recipe, name, None)
         if module is not None:
@@ -86,18 +99,51 @@ def final_state(t: Trainer) -> dict[str, torch.Tensor]:
     return state
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def fit(
     rank: int, world: int, port: int, kind: str, run_dir: str, steps: int, resume: bool, batch_size: int = 4,
-    grad_accum: int = 1,
+    grad_accum: int = 1, fsdp: bool = False,
 ) -> None:
     """Rank `rank` of `world`: train, then save this rank's final state as rank<r>.pt in `run_dir`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        t = trainer(kind, Path(run_dir), steps, batch_size, grad_accum)
+        t = trainer(kind, Path(run_dir), steps, batch_size, grad_accum, fsdp)
         rows = t.fit(resume=resume)
         first_x0 = getattr(t.recipe, "first_x0", None)
         torch.save({"state": final_state(t), "rows": rows, "first_x0": first_x0}, Path(run_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fit_on_two_ranks(kind: str, run_dir: Path, steps: int, resume: bool = False, batch_size: int = 4,
+                     grad_accum: int = 1, fsdp: bool = False) -> list[dict]:
+    """Train on ranks 0 and 1; [rank 0's {state, rows}, rank 1's]."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    args = (2, free_port(), kind, str(run_dir), steps, resume, batch_size, grad_accum, fsdp)
+    mp.spawn(fit, args=args, nprocs=2, join=True)
+    return [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=lambda m, key=key: f"{key}: {m}", **tol)
+
+
+def torchrun(*cli_args: str) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m methods.cli ...` on CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(free_port()), "-m", "methods.cli", *cli_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

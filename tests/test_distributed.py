@@ -5,16 +5,12 @@ batch (also with gradient accumulation), ranks that stay identical, an exact res
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from distributed_workers import final_state, fit, tiny_dit, trainer
+from distributed_workers import assert_same, final_state, fit_on_two_ranks, tiny_dit, torchrun, trainer
 
 from methods.checkpoint import list_checkpoints
 from methods.cli import main
@@ -24,27 +20,6 @@ from methods.shards import ShardDataset, ShardLoader, read_shard, write_shard
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fit_on_two_ranks(kind: str, run_dir: Path, steps: int, resume: bool = False, batch_size: int = 4,
-                      grad_accum: int = 1) -> list[dict]:
-    """Train on ranks 0 and 1; [rank 0's {state, rows}, rank 1's]."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    args = (2, _free_port(), kind, str(run_dir), steps, resume, batch_size, grad_accum)
-    mp.spawn(fit, args=args, nprocs=2, join=True)
-    return [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-
-
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], msg=lambda m, key=key: f"{key}: {m}", **tol)
 
 
 def test_rank_parts_make_up_the_single_process_batch():
@@ -65,10 +40,10 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
     over ranks) is the single process's."""
     single = trainer("denoise", tmp_path / "single", steps=3)
     single_rows = single.fit()
-    ranks = _fit_on_two_ranks("denoise", tmp_path / "ddp", steps=3)
+    ranks = fit_on_two_ranks("denoise", tmp_path / "ddp", steps=3)
     torch.testing.assert_close(torch.cat([r["first_x0"] for r in ranks]), single.recipe.first_x0, rtol=0, atol=0)
-    _assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
-    _assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
+    assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
     assert not torch.equal(single.recipe.student.head.weight, tiny_dit().head.weight)  # it did train
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in ranks[0]["rows"]] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
@@ -79,12 +54,12 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
 def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     """rCM with critic, w_φ and EMA target: the ranks hold the same weights (student, EMA, critic, w_φ); a
     run cut at step 2 and resumed on two ranks ends bit-identical to the uninterrupted one."""
-    full = _fit_on_two_ranks("rcm", tmp_path / "full", steps=4)
-    _assert_same(full[0]["state"], full[1]["state"], rtol=0, atol=0)
+    full = fit_on_two_ranks("rcm", tmp_path / "full", steps=4)
+    assert_same(full[0]["state"], full[1]["state"], rtol=0, atol=0)
     assert "critic_loss" in full[0]["rows"][-1]
-    _fit_on_two_ranks("rcm", tmp_path / "cut", steps=2)
-    resumed = _fit_on_two_ranks("rcm", tmp_path / "cut", steps=4, resume=True)
-    _assert_same(resumed[0]["state"], full[0]["state"], rtol=0, atol=0)
+    fit_on_two_ranks("rcm", tmp_path / "cut", steps=2)
+    resumed = fit_on_two_ranks("rcm", tmp_path / "cut", steps=4, resume=True)
+    assert_same(resumed[0]["state"], full[0]["state"], rtol=0, atol=0)
     assert [r["loss"] for r in resumed[0]["rows"]] == [r["loss"] for r in full[0]["rows"][2:]]
     assert not (tmp_path / "full" / "rank1").exists() and len(list_checkpoints(tmp_path / "full")) == 2
 
@@ -96,17 +71,17 @@ def test_two_ranks_accumulating_two_micro_batches_train_as_one_process(tmp_path)
     """8 clips per step as 2 ranks x 2 micro-batches x 2 clips (no all-reduce but for the last) == 1 x 8."""
     single = trainer("denoise", tmp_path / "single", steps=2, batch_size=8)
     single_rows = single.fit()
-    ranks = _fit_on_two_ranks("denoise", tmp_path / "ddp", steps=2, batch_size=8, grad_accum=2)
-    _assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
-    _assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
+    ranks = fit_on_two_ranks("denoise", tmp_path / "ddp", steps=2, batch_size=8, grad_accum=2)
+    assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
     for key in ("loss", "grad_norm"):
         assert [r[key] for r in ranks[0]["rows"]] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
 
 
 @pytest.mark.parametrize("method", ["reflow", "progressive", "consistency"])
 def test_every_recipe_keeps_the_ranks_identical(tmp_path, method):
-    ranks = _fit_on_two_ranks(method, tmp_path / method, steps=2)
-    _assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    ranks = fit_on_two_ranks(method, tmp_path / method, steps=2)
+    assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
     assert ranks[0]["state"]["student.head.weight"].ne(tiny_dit().head.weight).any()
 
 
@@ -121,19 +96,11 @@ def test_pair_shard_parts_make_up_the_single_process_batch(tmp_path):
         torch.testing.assert_close(torch.cat([next(p).latents for p in parts]), expected, rtol=0, atol=0)
 
 
-def _torchrun(*cli_args: str) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m methods.cli ...` on CPU."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "methods.cli", *cli_args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-
-
 def _torchrun_pretrain(out: Path, batch_size: int) -> subprocess.CompletedProcess:
-    return _torchrun("pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", str(batch_size), "--out", str(out))
+    return torchrun("pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", str(batch_size), "--out", str(out))
 
 
-def test_pretrain_cli_under_torchrun(tmp_path):
+def test_pretrain_cli_undertorchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m methods.cli pretrain`: one set of files, written by rank 0, with each
     rank's RNG state in the checkpoint; a global batch the ranks cannot split is refused by name."""
     out = tmp_path / "run"
@@ -157,7 +124,7 @@ def test_reflow_pairs_under_torchrun_write_the_single_process_shards(tmp_path):
     args = ["reflow-pairs", "--teacher", str(tmp_path / "teacher" / "student_ema.safetensors"), "--num-pairs", "5",
             "--shard-size", "2", "--steps", "2", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
-    done = _torchrun(*args, "--out", str(tmp_path / "ranks"))
+    done = torchrun(*args, "--out", str(tmp_path / "ranks"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stderr.count("reflow-pairs: wrote") == 3  # each shard by one rank
     names = sorted(p.name for p in (tmp_path / "single").iterdir())

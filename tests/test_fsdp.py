@@ -1,0 +1,79 @@
+"""FSDP2 (`TrainConfig.fsdp`, gloo, two CPU ranks): a sharded student trains as one process with the whole
+batch, rCM trains as under DDP and resumes exactly, and what cannot be sharded yet is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from distributed_workers import assert_same, final_state, fit_on_two_ranks, torchrun, trainer
+from safetensors.torch import load_file
+
+from methods.checkpoint import list_checkpoints
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
+
+
+def test_sharded_student_trains_as_one_process_with_the_whole_batch(tmp_path):
+    """Deterministic loss, 2 ranks with FSDP2 == 1 process (reduce-scattered gradients, clipping by the global
+    norm, AdamW and the EMA on shards, a collective in-training evaluation, a checkpoint at step 2)."""
+    single = trainer("denoise", tmp_path / "single", steps=3)
+    single_rows = single.fit()
+    ranks = fit_on_two_ranks("denoise", tmp_path / "fsdp", steps=3, fsdp=True)
+    assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
+    for key in ("loss", "grad_norm"):
+        assert [r[key] for r in ranks[0]["rows"]] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
+    evals = [json.loads(ln) for ln in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines() if "eval" in ln]
+    assert [e["step"] for e in evals] == [2]
+
+
+def test_sharded_rcm_trains_as_under_ddp_and_resumes_exactly(tmp_path):
+    """rCM with DMD, critic (replicated), EMA target (on shards, swapped in for the JVP pass) and activation
+    checkpointing: FSDP2 gives DDP's weights; stopped at step 2 and resumed, it ends where the uninterrupted
+    run ends, bit for bit."""
+    ddp = fit_on_two_ranks("rcm-shardable", tmp_path / "ddp", steps=3)
+    full = fit_on_two_ranks("rcm-shardable", tmp_path / "full", steps=3, fsdp=True)
+    assert_same(full[0]["state"], full[1]["state"], rtol=0, atol=0)
+    assert_same(full[0]["state"], ddp[0]["state"], rtol=1e-5, atol=1e-6)
+    fit_on_two_ranks("rcm-shardable", tmp_path / "cut", steps=2, fsdp=True)
+    resumed = fit_on_two_ranks("rcm-shardable", tmp_path / "cut", steps=3, resume=True, fsdp=True)
+    assert_same(resumed[0]["state"], full[0]["state"], rtol=0, atol=0)
+
+
+def test_sharded_reflow_trains_as_under_ddp(tmp_path):
+    ddp = fit_on_two_ranks("reflow", tmp_path / "ddp", steps=2)
+    sharded = fit_on_two_ranks("reflow", tmp_path / "fsdp", steps=2, fsdp=True)
+    assert_same(sharded[0]["state"], ddp[0]["state"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("progressive", "progressive cannot shard its student yet"),
+        ("consistency", "consistency with target_decay > 0 cannot shard"),
+        ("rcm", "adaptive weight"),
+        ("denoise", "needs a process group; launch with torchrun"),
+    ],
+)
+def test_what_cannot_be_sharded_is_refused(tmp_path, kind, message):
+    with pytest.raises(ValueError, match=message):
+        trainer(kind, tmp_path, steps=1, fsdp=True)
+
+
+def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
+    """`torchrun ... pretrain --fsdp`: the whole weights gathered into the checkpoint and both exports, equal to
+    the DDP run's; a sharded checkpoint is not resumed without --fsdp."""
+    args = ("pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", "4")
+    for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+        done = torchrun(*args, "--out", str(tmp_path / name), *extra)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for file in ("student.safetensors", "student_ema.safetensors"):
+        assert_same(load_file(tmp_path / "fsdp" / file), load_file(tmp_path / "ddp" / file), rtol=1e-5, atol=1e-6)
+    state = torch.load(list_checkpoints(tmp_path / "fsdp")[-1], weights_only=False)
+    assert len(state["sharded_by_rank"]) == 2
+    assert_same(state["student"], load_file(tmp_path / "fsdp" / "student.safetensors"), rtol=0, atol=0)
+    mixed = torchrun(*args[:-4], "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "fsdp"), "--resume")
+    assert mixed.returncode != 0
+    assert "the checkpoint was written with --fsdp; resume the same way" in mixed.stderr
