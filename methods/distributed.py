@@ -49,8 +49,9 @@ def launched_ranks() -> int:
 
 @contextlib.contextmanager
 def process_group_from_env() -> Iterator[None]:
-    """Open the process group torchrun describes (WORLD_SIZE > 1) for the duration; otherwise nothing."""
-    if launched_ranks() <= 1 or dist.is_initialized():
+    """Open the process group torchrun describes for the duration (also of one rank: FSDP2 needs a group);
+    without torchrun, nothing."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or dist.is_initialized():
         yield
         return
     backend = "cpu:gloo"

@@ -141,9 +141,9 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -
         torch.testing.assert_close(a[key], b[key], msg=lambda m, key=key: f"{key}: {m}", **tol)
 
 
-def torchrun(*cli_args: str) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m methods.cli ...` on CPU."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+def torchrun(*cli_args: str, ranks: int = 2) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node <ranks> -m methods.cli ...` (on the GPUs where there are, else on CPU)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
            str(free_port()), "-m", "methods.cli", *cli_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -77,3 +77,19 @@ def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
     mixed = torchrun(*args[:-4], "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "fsdp"), "--resume")
     assert mixed.returncode != 0
     assert "the checkpoint was written with --fsdp; resume the same way" in mixed.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_sharded_rcm_runs_and_resumes_on_the_gpu(tmp_path):
+    """One GPU, one rank (NCCL, CUDA DTensors, foreach AdamW on shards, the Triton kernels inside FSDP2):
+    `pretrain --fsdp` makes a teacher, `distill rcm --fsdp` distils it, stops and resumes."""
+    teacher = tmp_path / "teacher"
+    done = torchrun("pretrain", "--preset", "tiny", "--steps", "3", "--out", str(teacher), "--fsdp", ranks=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    args = ("distill", "rcm", "--teacher", str(teacher / "student_ema.safetensors"), "--out", str(tmp_path / "rcm"),
+            "--batch-size", "4", "--fsdp", "--set", "tangent_warmup=1", "--set", "target=ema")
+    for steps, extra in (("2", ()), ("3", ("--resume",))):
+        done = torchrun(*args, "--steps", steps, *extra, ranks=1)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "rcm" / "student_ema.safetensors").is_file()
