@@ -29,8 +29,9 @@ from models.dit import build_dit
 ROOT = Path(__file__).resolve().parents[1]
 
 RCM_CONFIG = Config(tangent_warmup=2, dmd_start=1, target="ema", adaptive_weight=True, max_sim_steps=2)
-# what FSDP can shard: the same without w_φ (kind "rcm-shardable")
+# what FSDP can shard: the same without w_φ (kind "rcm-shardable"), and with the stop-grad target, rCM's default
 RCM_SHARDABLE = replace(RCM_CONFIG, adaptive_weight=False)
+RCM_STOPGRAD = replace(RCM_SHARDABLE, target="stopgrad")
 
 
 class Denoise(Recipe):
@@ -63,8 +64,9 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accu
             fsdp: bool = False) -> Trainer:
     """A tiny-DiT trainer: `kind` "denoise" (deterministic loss) or a distillation method of a random tiny
     teacher (guidance 2). rCM with critic, adaptive weight, EMA target and activation checkpointing
-    ("rcm-shardable": without the adaptive weight); progressive with a new stage, so a new teacher copied
-    from the student, at every step. `fsdp`: the student sharded over the ranks."""
+    ("rcm-shardable": without the adaptive weight, "rcm-stopgrad": nor the EMA target); progressive with a
+    new stage, so a new teacher copied from the student, at every step. `fsdp`: the student sharded over
+    the ranks."""
     run = tiny()
     train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=batch_size, grad_clip=0.05,
                     activation_checkpointing=kind.startswith("rcm"), grad_accum=grad_accum, fsdp=fsdp)
@@ -74,9 +76,10 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accu
         train = replace(train, eval_every=2)
         recipe = Denoise(tiny_dit())
     else:
-        module = distiller(kind.removesuffix("-shardable"))
+        module = distiller(kind.partition("-")[0])
         teacher = ModelBundle(tiny_dit().eval(), text, run.data, 2.0, {})
-        cfg = {"rcm": RCM_CONFIG, "rcm-shardable": RCM_SHARDABLE}.get(kind) or module.Config()
+        cfg = {"rcm": RCM_CONFIG, "rcm-shardable": RCM_SHARDABLE, "rcm-stopgrad": RCM_STOPGRAD}.get(kind)
+        cfg = cfg or module.Config()
         if kind == "progressive":
             cfg = replace(cfg, stage_steps=(1,))
         recipe = module.build_recipe(teacher, cfg)

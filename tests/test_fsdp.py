@@ -42,9 +42,12 @@ def test_sharded_rcm_trains_as_under_ddp_and_resumes_exactly(tmp_path):
     assert_same(resumed[0]["state"], full[0]["state"], rtol=0, atol=0)
 
 
-def test_sharded_reflow_trains_as_under_ddp(tmp_path):
-    ddp = fit_on_two_ranks("reflow", tmp_path / "ddp", steps=2)
-    sharded = fit_on_two_ranks("reflow", tmp_path / "fsdp", steps=2, fsdp=True)
+@pytest.mark.parametrize("kind", ["reflow", "rcm-stopgrad"])
+def test_sharded_recipe_trains_as_under_ddp(tmp_path, kind):
+    """ReFlow; rCM with its default stop-grad target, whose no-grad JVP and simulation forwards leave the root's
+    gathered weights in place for the student's forward with grad."""
+    ddp = fit_on_two_ranks(kind, tmp_path / "ddp", steps=2)
+    sharded = fit_on_two_ranks(kind, tmp_path / "fsdp", steps=2, fsdp=True)
     assert_same(sharded[0]["state"], ddp[0]["state"], rtol=1e-5, atol=1e-6)
 
 
