@@ -118,12 +118,6 @@ def shard(module: nn.Module) -> nn.Module:
     return module
 
 
-def is_sharded(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
 @contextlib.contextmanager
 def ema_weights(ema, module: nn.Module, profile: int = 0) -> Iterator[nn.Module]:
     """`ema.swapped(module, profile)` that also holds for a sharded module: FSDP2 keeps the root's all-gathered

@@ -29,6 +29,14 @@ def test_sharded_student_trains_as_one_process_with_the_whole_batch(tmp_path):
     assert [e["step"] for e in evals] == [2]
 
 
+def test_sharded_student_accumulating_micro_batches_trains_as_one_process(tmp_path):
+    """8 clips per step as 2 ranks x 2 micro-batches x 2 clips (gradients reduce-scattered after the last) == 1 x 8."""
+    single = trainer("denoise", tmp_path / "single", steps=2, batch_size=8)
+    single.fit()
+    ranks = fit_on_two_ranks("denoise", tmp_path / "fsdp", steps=2, batch_size=8, grad_accum=2, fsdp=True)
+    assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
+
+
 def test_sharded_rcm_trains_as_under_ddp_and_resumes_exactly(tmp_path):
     """rCM with DMD, critic (replicated), EMA target (on shards, swapped in for the JVP pass) and activation
     checkpointing: FSDP2 gives DDP's weights; stopped at step 2 and resumed, it ends where the uninterrupted
