@@ -27,3 +27,5 @@ def test_output_check_names_the_output_that_drifts():
     with pytest.raises(AssertionError, match="dQ: relative error"):
         check_close("dQ", want + 1e-3 * want, want, torch.float32)
     check_close("dQ", (want + 1e-2 * want).bfloat16(), want, torch.bfloat16)
+    with pytest.raises(AssertionError, match="all zeros"):
+        check_close("F", torch.zeros(4), torch.zeros(4), torch.float32)

@@ -17,6 +17,8 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def check_close(name: str, got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
-    """AssertionError naming the output unless got matches want within `tolerance(dtype)`."""
+    """AssertionError naming the output unless got matches want within `tolerance(dtype)` (and want is not all
+    zeros, which would make the check vacuous)."""
+    assert bool(want.ne(0).any()), f"{name}: the reference is all zeros, nothing to check against"
     err, tol = relative_error(got, want), tolerance(dtype)
     assert err <= tol, f"{name}: relative error {err:.3g} against the reference exceeds {tol:g}"
