@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bench.harness import git_commit
+from bench.harness import run_meta
 
 
 def pytest_configure(config) -> None:
@@ -23,27 +23,15 @@ def pytest_configure(config) -> None:
 
 
 def pytest_benchmark_update_machine_info(config, machine_info: dict) -> None:
-    """Add the GPU, the commit and the torch/Triton versions to every saved benchmark JSON."""
-    try:
-        import triton
-
-        triton_version: str | None = triton.__version__
-    except ImportError:
-        triton_version = None
-    machine_info["gpu"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    machine_info["torch"] = torch.__version__
-    machine_info["triton"] = triton_version
-    machine_info["vdistill_commit"] = git_commit()
+    """Add the GPU, the commit and the torch/Triton versions (bench/harness.py's run metadata) to every saved JSON."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    meta = run_meta(device, [])
+    machine_info.update(gpu=meta["gpu"], torch=meta["torch"], triton=meta["triton"], vdistill_commit=meta["commit"])
 
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-@pytest.fixture(scope="session")
-def on_gpu(device: torch.device) -> bool:
-    return device.type == "cuda"
 
 
 @pytest.fixture
