@@ -10,7 +10,7 @@ come back:
     teacher.safetensors         the teacher trained here (part train or finetune without --teacher)
     *_tuned.safetensors         part finetune's students with their tuned sampling times
     train_results.tar.gz        run configs, metrics.jsonl, evaluation JSONs, sample grids, logs
-    bench_results.tar.gz        benchmark JSONs and logs (part bench)
+    bench_results.tar.gz        benchmark JSONs (bench/micro's as micro_benchmarks.json) and logs (part bench)
     finetune_results.tar.gz     as train_results, for part finetune
 
     python -m bench.device_session --part train --out $OUT --teacher models/weights/shapes-teacher/model.safetensors
@@ -244,15 +244,21 @@ def part_finetune(s: Session, args: argparse.Namespace) -> None:
             (s.out / f"{run}_tuned.safetensors").write_bytes(tuned.read_bytes())
 
 
-BENCHES = {"attention": 240, "ema": 75, "trigflow": 75, "rcm_step": 150}  # bench/bench_<name>.py: time limit
+# bench/bench_<name>.py (micro: the pytest-benchmark suite bench/micro) and its time limit
+BENCHES = {"attention": 240, "ema": 75, "trigflow": 75, "rcm_step": 150, "micro": 180}
 
 
 def part_bench(s: Session, names: list[str], quick: bool) -> None:
     res = s.work / "results"
+    res.mkdir(parents=True, exist_ok=True)
     q = ["--quick"] if quick else []
     for name in names:
-        s.run(f"bench_{name}", [sys.executable, "-m", f"bench.bench_{name}", "--out", str(res), *q],
-              timeout=BENCHES[name])
+        if name == "micro":
+            cmd = [sys.executable, "-m", "pytest", str(Path(__file__).parent / "micro"), "-q", "-p", "no:cacheprovider",
+                   "--benchmark-max-time=0.25", f"--benchmark-json={res / 'micro_benchmarks.json'}"]
+        else:
+            cmd = [sys.executable, "-m", f"bench.bench_{name}", "--out", str(res), *q]
+        s.run(f"bench_{name}", cmd, timeout=BENCHES[name])
 
 
 def build_arg_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 """bench/device_session.py: the distillation arguments it sizes for a time budget (no GPU needed)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -65,3 +66,19 @@ def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys)
         assert len(report_seeds) > 1 and tuning_seed not in report_seeds
     order = [name for name, _, _ in steps]
     assert order.index("distill_consistency") < order.index("distill_rcm_finetune") < order.index("tune_rcm_finetune")
+
+
+def test_bench_part_runs_the_micro_suite_with_pytest(tmp_path, monkeypatch):
+    ran = {}
+
+    def record(self, name, cmd, timeout):
+        ran[name] = cmd
+        return 0
+
+    monkeypatch.setattr(ds.Session, "run", record)
+    s = ds.Session(tmp_path / "out", tmp_path / "work")
+    ds.part_bench(s, ["micro", "ema"], quick=True)
+    micro = ran["bench_micro"]
+    assert micro[1:3] == ["-m", "pytest"] and (Path(micro[3]) / "conftest.py").is_file()
+    assert f"--benchmark-json={s.work / 'results' / 'micro_benchmarks.json'}" in micro
+    assert ran["bench_ema"][1:] == ["-m", "bench.bench_ema", "--out", str(s.work / "results"), "--quick"]
