@@ -81,4 +81,7 @@ def test_bench_part_runs_the_micro_suite_with_pytest(tmp_path, monkeypatch):
     micro = ran["bench_micro"]
     assert micro[1:3] == ["-m", "pytest"] and (Path(micro[3]) / "conftest.py").is_file()
     assert f"--benchmark-json={s.work / 'results' / 'micro_benchmarks.json'}" in micro
+    assert f"--benchmark-max-time={ds.MICRO_SECONDS[True]}" in micro  # --quick shortens each case
+    ds.part_bench(s, ["micro"], quick=False)
+    assert f"--benchmark-max-time={ds.MICRO_SECONDS[False]}" in ran["bench_micro"]
     assert ran["bench_ema"][1:] == ["-m", "bench.bench_ema", "--out", str(s.work / "results"), "--quick"]
