@@ -159,6 +159,25 @@ def _plot_evals(args) -> int:
     return 0
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's raw weights or any EMA profile as a model file")
+    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step_N.pt")
+    p.add_argument("--out", type=Path, required=True, help=".safetensors to write (atomically)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ema-profile", type=int, default=0,
+                       help="index into the run's train.ema_sigma_rels (config.json); 0 is what the run exports")
+    which.add_argument("--raw", action="store_true", help="the raw student weights instead of an EMA")
+
+
+def _export(args) -> int:
+    from methods.export import export_checkpoint
+
+    meta = export_checkpoint(args.checkpoint, args.out, None if args.raw else args.ema_profile)
+    ema = ", ".join(f"{k} {v}" for k, v in meta.items() if k.startswith("ema_"))
+    print(f"{args.out}: {meta['recipe']} step {meta['step']}, {'raw weights' if args.raw else ema}")
+    return 0
+
+
 def _add_reflow_pairs(sub) -> None:
     p = sub.add_parser("reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
     p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
@@ -234,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_tune_times, _add_demo, _add_reflow_pairs,
-                _add_bench, _add_plot_evals):
+                _add_bench, _add_plot_evals, _add_export):
         add(sub)
     return parser
 
@@ -307,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         "reflow-pairs": _reflow_pairs,
         "bench": _bench,
         "plot-evals": _plot_evals,
+        "export": _export,
     }
     try:
         ranks = distributed.launched_ranks()

@@ -8,7 +8,7 @@ import torch
 from distill_helpers import one_thread  # noqa: F401
 from safetensors.torch import load_file
 
-from methods.checkpoint import read_weights_meta
+from methods.checkpoint import load_checkpoint, read_weights_meta, save_checkpoint
 from methods.cli import main
 from methods.logs import read_metrics
 from methods.shards import read_shard, write_shard
@@ -230,3 +230,44 @@ def test_reflow_pairs_warn_about_emulated_cpu_bf16(teacher, tmp_path, monkeypatc
         warned = any("emulated" in r.getMessage() for r in caplog.records)
         assert warned == (precision == "bf16")
         caplog.clear()
+
+
+def test_export_writes_any_ema_profile_or_the_raw_weights_of_a_checkpoint(teacher, tmp_path, capsys):
+    out = tmp_path / "cd"
+    assert _distill("consistency", teacher, out) == 0
+    ckpt = out / "checkpoints" / "step_00000003.pt"
+    exported = {}
+    for name, which in (("ema0", ["--ema-profile", "0"]), ("ema1", ["--ema-profile", "1"]), ("raw", ["--raw"])):
+        exported[name] = tmp_path / f"{name}.safetensors"
+        assert main(["export", "--checkpoint", str(ckpt), "--out", str(exported[name]), *which]) == 0
+    # profile 0 and the raw weights are what the run itself exported, bit for bit and with the same metadata
+    for name, own in (("ema0", "student_ema"), ("raw", "student")):
+        mine, theirs = load_file(exported[name]), load_file(out / f"{own}.safetensors")
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+        assert read_weights_meta(exported[name]) == read_weights_meta(out / f"{own}.safetensors")
+    # profile 1 is the checkpoint's longer average, recorded as such, and samples like the run's export
+    ema = torch.load(ckpt, weights_only=False)["ema"]
+    longer = load_file(exported["ema1"])
+    assert all(torch.equal(longer[k], v.float()) for k, v in ema["ema"][1].items())
+    assert any(not torch.equal(longer[k], v) for k, v in load_file(exported["ema0"]).items())
+    meta = read_weights_meta(exported["ema1"])
+    assert meta["ema_sigma_rel"] == ema["profiles"][1]["sigma_rel"] != ema["profiles"][0]["sigma_rel"]
+    assert meta["sampler"] == read_weights_meta(out / "student_ema.safetensors")["sampler"]
+    result = tmp_path / "eval.json"
+    args = ["evaluate", "--model", str(exported["ema1"]), "--steps", "2", "--num", "4", "--device", "cpu"]
+    assert main([*args, "--out", str(result)]) == 0
+
+
+def test_export_refuses_bad_profiles_missing_and_sharded_checkpoints(teacher, tmp_path, capsys):
+    out = tmp_path / "cd"
+    assert _distill("consistency", teacher, out) == 0
+    ckpt, target = out / "checkpoints" / "step_00000003.pt", tmp_path / "x.safetensors"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(target), "--ema-profile", "2"]) == 2
+    assert "--ema-profile must be in [0, 2)" in capsys.readouterr().err
+    assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(target)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    sharded = tmp_path / "sharded.pt"
+    save_checkpoint(sharded, {**load_checkpoint(ckpt), "sharded_by_rank": []})
+    assert main(["export", "--checkpoint", str(sharded), "--out", str(target)]) == 2
+    assert "--fsdp" in capsys.readouterr().err
+    assert not target.exists()
