@@ -54,6 +54,7 @@ def plot_curves(runs: list[Path], out: Path, reference: float | None = None, tit
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig, axes = plt.subplots(2, len(steps), figsize=(3.6 * len(steps), 5.4), squeeze=False, sharex=True)
     for col, n in enumerate(steps):
@@ -67,6 +68,9 @@ def plot_curves(runs: list[Path], out: Path, reference: float | None = None, tit
             axes[0, col].axhline(reference, color="grey", linestyle="--", linewidth=1, label="reference")
         axes[1, col].set_xlabel("training step")
         axes[1, col].set_yscale("log")  # a collapsing run's FD is orders of magnitude above the others'
+        axes[1, col].yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20 ...: plain numbers
+        axes[1, col].yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        axes[1, col].yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     axes[0, 0].set_ylabel("all-attribute accuracy")
     axes[1, 0].set_ylabel("FD")
     axes[0, 0].legend(fontsize=7)
