@@ -43,7 +43,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema_profile: int 
     state = load_checkpoint(checkpoint)
     if "sharded_by_rank" in state:
         raise ValueError(f"--checkpoint {checkpoint} was written with --fsdp: its EMA is kept as each rank's "
-                         "shards; export it from a run (resume it with --steps at its step), not from the file")
+                         "shards, which this command does not gather (profile 0 is in the run's own export)")
     run_config = state["config"]
     weights = dict(state["student"])
     meta = {"recipe": run_config.get("method", "pretrain"), "step": state["step"], "run_config": run_config}
