@@ -13,13 +13,6 @@ from methods.checkpoint import load_checkpoint, save_weights
 from models.dit import DiTConfig, VideoDiT
 
 
-def _profile_meta(profile: dict) -> dict:
-    """The exported file's record of the EMA profile: its σ_rel (the trainer's profiles) or constant β."""
-    if profile.get("sigma_rel") is not None:
-        return {"ema_sigma_rel": profile["sigma_rel"]}
-    return {"ema_beta": profile["beta"]}
-
-
 def _sampler_meta(run_config: dict) -> dict:
     """A distillation's sampler, rebuilt from its method config as `distill` writes it; {} for a teacher."""
     if "method" not in run_config:
@@ -53,7 +46,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema_profile: int 
             raise ValueError(f"--ema-profile must be in [0, {len(profiles)}) for this checkpoint "
                              f"(profiles {profiles}), got {ema_profile}")
         weights.update(state["ema"]["ema"][ema_profile])
-        meta.update(_profile_meta(profiles[ema_profile]))
+        meta["ema_sigma_rel"] = profiles[ema_profile]["sigma_rel"]  # the trainer's profiles are σ_rel ones
     meta.update(_sampler_meta(run_config))
     model = VideoDiT(DiTConfig(**run_config["model"]))
     try:

@@ -232,9 +232,15 @@ def test_reflow_pairs_warn_about_emulated_cpu_bf16(teacher, tmp_path, monkeypatc
         caplog.clear()
 
 
-def test_export_writes_any_ema_profile_or_the_raw_weights_of_a_checkpoint(teacher, tmp_path, capsys):
-    out = tmp_path / "cd"
+@pytest.fixture(scope="module")
+def consistency_run(teacher, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "cd"
     assert _distill("consistency", teacher, out) == 0
+    return out
+
+
+def test_export_writes_any_ema_profile_or_the_raw_weights_of_a_checkpoint(consistency_run, tmp_path, capsys):
+    out = consistency_run
     ckpt = out / "checkpoints" / "step_00000003.pt"
     exported = {}
     for name, which in (("ema0", ["--ema-profile", "0"]), ("ema1", ["--ema-profile", "1"]), ("raw", ["--raw"])):
@@ -258,9 +264,8 @@ def test_export_writes_any_ema_profile_or_the_raw_weights_of_a_checkpoint(teache
     assert main([*args, "--out", str(result)]) == 0
 
 
-def test_export_refuses_bad_profiles_missing_and_sharded_checkpoints(teacher, tmp_path, capsys):
-    out = tmp_path / "cd"
-    assert _distill("consistency", teacher, out) == 0
+def test_export_refuses_bad_profiles_missing_and_sharded_checkpoints(consistency_run, tmp_path, capsys):
+    out = consistency_run
     ckpt, target = out / "checkpoints" / "step_00000003.pt", tmp_path / "x.safetensors"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(target), "--ema-profile", "2"]) == 2
     assert "--ema-profile must be in [0, 2)" in capsys.readouterr().err
