@@ -58,6 +58,7 @@ from models.parameterization import trig_x0
 
 TARGETS = ("stopgrad", "ema")
 JVP_MODES = ("forward_ad", "func", "finite_difference")
+SIM_TIMES = ("proposal", "sampler")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class Config:
     dmd_p_mean: float = 0.0  # DMD proposal (re-noising, simulation and critic times)
     dmd_p_std: float = 1.6
     max_sim_steps: int = 4  # student backward simulation uses 1..max_sim_steps steps
+    sim_times: str = "proposal"  # its times: "proposal" (rCM: min(DMD draw, t)) or "sampler" (mid_times_N_max)
     critic_every: int = 1  # critic update frequency (steps)
     critic_updates: int = 1  # critic updates per critic step
     critic_lr: float = 1e-4
@@ -92,6 +94,8 @@ class Config:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.jvp_mode not in JVP_MODES:
             raise ValueError(f"jvp_mode must be one of {JVP_MODES}, got {self.jvp_mode!r}")
+        if self.sim_times not in SIM_TIMES:
+            raise ValueError(f"sim_times must be one of {SIM_TIMES}, got {self.sim_times!r}")
         for name in ("tangent_warmup", "max_sim_steps", "critic_every", "critic_updates"):
             low = 0 if name == "tangent_warmup" else 1
             if getattr(self, name) < low:
@@ -108,6 +112,15 @@ class Config:
             check_mid_times(times, f"mid_times_{n}")
             if len(times) != n - 1:
                 raise ValueError(f"mid_times_{n} must hold {n - 1} times, got {tuple(times)}")
+        if self.sim_times == "sampler" and self.max_sim_steps > 4:
+            raise ValueError(f"sim_times='sampler' needs max_sim_steps <= 4 (mid_times_2..4), got {self.max_sim_steps}")
+
+    @property
+    def sim_mid_times(self) -> tuple[float, ...] | None:
+        """Intermediate times of the backward simulation; None: drawn from the DMD proposal."""
+        if self.sim_times == "proposal":
+            return None
+        return tuple(getattr(self, f"mid_times_{self.max_sim_steps}")) if self.max_sim_steps > 1 else ()
 
     @property
     def first_dmd_step(self) -> int:
@@ -202,7 +215,8 @@ class RCM(Recipe):
             sim_steps = int(torch.randint(1, cfg.max_sim_steps + 1, (), generator=steps_rng))
             with nvtx_range("simulate"):
                 g_x, g_t = simulate_to_last_step(
-                    trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_p_mean, cfg.dmd_p_std
+                    trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_p_mean, cfg.dmd_p_std,
+                    cfg.sim_mid_times,
                 )
             with nvtx_range("student"):
                 both = trig_velocity(self.student, torch.cat([text, text]))(torch.cat([x_t, g_x]), torch.cat([t, g_t]))

@@ -2,10 +2,11 @@
 
 Distribution matching distillation (Yin et al. 2024, eqs. 7-8; DMD2; rCM Sec. 3.2) in TrigFlow,
 σ_d = 1. The student generates x̂ by a backward simulation of 1..N_max steps from pure noise at
-t = π/2 (intermediate times from the DMD proposal, each no later than the previous one; only
-the last step carries a gradient). x̂ is re-noised at t_D ~ DMD proposal, x_D = cos t_D·x̂ +
-sin t_D·ε, and the KL gradient with respect to x̂ is estimated from the two data predictions
-(score difference s_fake − s_real = −cos t_D·(x0_fake − x0_real)/sin² t_D, with DMD's weight):
+t = π/2 (intermediate times from the DMD proposal, each no later than the previous one, or the
+sampler's own N_max-step times; only the last step carries a gradient). x̂ is re-noised at
+t_D ~ DMD proposal, x_D = cos t_D·x̂ + sin t_D·ε, and the KL gradient with respect to x̂ is
+estimated from the two data predictions (score difference
+s_fake − s_real = −cos t_D·(x0_fake − x0_real)/sin² t_D, with DMD's weight):
 
     ∇_x̂ = (x0_fake − x0_real) / mean|x̂ − x0_real|          (per sample, mean over elements)
 
@@ -18,6 +19,7 @@ student's samples by flow matching on detached x̂, at times from the same DMD p
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,21 +33,28 @@ WEIGHT_FLOOR = 1e-5  # lower bound of DMD's normaliser mean|x̂ − x0_real|
 
 @torch.no_grad()
 def simulate_to_last_step(
-    student: TrigVelocity, noise: torch.Tensor, steps: int, p_mean: float, p_std: float
+    student: TrigVelocity, noise: torch.Tensor, steps: int, p_mean: float, p_std: float,
+    mid_times: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the first `steps` − 1 steps of the student's sampler; returns (x_t, t) of the last step.
 
-    noise [B, ...] is the state at t = π/2; each next time is min(DMD proposal draw, current t);
-    re-noising uses the global RNG. The caller evaluates the last step with gradients.
+    noise [B, ...] is the state at t = π/2; each next time is min(DMD proposal draw, current t)
+    (rCM), or the next of `mid_times` when given (the sampler's own schedule, DMD2's backward
+    simulation); re-noising uses the global RNG. The caller evaluates the last step with gradients.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    if mid_times is not None and len(mid_times) < steps - 1:
+        raise ValueError(f"mid_times must hold at least steps - 1 = {steps - 1} times, got {tuple(mid_times)}")
     b = noise.shape[0]
     t = torch.full((b,), math.pi / 2, device=noise.device)
     x = noise
-    for _ in range(steps - 1):
+    for i in range(steps - 1):
         x0 = trig_x0(x, t, student(x, t).to(x.dtype))
-        t = torch.minimum(sample_trig_time(b, p_mean, p_std, noise.device), t)
+        if mid_times is None:
+            t = torch.minimum(sample_trig_time(b, p_mean, p_std, noise.device), t)
+        else:
+            t = torch.full_like(t, mid_times[i])
         x, _ = trig_interpolate(x0, torch.randn_like(x0), t)
     return x, t
 

@@ -16,14 +16,14 @@ from methods.checkpoint import load_dit
 from methods.cli import main
 from methods.presets import tiny
 from methods.rcm import RCM, Config, sampler_meta
-from methods.rcm_dmd import dmd_loss
+from methods.rcm_dmd import dmd_loss, simulate_to_last_step
 from methods.recipe import Batch
 from methods.samplers import sample_consistency
 from methods.text import WordTextEncoder
 from methods.toy import TOY_TEXT, ToyVelocityNet, sliced_wasserstein, toy_data, toy_sample_ode, toy_teacher, toy_text
 from methods.trainer import Trainer
 from methods.trigflow_student import rf_sampling_times, trig_velocity
-from models.parameterization import rf_time_from_trig, rf_x0, trig_velocity_from_rf
+from models.parameterization import rf_time_from_trig, rf_x0, trig_velocity_from_rf, trig_x0
 
 
 @pytest.mark.parametrize("mode,tol", [("forward_ad", 2e-4), ("func", 2e-4), ("finite_difference", 2e-2)])
@@ -150,6 +150,23 @@ def test_trigflow_sampling_equals_rf_consistency_sampler():
     torch.testing.assert_close(rf, x0, rtol=1e-5, atol=1e-5)
 
 
+def test_backward_simulation_on_the_sampler_schedule_is_the_sampler():
+    """sim_times="sampler": the DMD sample's path is the student's own 3-step sampler, noise for noise."""
+    model = ToyVelocityNet(hidden=32, depth=2)
+    cfg = Config(sim_times="sampler", max_sim_steps=3, mid_times_3=(1.2, 0.5))
+    noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
+    sampled = sample_consistency(
+        lambda x, s: model(x, s, None), noise, rf_sampling_times(cfg.mid_times_3), torch.Generator().manual_seed(4)
+    )
+    torch.manual_seed(4)
+    x, t = simulate_to_last_step(trig_velocity(model, None), noise, 3, cfg.dmd_p_mean, cfg.dmd_p_std, cfg.sim_mid_times)
+    assert torch.all(t == 0.5)
+    torch.testing.assert_close(trig_x0(x, t, trig_velocity(model, None)(x, t)), sampled, rtol=1e-4, atol=1e-4)
+    assert Config().sim_mid_times is None and Config(sim_times="sampler", max_sim_steps=1).sim_mid_times == ()
+    with pytest.raises(ValueError, match="mid_times"):
+        simulate_to_last_step(trig_velocity(model, None), noise, 3, 0.0, 1.6, mid_times=(1.0,))
+
+
 def _trainer(run_dir, steps, cfg, **train_options):
     run = tiny()
     train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=2, **train_options)
@@ -216,6 +233,8 @@ def test_sampler_meta_converts_trigflow_times():
         ({"mid_times_2": (1.0, 0.5)}, "mid_times_2"),
         ({"mid_times_3": (0.5, 1.0)}, "mid_times_3"),
         ({"max_sim_steps": 0}, "max_sim_steps"),
+        ({"sim_times": "fixed"}, "sim_times"),
+        ({"sim_times": "sampler", "max_sim_steps": 5}, "max_sim_steps"),
         ({"dmd_weight": -1.0}, "dmd_weight"),
         ({"target_ema_beta": 1.0}, "target_ema_beta"),
     ],
