@@ -75,7 +75,7 @@ class Config:
     weight_lr: float = 1e-3
     dmd_weight: float = 0.01  # λ; 0 = sCM only (no critic)
     dmd_start: int = -1  # first step with DMD; -1 = tangent_warmup
-    dmd_p_mean: float = 0.0  # DMD proposal (re-noising, simulation and critic times)
+    dmd_p_mean: float = 0.0  # DMD proposal (re-noising, critic and, with sim_times="proposal", simulation times)
     dmd_p_std: float = 1.6
     max_sim_steps: int = 4  # student backward simulation uses 1..max_sim_steps steps
     sim_times: str = "proposal"  # its times: "proposal" (rCM: min(DMD draw, t)) or "sampler" (mid_times_N_max)
