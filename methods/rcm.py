@@ -115,12 +115,14 @@ class Config:
         if self.sim_times == "sampler" and self.max_sim_steps > 4:
             raise ValueError(f"sim_times='sampler' needs max_sim_steps <= 4 (mid_times_2..4), got {self.max_sim_steps}")
 
+    def mid_times(self, steps: int) -> tuple[float, ...]:
+        """The sampler's intermediate TrigFlow times for 1-4 steps."""
+        return () if steps == 1 else tuple(getattr(self, f"mid_times_{steps}"))
+
     @property
     def sim_mid_times(self) -> tuple[float, ...] | None:
         """Intermediate times of the backward simulation; None: drawn from the DMD proposal."""
-        if self.sim_times == "proposal":
-            return None
-        return tuple(getattr(self, f"mid_times_{self.max_sim_steps}")) if self.max_sim_steps > 1 else ()
+        return None if self.sim_times == "proposal" else self.mid_times(self.max_sim_steps)
 
     @property
     def first_dmd_step(self) -> int:
@@ -333,8 +335,7 @@ def build_recipe(teacher: ModelBundle, cfg: Config) -> RCM:
 
 def sampler_meta(cfg: Config) -> dict:
     """Consistency sampling at RF times converted from the TrigFlow times π/2, mid_times_n..."""
-    mids = {1: (), 2: cfg.mid_times_2, 3: cfg.mid_times_3, 4: cfg.mid_times_4}
-    return {"kind": "consistency", "times": {str(n): rf_sampling_times(m) for n, m in mids.items()}}
+    return {"kind": "consistency", "times": {str(n): rf_sampling_times(cfg.mid_times(n)) for n in (1, 2, 3, 4)}}
 
 
 def default_train() -> TrainConfig:
