@@ -170,7 +170,7 @@ class Setup:
                 _, df_dt = r.tangent_pass(x_t, t, text, dxdt)
             with timer("student_fwd"):
                 g_x, g_t = simulate_to_last_step(
-                    trig_velocity(r.student, text), torch.randn_like(x0), SIM_STEPS, cfg.dmd_p_mean, cfg.dmd_p_std
+                    trig_velocity(r.student, text), torch.randn_like(x0), SIM_STEPS, cfg.dmd_time
                 )
                 both = trig_velocity(r.student, torch.cat([text, text]))(torch.cat([x_t, g_x]), torch.cat([t, g_t]))
                 f_theta, f_gen = both.chunk(2)
@@ -181,7 +181,7 @@ class Setup:
                 g_hat, _ = tangent(f_minus, dxdt, x_t, df_dt, t, 1.0, cfg.tangent_c)
                 loss = (f_theta.float() - f_minus - g_hat.float()).square().flatten(1).mean(1).mean()
             with timer("dmd"):
-                t_d = sample_trig_time(b, cfg.dmd_p_mean, cfg.dmd_p_std, self.device)
+                t_d = cfg.dmd_time(b, self.device)
                 per_dmd, _ = dmd_loss(x_hat, t_d, r.teacher, r.critic, text, self.null, r.cfg_scale,
                                       seed=0, offset=2 * step + 1)
                 loss = loss + cfg.dmd_weight * per_dmd.mean()

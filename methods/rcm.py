@@ -49,6 +49,7 @@ from methods.trigflow_student import (
     check_mid_times,
     guided_trig_velocity,
     rf_sampling_times,
+    sample_shifted_trig_time,
     sample_trig_time,
     trig_model,
     trig_velocity,
@@ -77,6 +78,7 @@ class Config:
     dmd_start: int = -1  # first step with DMD; -1 = tangent_warmup
     dmd_p_mean: float = 0.0  # DMD proposal (re-noising, critic and, with sim_times="proposal", simulation times)
     dmd_p_std: float = 1.6
+    dmd_shift: float = 0.0  # > 0: the DMD proposal is the shifted uniform RF schedule (rCM code's shift 5) instead
     max_sim_steps: int = 4  # student backward simulation uses 1..max_sim_steps steps
     sim_times: str = "proposal"  # its times: "proposal" (rCM: min(DMD draw, t)) or "sampler" (mid_times_N_max)
     critic_every: int = 1  # critic update frequency (steps)
@@ -100,7 +102,7 @@ class Config:
             low = 0 if name == "tangent_warmup" else 1
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be >= {low}, got {getattr(self, name)}")
-        for name in ("tangent_c", "dmd_weight", "p_std", "dmd_p_std"):
+        for name in ("tangent_c", "dmd_weight", "p_std", "dmd_p_std", "dmd_shift"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.target_ema_beta < 1:
@@ -118,6 +120,12 @@ class Config:
     def mid_times(self, steps: int) -> tuple[float, ...]:
         """The sampler's intermediate TrigFlow times for 1-4 steps."""
         return () if steps == 1 else tuple(getattr(self, f"mid_times_{steps}"))
+
+    def dmd_time(self, b: int, device: torch.device | str) -> torch.Tensor:
+        """[b] draws from the DMD proposal: log-normal (dmd_p_mean, dmd_p_std), or shifted uniform (dmd_shift)."""
+        if self.dmd_shift > 0:
+            return sample_shifted_trig_time(b, self.dmd_shift, device)
+        return sample_trig_time(b, self.dmd_p_mean, self.dmd_p_std, device)
 
     @property
     def sim_mid_times(self) -> tuple[float, ...] | None:
@@ -217,8 +225,7 @@ class RCM(Recipe):
             sim_steps = int(torch.randint(1, cfg.max_sim_steps + 1, (), generator=steps_rng))
             with nvtx_range("simulate"):
                 g_x, g_t = simulate_to_last_step(
-                    trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_p_mean, cfg.dmd_p_std,
-                    cfg.sim_mid_times,
+                    trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_time, cfg.sim_mid_times
                 )
             with nvtx_range("student"):
                 both = trig_velocity(self.student, torch.cat([text, text]))(torch.cat([x_t, g_x]), torch.cat([t, g_t]))
@@ -245,7 +252,7 @@ class RCM(Recipe):
         logs.update(nan_samples=float(nan_samples), g_norm=float(g_norm.float().mean()))
 
         if dmd:
-            t_d = sample_trig_time(b, cfg.dmd_p_mean, cfg.dmd_p_std, dev)
+            t_d = cfg.dmd_time(b, dev)
             with nvtx_range("dmd"):
                 per_dmd, _ = dmd_loss(
                     x_hat, t_d, self.teacher, self.critic, text, batch.null_text, self.cfg_scale,
@@ -291,7 +298,7 @@ class RCM(Recipe):
         opt = self._critic_optimizer()
         self.critic.train()
         for _ in range(self.cfg.critic_updates):
-            t = sample_trig_time(x_hat.shape[0], self.cfg.dmd_p_mean, self.cfg.dmd_p_std, x_hat.device)
+            t = self.cfg.dmd_time(x_hat.shape[0], x_hat.device)
             loss = critic_loss(self._replicas.get("critic", self.critic), x_hat, text, t)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kernels.trigflow import trigflow_noise
-from methods.trigflow_student import TrigVelocity, guided_trig_velocity, sample_trig_time, trig_velocity
+from methods.trigflow_student import TimeProposal, TrigVelocity, guided_trig_velocity, trig_velocity
 from models.parameterization import rf_interpolate, rf_time_from_trig, trig_interpolate, trig_x0
 
 WEIGHT_FLOOR = 1e-5  # lower bound of DMD's normaliser mean|x̂ − x0_real|
@@ -33,12 +33,12 @@ WEIGHT_FLOOR = 1e-5  # lower bound of DMD's normaliser mean|x̂ − x0_real|
 
 @torch.no_grad()
 def simulate_to_last_step(
-    student: TrigVelocity, noise: torch.Tensor, steps: int, p_mean: float, p_std: float,
+    student: TrigVelocity, noise: torch.Tensor, steps: int, draw_time: TimeProposal,
     mid_times: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the first `steps` − 1 steps of the student's sampler; returns (x_t, t) of the last step.
 
-    noise [B, ...] is the state at t = π/2; each next time is min(DMD proposal draw, current t)
+    noise [B, ...] is the state at t = π/2; each next time is min(`draw_time`(B, device), current t)
     (rCM), or the next of `mid_times` when given (the sampler's own schedule, DMD2's backward
     simulation); re-noising uses the global RNG. The caller evaluates the last step with gradients.
     """
@@ -51,10 +51,7 @@ def simulate_to_last_step(
     x = noise
     for i in range(steps - 1):
         x0 = trig_x0(x, t, student(x, t).to(x.dtype))
-        if mid_times is None:
-            t = torch.minimum(sample_trig_time(b, p_mean, p_std, noise.device), t)
-        else:
-            t = torch.full_like(t, mid_times[i])
+        t = torch.minimum(draw_time(b, noise.device), t) if mid_times is None else torch.full_like(t, mid_times[i])
         x, _ = trig_interpolate(x0, torch.randn_like(x0), t)
     return x, t
 

@@ -5,7 +5,8 @@ TrigFlow (t in [0, π/2], σ_d = 1), so every network is read through eq. (1) of
 `models/parameterization.py`, F(x_t, t) = ((cos t − sin t)·x_t + v(x_t/(sin t + cos t), s(t))) /
 (sin t + cos t), which is differentiable in both x_t and t (the JVP pass needs ∂F/∂t).
 
-Time proposal (Lu & Song 2024, Sec. 4.1; σ_d = 1): tan t = exp(τ), τ ~ N(P_mean, P_std²).
+Time proposal (Lu & Song 2024, Sec. 4.1; σ_d = 1): tan t = exp(τ), τ ~ N(P_mean, P_std²); rCM's
+public code can draw its DMD times from a shifted uniform RF schedule instead (`sample_shifted_trig_time`).
 Few-step sampling (Song et al. 2023, Alg. 1, in TrigFlow): x0 = cos t_i·x − sin t_i·F, then
 x = cos t_{i+1}·x0 + sin t_{i+1}·ε. With x_s = x_t/(sin t + cos t) this is exactly the RF
 consistency sampler of `methods/samplers.py` at s_i = s(t_i), so exports store RF times.
@@ -19,9 +20,10 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from models.parameterization import guided, rf_time_from_trig, trig_velocity_from_rf
+from models.parameterization import guided, rf_time_from_trig, trig_time_from_rf, trig_velocity_from_rf
 
 TrigVelocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # F(x_t [B, ...], t [B])
+TimeProposal = Callable[[int, torch.device | str], torch.Tensor]  # (b, device) -> [b] TrigFlow times
 T_MIN = 1e-4  # proposal times are clamped to [T_MIN, π/2 − T_MIN] so that cos t·sin t > 0
 
 
@@ -49,6 +51,18 @@ def sample_trig_time(
         raise ValueError(f"p_std must be >= 0, got {p_std}")
     tau = p_mean + p_std * torch.randn(b, generator=generator, device=device)
     return torch.atan(torch.exp(tau)).clamp(T_MIN, math.pi / 2 - T_MIN)
+
+
+def sample_shifted_trig_time(
+    b: int, shift: float, device: torch.device | str, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """[b] TrigFlow times at RF times s = shift·u / (1 + (shift − 1)·u), u ~ U(0, 1) (the shifted
+    schedule of Wan/SD3; shift 5 puts the median at s = 5/6), clamped like `sample_trig_time`."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    u = torch.rand(b, generator=generator, device=device, dtype=torch.float64)
+    s = shift * u / (1 + (shift - 1) * u)
+    return trig_time_from_rf(s).float().clamp(T_MIN, math.pi / 2 - T_MIN)
 
 
 def check_mid_times(times: Sequence[float], arg: str) -> None:

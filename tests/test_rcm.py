@@ -159,12 +159,24 @@ def test_backward_simulation_on_the_sampler_schedule_is_the_sampler():
         lambda x, s: model(x, s, None), noise, rf_sampling_times(cfg.mid_times_3), torch.Generator().manual_seed(4)
     )
     torch.manual_seed(4)
-    x, t = simulate_to_last_step(trig_velocity(model, None), noise, 3, cfg.dmd_p_mean, cfg.dmd_p_std, cfg.sim_mid_times)
+    x, t = simulate_to_last_step(trig_velocity(model, None), noise, 3, cfg.dmd_time, cfg.sim_mid_times)
     assert torch.all(t == 0.5)
     torch.testing.assert_close(trig_x0(x, t, trig_velocity(model, None)(x, t)), sampled, rtol=1e-4, atol=1e-4)
     assert Config().sim_mid_times is None and Config(sim_times="sampler", max_sim_steps=1).sim_mid_times == ()
     with pytest.raises(ValueError, match="mid_times"):
-        simulate_to_last_step(trig_velocity(model, None), noise, 3, 0.0, 1.6, mid_times=(1.0,))
+        simulate_to_last_step(trig_velocity(model, None), noise, 3, cfg.dmd_time, mid_times=(1.0,))
+
+
+@pytest.mark.parametrize("shift", [1.0, 5.0])
+def test_shifted_dmd_proposal_follows_the_shifted_uniform_schedule(shift):
+    """dmd_shift > 0: RF times of the DMD draws have the CDF of s = shift·u/(1 + (shift − 1)·u)."""
+    torch.manual_seed(0)
+    s = rf_time_from_trig(Config(dmd_shift=shift).dmd_time(100_000, "cpu").double())
+    for q in (0.1, 0.5, 0.9):  # the schedule is monotone in u, so its q-quantile is the map of q
+        assert torch.quantile(s, q).item() == pytest.approx(shift * q / (1 + (shift - 1) * q), abs=5e-3)
+    torch.manual_seed(0)
+    lognormal = rf_time_from_trig(Config().dmd_time(100_000, "cpu").double())
+    assert torch.quantile(lognormal, 0.5).item() == pytest.approx(0.5, abs=5e-3)  # tan t = e^0 at the median
 
 
 def _trainer(run_dir, steps, cfg, **train_options):
@@ -236,6 +248,7 @@ def test_sampler_meta_converts_trigflow_times():
         ({"sim_times": "fixed"}, "sim_times"),
         ({"sim_times": "sampler", "max_sim_steps": 5}, "max_sim_steps"),
         ({"dmd_weight": -1.0}, "dmd_weight"),
+        ({"dmd_shift": -5.0}, "dmd_shift"),
         ({"target_ema_beta": 1.0}, "target_ema_beta"),
     ],
 )
