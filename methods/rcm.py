@@ -21,8 +21,8 @@ Convention: TrigFlow, t in [0, π/2] (0 = data), σ_d = 1; every network is an R
 5. From `dmd_start` (default: the end of the tangent warm-up): L += λ·L_DMD (`methods/rcm_dmd.py`)
    on a 1..`max_sim_steps`-step student sample; the last step shares the student's forward with
    F_θ (one batch of 2B). The critic is trained in `auxiliary_step` on the same (detached) samples.
-   Its times come from the DMD proposal: log-normal (`dmd_p_mean`, `dmd_p_std`), or with `dmd_shift`
-   > 0 the shifted uniform RF schedule (NVlabs/rcm's code with a timestep shift).
+   The DMD times (re-noising, simulation, critic) come from the DMD proposal: log-normal (`dmd_p_mean`,
+   `dmd_p_std`), or with `dmd_shift` > 0 the shifted uniform RF schedule (NVlabs/rcm's code with a timestep shift).
 
 rCM's sCM loss is 100·Σ and its DMD loss 1·Σ over elements; here both are /D and λ = 0.01 keeps
 that ratio. The trainer keeps the power EMA of the student (`kernels.ema`).

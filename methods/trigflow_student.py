@@ -53,14 +53,12 @@ def sample_trig_time(
     return torch.atan(torch.exp(tau)).clamp(T_MIN, math.pi / 2 - T_MIN)
 
 
-def sample_shifted_trig_time(
-    b: int, shift: float, device: torch.device | str, generator: torch.Generator | None = None
-) -> torch.Tensor:
+def sample_shifted_trig_time(b: int, shift: float, device: torch.device | str) -> torch.Tensor:
     """[b] TrigFlow times at RF times s = shift·u / (1 + (shift − 1)·u), u ~ U(0, 1) (the shifted
     schedule of Wan/SD3; shift 5 puts the median at s = 5/6), clamped like `sample_trig_time`."""
     if shift <= 0:
         raise ValueError(f"shift must be > 0, got {shift}")
-    u = torch.rand(b, generator=generator, device=device, dtype=torch.float64)
+    u = torch.rand(b, device=device, dtype=torch.float64)
     s = shift * u / (1 + (shift - 1) * u)
     return trig_time_from_rf(s).float().clamp(T_MIN, math.pi / 2 - T_MIN)
 
