@@ -2,7 +2,7 @@
 
 One run times, side by side on the same inputs:
   fwd      ours (`kernels.attention`) vs SDPA flash / cuDNN / memory-efficient backends
-  fwd+jvp  ours (`kernels.attention_jvp`, one fused pass), ours through `torch.func.jvp` (same
+  fwd+jvp  ours (`attention_jvp`, `kernels/attention/fwd_jvp.py`, one fused pass), ours through `torch.func.jvp` (same
            kernel), ours through the autograd.Function fallback (forward kernel + fused kernel), vs
            `torch.func.jvp` over SDPA's math backend (only where the Nq×Nk scores fit) and the
            `jvp_flash_attention` package (if importable); and the fused kernel restricted to its plain
@@ -17,11 +17,11 @@ Every provider is checked against an fp32 reference (chunked over query rows, so
 tokens) before it is timed; failures are recorded, never fatal. Inputs are transposed views of
 [B, N, H, D] tensors (the DiT's layout), bf16 by default.
 
-    python -m bench.bench_attention [--quick] [--out bench/results] [--dtype bf16|fp16]
+    python -m vdistill.bench.bench_attention [--quick] [--out bench/results] [--dtype bf16|fp16]
 
 Budget on an H200: full run (4 shapes, autotuning included) ~150 s; --quick (Wan 480p shape, no
 autotuning) ~60 s. CPU smoke test of the script's logic:
-`TRITON_INTERPRET=1 python -m bench.bench_attention --device cpu --tiny`.
+`TRITON_INTERPRET=1 python -m vdistill.bench.bench_attention --device cpu --tiny`.
 Metadata, timing primitives and JSON output come from `bench/harness.py`.
 """
 
@@ -38,7 +38,16 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from bench.harness import Timer, Timing, cpu_bench_ms, do_bench_ms, run_meta, utc_stamp, write_json
+from vdistill.bench.harness import (
+    Timer,
+    Timing,
+    cpu_bench_ms,
+    device_label,
+    do_bench_ms,
+    result_name,
+    run_meta,
+    write_json,
+)
 
 SHAPES = {  # name: (B, H, Nq, Nk, D)
     "wan1.3b-480p": (1, 12, 32760, 32760, 128),
@@ -147,7 +156,7 @@ def _function_jvp(q, k, v, tq, tk, tv, scale: float) -> tuple[torch.Tensor, torc
     timed to justify routing plain forward AD to the one-pass kernel instead."""
     import torch.autograd.forward_ad as fwAD
 
-    from kernels.attention_ops import AttentionForwardADFunction
+    from vdistill.kernels.attention.ops import AttentionForwardADFunction
 
     with fwAD.dual_level():
         duals = [fwAD.make_dual(p, t) for p, t in ((q, tq), (k, tk), (v, tv))]
@@ -156,8 +165,8 @@ def _function_jvp(q, k, v, tq, tk, tv, scale: float) -> tuple[torch.Tensor, torc
 
 
 def _with_bwd_backend(name: str, fn: Callable[[], object]):
-    """fn() with kernels.attention_bwd_select.BACKEND set to name (ours: the default, Triton)."""
-    select = importlib.import_module("kernels.attention_bwd_select")
+    """fn() with kernels.attention.bwd_select.BACKEND set to name (ours: the default, Triton)."""
+    select = importlib.import_module("vdistill.kernels.attention.bwd_select")
     old, select.BACKEND = select.BACKEND, name
     try:
         return fn()
@@ -169,7 +178,7 @@ def _with_bwd_backend(name: str, fn: Callable[[], object]):
 def _jvp_loop_only(pipelined: bool):
     """The fused forward+tangent kernel limited to its configs with (or without) the software-pipelined
     KV loop, autotuned afresh within them; its configs and tuning cache are restored afterwards."""
-    kernel = importlib.import_module("kernels.attention_jvp")._attn_fwd_jvp_kernel
+    kernel = importlib.import_module("vdistill.kernels.attention.fwd_jvp")._attn_fwd_jvp_kernel
     saved, saved_cache = kernel.configs, dict(kernel.cache)
     chosen = [c for c in saved if c.kwargs.get("PIPELINE", False) == pipelined]
     if not chosen:  # the interpreter's single config: set the flag on it
@@ -189,7 +198,7 @@ def _jvp_loop_only(pipelined: bool):
 def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: torch.device) -> None:
     from torch.nn.attention import SDPBackend
 
-    import kernels
+    from vdistill.kernels.attention import attention, attention_jvp
 
     B, H, Nq, Nk, D = dims
     scale = D**-0.5
@@ -202,14 +211,14 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
             "sdpa-efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION)}
 
     with torch.no_grad():
-        fwd = {"ours": lambda: kernels.attention(q, k, v)}
+        fwd = {"ours": lambda: attention(q, k, v)}
         fwd.update({prov: (lambda f=f: f(q, k, v)) for prov, f in sdpa.items()})
         for prov, fn in fwd.items():
             run("fwd", prov, fn, lambda fn=fn: _err((fn(),), (ref["o"],)))
 
         jvps = {
-            "ours (attention_jvp)": lambda: kernels.attention_jvp(q, k, v, tq, tk, tv),
-            "ours (torch.func.jvp)": lambda: torch.func.jvp(kernels.attention, (q, k, v), (tq, tk, tv)),
+            "ours (attention_jvp)": lambda: attention_jvp(q, k, v, tq, tk, tv),
+            "ours (torch.func.jvp)": lambda: torch.func.jvp(attention, (q, k, v), (tq, tk, tv)),
             "ours (Function fwd + jvp)": lambda: _function_jvp(q, k, v, tq, tk, tv, scale),
         }
         if B * H * Nq * Nk * 4 <= MATH_SCORE_BYTES:
@@ -232,7 +241,7 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
                 run("fwd+jvp", prov, fused, lambda: _err(fused(), (ref["o"], ref["t_o"])))
 
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    bwd = {"ours": kernels.attention, "ours (flash bwd)": kernels.attention}
+    bwd = {"ours": attention, "ours (flash bwd)": attention}
     bwd.update(sdpa)
     for prov, f in bwd.items():
         try:
@@ -248,9 +257,9 @@ def bench_shape(runner: Runner, name: str, dims, dtype: torch.dtype, device: tor
 
 
 def _best_configs() -> dict:
-    mod = lambda name: importlib.import_module(f"kernels.{name}")  # `kernels.attention_jvp` is also a function
-    bwd = mod("attention_bwd")
-    kernels_ = {"fwd": mod("attention_fwd")._attn_fwd_kernel, "fwd+jvp": mod("attention_jvp")._attn_fwd_jvp_kernel,
+    mod = lambda name: importlib.import_module(f"vdistill.kernels.attention.{name}")
+    bwd = mod("bwd")
+    kernels_ = {"fwd": mod("fwd")._attn_fwd_kernel, "fwd+jvp": mod("fwd_jvp")._attn_fwd_jvp_kernel,
                 "bwd_dkdv": bwd._attn_bwd_dkdv_kernel, "bwd_dq": bwd._attn_bwd_dq_kernel}
     return {name: {str(key): str(cfg) for key, cfg in getattr(k, "cache", {}).items()} for name, k in kernels_.items()}
 
@@ -312,13 +321,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**run_meta(device, argv), "dtype": str(dtype),
               "autotune": os.environ.get("VDISTILL_ATTN_AUTOTUNE", "1") != "0", "rows": runner.rows,
               "summary": _summary(runner.rows), "best_configs": _best_configs(),
-              "flash_bwd_state": dict(importlib.import_module("kernels.attention_bwd_select")._flash_state),
+              "flash_bwd_state": dict(importlib.import_module("vdistill.kernels.attention.bwd_select")._flash_state),
               "wall_s": time.perf_counter() - t0}
     _print_table(runner.rows)
     for shape, ratios in result["summary"].items():
         print(shape, "  ".join(f"{k}: {'-' if v is None else f'{v:.2f}x'}" for k, v in ratios.items()))
     print(f"wall {result['wall_s']:.1f} s")
-    write_json(args.out, f"attention_{result['gpu'].replace(' ', '_')}_{utc_stamp('%Y%m%dT%H%M%SZ')}.json", result,
+    write_json(args.out, result_name("attention", device_label(device)), result,
                indent=1)
     return result
 

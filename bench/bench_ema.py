@@ -16,10 +16,10 @@ Each provider is checked against `ema_update_ref` (one step from the same state)
 Goals (issue 5): fp32 ≥ 0.95× foreach speed and ≥ 85 % of copy bandwidth; bf16 ≥ 2.5× foreach with
 upcast; two profiles ≥ 1.6× two foreach calls.
 
-    python -m bench.bench_ema [--quick] [--out bench/results]
+    python -m vdistill.bench.bench_ema [--quick] [--out bench/results]
 
 Metadata, timing, checked providers and JSON output come from `bench/harness.py`. For a
-CPU smoke run of the script's logic: `TRITON_INTERPRET=1 python -m bench.bench_ema --device cpu --tiny`.
+CPU smoke run of the script's logic: `TRITON_INTERPRET=1 python -m vdistill.bench.bench_ema --device cpu --tiny`.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import time
 
 import torch
 
-from bench.harness import Timer, finish, make_timer, run_checked, run_meta, utc_stamp
-from kernels.ema import EMA, ema_update_ref
-from kernels.ema_schedule import EMAProfile
+from vdistill.bench.harness import Timer, device_label, finish, make_timer, result_name, run_checked, run_meta
+from vdistill.kernels.ema import EMA, ema_update_ref
+from vdistill.kernels.ema_schedule import EMAProfile
 
 BETAS = (0.999, 0.99)
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['gb_per_s']:8.1f} {r.get('speedup_vs_baseline', float('nan')):8.2f}  max_err={r['max_err']:.2g}")
         else:
             print(f"{r['case']:9} {r['provider']:46} {'failed':>9}  {r['error']}")
-    finish(result, args.out, f"ema_{utc_stamp('%Y%m%d-%H%M%S')}.json")
+    finish(result, args.out, result_name("ema", device_label(device)))
     return result
 
 

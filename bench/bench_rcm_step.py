@@ -1,6 +1,6 @@
 """Time one rCM training iteration by phase: Triton kernels vs the reference path, same run.
 
-Phases of an iteration with DMD on (`methods/rcm.py`, in the trainer's order, bf16 autocast):
+Phases of an iteration with DMD on (`methods/recipes/rcm.py`, in the trainer's order, bf16 autocast):
   noise        t from the proposal, x_t = cos t·x0 + sin t·ε
   teacher      dx_t/dt = F_teacher(x_t, t) with CFG (2B rows)
   jvp          the rearranged JVP pass of the student (forward AD, no_grad)
@@ -27,10 +27,10 @@ checked against the reference provider's on the same inputs (relative L2 error o
 where the reference does not fit (math attention at 32k: the N×N scores alone are ~51 GB in
 fp32 per head group), the triton pass is checked for finiteness and the failure is recorded.
 
-    python -m bench.bench_rcm_step [--quick] [--out bench/results] [--iters 3] [--autotune]
+    python -m vdistill.bench.bench_rcm_step [--quick] [--out bench/results] [--iters 3] [--autotune]
 
 Budget on an H200: ~60-90 s (autotuning off by default: each kernel's first config).
-CPU smoke run of the logic: `TRITON_INTERPRET=1 python -m bench.bench_rcm_step --device cpu --tiny`.
+CPU smoke run of the logic: `TRITON_INTERPRET=1 python -m vdistill.bench.bench_rcm_step --device cpu --tiny`.
 Metadata and JSON output come from `bench/harness.py`.
 """
 
@@ -47,7 +47,7 @@ from pathlib import Path
 
 import torch
 
-from bench.harness import run_meta, utc_stamp, write_json
+from vdistill.bench.harness import device_label, result_name, run_meta, write_json
 
 SHAPES = {  # name: (DiT size, overrides, clip (C, T, H, W), batch, text tokens)
     "small": ("small", {}, (3, 8, 32, 32), 32, 8),
@@ -106,9 +106,9 @@ class Setup:
     """Networks, optimisers and inputs of one shape (shared by both providers)."""
 
     def __init__(self, spec: tuple, device: torch.device):
-        from kernels.ema import EMA, EMAProfile
-        from methods.rcm import RCM, Config
-        from models.dit import build_dit
+        from vdistill.kernels.ema import EMA, EMAProfile
+        from vdistill.methods.recipes.rcm import RCM, Config
+        from vdistill.models.dit import build_dit
 
         size, overrides, clip, batch, text_len = spec
         torch.manual_seed(0)
@@ -139,7 +139,7 @@ class Setup:
 
     def jvp_pass(self) -> torch.Tensor:
         """dF/dt of the student at a fixed (x_t, t) (for the provider check)."""
-        from methods.trigflow_student import guided_trig_velocity
+        from vdistill.methods.recipes.trigflow_student import guided_trig_velocity
 
         r, b = self.recipe, self.x0.shape[0]
         t = torch.linspace(0.3, 1.3, b, device=self.device)
@@ -151,12 +151,12 @@ class Setup:
 
     def iteration(self, timer: PhaseTimer, fused: bool, step: int) -> None:
         """One rCM iteration (DMD on), phases timed."""
-        from kernels.ema import ema_update_ref
-        from kernels.scm_tangent import scm_tangent, scm_tangent_ref
-        from kernels.trigflow import trigflow_noise
-        from methods.rcm_dmd import dmd_loss, simulate_to_last_step
-        from methods.trigflow_student import guided_trig_velocity, sample_trig_time, trig_velocity
-        from models.parameterization import trig_x0
+        from vdistill.kernels.ema import ema_update_ref
+        from vdistill.kernels.scm_tangent import scm_tangent, scm_tangent_ref
+        from vdistill.kernels.trigflow import trigflow_noise
+        from vdistill.methods.recipes.rcm_dmd import dmd_loss, simulate_to_last_step
+        from vdistill.methods.recipes.trigflow_student import guided_trig_velocity, sample_trig_time, trig_velocity
+        from vdistill.models.parameterization import trig_x0
 
         r, cfg, x0, text = self.recipe, self.recipe.cfg, self.x0, self.text
         b = x0.shape[0]
@@ -209,7 +209,7 @@ def _summary(samples: list[float]) -> tuple[float, float, float]:
 
 
 def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
-    from kernels import reference_kernels
+    from vdistill.kernels.dispatch import reference_kernels
 
     fused = provider != "reference"
     setup.recompute(provider == "triton-recompute")
@@ -251,7 +251,7 @@ def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
 
 def _check(setup: Setup) -> dict:
     """Relative L2 error of the triton provider's dF/dt vs the reference provider's."""
-    from kernels import reference_kernels
+    from vdistill.kernels.dispatch import reference_kernels
 
     ours = setup.jvp_pass()
     if not torch.isfinite(ours).all():
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.empty_cache()
     _print_table(result["rows"])
     if args.out:
-        write_json(args.out, f"rcm_step_{utc_stamp('%Y%m%dT%H%M%S')}.json", result)
+        write_json(args.out, result_name("rcm-step", device_label(device)), result)
     return result
 
 

@@ -19,10 +19,10 @@ import time
 
 import torch
 
-from bench.harness import cpu_bench_ms, do_bench_ms, finish, run_meta, utc_stamp
-from methods.presets import RunConfig, preset
-from methods.trainer import cpu_bf16_is_native
-from models.dit import VideoDiT
+from vdistill.bench.harness import cpu_bench_ms, device_label, do_bench_ms, finish, result_name, run_meta
+from vdistill.methods.train.presets import RunConfig, preset
+from vdistill.methods.train.trainer import cpu_bf16_is_native
+from vdistill.models.dit import VideoDiT
 
 
 def fixed_inputs(run: RunConfig, batch: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
         "goals": goals,
         "wall_s": time.time() - t_start,
     }
-    finish(result, args.out, f"train_step_{device.type}_{utc_stamp('%Y%m%dT%H%M%S')}.json")
+    finish(result, args.out, result_name("train-step", device_label(device)))
     return result
 
 

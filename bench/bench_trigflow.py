@@ -19,10 +19,10 @@ bits as the default launch. On CUDA every provider is timed as CUDA-graph replay
 plain calls), so that a ~30 µs kernel is not measured by the Python checks in front of it.
 Goals (issue 5): noising ≥ 3× `torch.compile` and ≥ 70 % of the floor.
 
-    python -m bench.bench_trigflow [--quick] [--out bench/results]
+    python -m vdistill.bench.bench_trigflow [--quick] [--out bench/results]
 
 Metadata, timing, checked providers and JSON output come from `bench/harness.py`. CPU smoke
-run of the script's logic: `TRITON_INTERPRET=1 python -m bench.bench_trigflow --device cpu --tiny`.
+run of the script's logic: `TRITON_INTERPRET=1 python -m vdistill.bench.bench_trigflow --device cpu --tiny`.
 """
 
 from __future__ import annotations
@@ -34,10 +34,17 @@ from collections.abc import Callable
 
 import torch
 
-from bench.harness import finish, make_timer, run_checked, run_meta, utc_stamp
-from kernels._dispatch import use_triton
-from kernels.scm_tangent import scm_tangent, scm_tangent_ref
-from kernels.trigflow import NOISE_GROUP, NOISE_WARPS, _launch_noise, trigflow_eps, trigflow_noise, trigflow_noise_ref
+from vdistill.bench.harness import device_label, finish, make_timer, result_name, run_checked, run_meta
+from vdistill.kernels.dispatch import use_triton
+from vdistill.kernels.scm_tangent import scm_tangent, scm_tangent_ref
+from vdistill.kernels.trigflow import (
+    NOISE_GROUP,
+    NOISE_WARPS,
+    _launch_noise,
+    trigflow_eps,
+    trigflow_noise,
+    trigflow_noise_ref,
+)
 
 WAN_SHAPE = (8, 16, 21, 60, 104)
 TINY_SHAPE = (2, 3, 5, 7, 11)
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{r['gb_per_s']:8.1f} {r['pct_of_copy_floor']:7.1f} {speedup:8.2f}")
         else:
             print(f"{r['case']:40} {r['provider']:38} {'failed':>9}  {r['error']}")
-    finish(result, args.out, f"trigflow_{utc_stamp('%Y%m%d-%H%M%S')}.json")
+    finish(result, args.out, result_name("trigflow", device_label(device)))
     return result
 
 

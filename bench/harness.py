@@ -142,9 +142,19 @@ def finish(result: dict, out_dir: str | Path | None, filename: str) -> None:
         write_json(out_dir, filename, result)
 
 
-def utc_stamp(fmt: str) -> str:
-    """The current UTC time formatted with `fmt` (for result file names)."""
-    return dt.datetime.now(dt.timezone.utc).strftime(fmt)
+def result_name(what: str, where: str) -> str:
+    """Result file name `<what>_<where>_<YYYYMMDDTHHMMSSZ>.json` (bench/results/README.md's scheme): `what` the
+    benchmark in hyphenated words, `where` the machine (`H200`, `cpu`, `sm90`); see `device_label`."""
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return f"{what}_{where.replace('_', '-').replace(' ', '-')}_{stamp}.json"
+
+
+def device_label(device: torch.device | str) -> str:
+    """`H200` for an "NVIDIA H200" (the GPU's name without its vendor), `cpu` for the CPU."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device).removeprefix("NVIDIA ").replace(" ", "-")
 
 
 def write_json(out_dir: str | Path, filename: str, result: dict, indent: int = 2) -> Path:

@@ -31,17 +31,17 @@ import tempfile
 
 import torch
 
-from bench.bench_trigflow import LAUNCHES
-from bench.harness import run_meta, utc_stamp, write_json
-from kernels import trigflow
-from kernels.scm_tangent import REDUCE_BLOCK, TANGENT_BLOCK, TANGENT_WARPS
+from vdistill.bench.bench_trigflow import LAUNCHES
+from vdistill.bench.harness import result_name, run_meta, write_json
+from vdistill.kernels import trigflow
+from vdistill.kernels.scm_tangent import REDUCE_BLOCK, TANGENT_BLOCK, TANGENT_WARPS
 
 DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def _kernels() -> list[tuple[str, str, object, dict, dict, int, int]]:
     """(name, dtype, jit function, signature, constexprs, elements per program, warps) per case."""
-    from kernels.scm_tangent import _scm_normalize_kernel, _scm_sumsq_kernel  # defined only with Triton
+    from vdistill.kernels.scm_tangent import _scm_normalize_kernel, _scm_sumsq_kernel  # defined only with Triton
 
     cases = []
     for dtype, name in DTYPES.items():
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
               f"{c['spills']:6d} {c['registers']:5d} {c['warps_per_sm']:8d}  {c['global_access']}")
     result = {"meta": {**run_meta(torch.device("cpu"), argv), "target": f"sm_{args.arch} (offline)"}, "rows": rows}
     if args.out:
-        write_json(args.out, f"sass_count_sm{args.arch}_{utc_stamp('%Y%m%dT%H%M%S')}.json", result)
+        write_json(args.out, result_name("sass-count", f"sm{args.arch}"), result)
     return result
 
 

@@ -17,7 +17,7 @@ flat EMA buffers and the element count (a block never spans two tensors). bf16/f
 are converted in registers, never copied. The tables are rebuilt only when a parameter's storage
 changes (its data_ptr moves).
 
-Dispatch (`kernels/_dispatch.py`): CUDA parameters run the Triton kernel; CPU parameters run
+Dispatch (`kernels/dispatch.py`): CUDA parameters run the Triton kernel; CPU parameters run
 `ema_update_ref` (`torch._foreach_lerp_`) unless TRITON_INTERPRET=1, where the same kernel runs
 in Triton's interpreter (parameter addresses are host addresses there).
 """
@@ -30,8 +30,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
-from kernels._dispatch import HAS_TRITON, use_triton
-from kernels.ema_schedule import EMAProfile
+from vdistill.kernels.dispatch import HAS_TRITON, use_triton
+from vdistill.kernels.ema_schedule import EMAProfile
 
 try:
     from torch.distributed.tensor import DTensor

@@ -21,8 +21,8 @@ import functools
 
 import torch
 
-from kernels._dispatch import HAS_TRITON, use_triton
-from kernels.trigflow import _bcast, _check_batch, _check_float
+from vdistill.kernels.dispatch import HAS_TRITON, use_triton
+from vdistill.kernels.trigflow import _bcast, _check_batch, _check_float
 
 __all__ = ["scm_tangent", "scm_tangent_ref"]
 
@@ -34,7 +34,7 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.trigflow import _cos_sin
+    from vdistill.kernels.trigflow import _cos_sin
 
     @triton.jit
     def _scm_g(f_ptr, dx_ptr, xt_ptr, df_ptr, t_ptr, b, base, idx, mask, r):

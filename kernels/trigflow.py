@@ -44,7 +44,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kernels._dispatch import HAS_TRITON, INTERPRET, use_triton
+from vdistill.kernels.dispatch import HAS_TRITON, INTERPRET, use_triton
 
 __all__ = ["trigflow_eps", "trigflow_noise", "trigflow_noise_ref"]
 

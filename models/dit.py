@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.layers import DiTBlock, layer_norm, modulate, upcast
-from models.rope import grid_position_code, rope_split, rope_tables
+from vdistill.models.layers import DiTBlock, layer_norm, modulate, upcast
+from vdistill.models.rope import grid_position_code, rope_split, rope_tables
 
 POSITION_CODE_DIM = 32  # sinusoidal channels per axis of the absolute position code
 

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import kernels
-from models.rope import apply_rope
+from vdistill.kernels.attention import attention
+from vdistill.models.rope import apply_rope
 
 
 def upcast(x: torch.Tensor) -> torch.Tensor:
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = v.dtype
-        out = kernels.attention(q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2))
+        out = attention(q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2))
         return self.o(out.transpose(1, 2).reshape(b, n, -1))
 
     def _queries_keys(self, x: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

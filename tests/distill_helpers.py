@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from methods.batches import ShapesBatches
-from methods.generate import ModelBundle
-from methods.presets import tiny
-from methods.recipe import Recipe
-from methods.samplers import sample_consistency
-from methods.text import WordTextEncoder
-from methods.toy import ToyBatches, energy_distance, sliced_wasserstein, toy_data, toy_text
-from methods.trainer import TrainConfig, Trainer
-from models.dit import VideoDiT
+from vdistill.methods.data.batches import ShapesBatches
+from vdistill.methods.data.text import WordTextEncoder
+from vdistill.methods.data.toy import ToyBatches, energy_distance, sliced_wasserstein, toy_data, toy_text
+from vdistill.methods.recipes.base import Recipe
+from vdistill.methods.sampling.generate import ModelBundle
+from vdistill.methods.sampling.samplers import sample_consistency
+from vdistill.methods.train.presets import tiny
+from vdistill.methods.train.trainer import TrainConfig, Trainer
+from vdistill.models.dit import VideoDiT
 
 N_EVAL = 4000
 DATA_SEED, NOISE_SEED = 123, 1  # the same seeds for every method and the teacher

@@ -15,16 +15,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from methods import distributed
-from methods.batches import ShapesBatches
-from methods.distill import distiller
-from methods.generate import ModelBundle
-from methods.presets import tiny
-from methods.rcm import Config
-from methods.recipe import Batch, Recipe
-from methods.text import WordTextEncoder
-from methods.trainer import Trainer
-from models.dit import build_dit
+from vdistill.methods.data.batches import ShapesBatches
+from vdistill.methods.data.text import WordTextEncoder
+from vdistill.methods.recipes.base import Batch, Recipe
+from vdistill.methods.recipes.rcm import Config
+from vdistill.methods.sampling.generate import ModelBundle
+from vdistill.methods.train import distributed
+from vdistill.methods.train.distill import distiller
+from vdistill.methods.train.presets import tiny
+from vdistill.methods.train.trainer import Trainer
+from vdistill.models.dit import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,8 +145,8 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -
 
 
 def torchrun(*cli_args: str, ranks: int = 2) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node <ranks> -m methods.cli ...` (on the GPUs where there are, else on CPU)."""
+    """`torchrun --nproc_per_node <ranks> -m vdistill.methods.cli ...` (on the GPUs where there are, else on CPU)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
-           str(free_port()), "-m", "methods.cli", *cli_args]
+           str(free_port()), "-m", "vdistill.methods.cli", *cli_args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

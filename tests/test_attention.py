@@ -14,18 +14,16 @@ import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
 
-import kernels
-from kernels import attention_bwd_select as bwd_select
-from kernels import attention_tuning as tuning
-from kernels._dispatch import INTERPRET
-from kernels.attention import _check_kernel_inputs
-from kernels.attention_ops import (
+from vdistill.kernels.attention import attention, attention_jvp, attention_ref, bwd_select, tuning
+from vdistill.kernels.attention.op import _check_kernel_inputs
+from vdistill.kernels.attention.ops import (
     AttentionForwardADFunction,
     AttentionFunction,
     attention_bwd_op,
     attention_fwd_jvp_op,
     attention_fwd_op,
 )
+from vdistill.kernels.dispatch import INTERPRET
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="reference-path tests: run without TRITON_INTERPRET")
 
@@ -57,17 +55,17 @@ def _naive(q, k, v, c):
 def test_reference_matches_naive(shape):
     q, k, v = _inputs(*shape)
     c = 0.3
-    out = kernels.attention(q, k, v, scale=c)  # CPU without the interpreter: the reference
+    out = attention(q, k, v, scale=c)  # CPU without the interpreter: the reference
     want, _ = _naive(q, k, v, c)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
-    default = kernels.attention(q, k, v)
+    default = attention(q, k, v)
     torch.testing.assert_close(default, _naive(q, k, v, 1 / math.sqrt(shape[-1]))[0], rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reference_half_inputs_computed_in_fp32(dtype):
     q, k, v = _inputs(1, 2, 17, 33, 32, dtype=dtype)
-    out = kernels.attention_ref(q, k, v)
+    out = attention_ref(q, k, v)
     assert out.dtype == dtype
     want, _ = _naive(q, k, v, 32**-0.5)
     eps = torch.finfo(dtype).eps
@@ -86,7 +84,7 @@ def test_math_ops_forward_and_backward(shape):
 
     qr, kr, vr = (t.detach().requires_grad_() for t in (q, k, v))
     do = torch.randn_like(want)
-    kernels.attention_ref(qr, kr, vr, scale=c).backward(do)
+    attention_ref(qr, kr, vr, scale=c).backward(do)
     # LSE in fp32 limits the recomputed probabilities to ~1e-7 relative
     dq, dk, dv = attention_bwd_op(do, q, k, v, o, lse, c)
     for got, ref in ((dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
@@ -98,7 +96,7 @@ def test_math_jvp_op_matches_func_jvp(shape):
     q, k, v = _inputs(*shape)
     tq, tk, tv = _inputs(*shape, seed=1)
     c = 0.25
-    want_o, want_t = torch.func.jvp(lambda a, b, d: kernels.attention_ref(a, b, d, scale=c), (q, k, v), (tq, tk, tv))
+    want_o, want_t = torch.func.jvp(lambda a, b, d: attention_ref(a, b, d, scale=c), (q, k, v), (tq, tk, tv))
     o, t_o, lse = attention_fwd_jvp_op(q, k, v, tq, tk, tv, c)
     torch.testing.assert_close(o, want_o, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(t_o, want_t, rtol=1e-10, atol=1e-10)
@@ -115,11 +113,11 @@ def test_function_forward_ad_apis_agree_with_reference():
     q, k, v = _inputs(2, 2, 9, 11, 16)
     tq, tk, tv = _inputs(2, 2, 9, 11, 16, seed=3)
     fn = lambda a, b, d: AttentionForwardADFunction.apply(a, b, d, 0.25)[0]
-    want = torch.func.jvp(lambda a, b, d: kernels.attention_ref(a, b, d, scale=0.25), (q, k, v), (tq, tk, tv))[1]
+    want = torch.func.jvp(lambda a, b, d: attention_ref(a, b, d, scale=0.25), (q, k, v), (tq, tk, tv))[1]
     got_func = torch.func.jvp(fn, (q, k, v), (tq, tk, tv))[1]
     with fwAD.dual_level():
         got_fwad = fwAD.unpack_dual(fn(fwAD.make_dual(q, tq), k, fwAD.make_dual(v, tv))).tangent
-    want_partial = torch.func.jvp(lambda a, d: kernels.attention_ref(a, k, d, scale=0.25), (q, v), (tq, tv))[1]
+    want_partial = torch.func.jvp(lambda a, d: attention_ref(a, k, d, scale=0.25), (q, v), (tq, tv))[1]
     torch.testing.assert_close(got_func, want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(got_fwad, want_partial, rtol=1e-10, atol=1e-10)
 
@@ -140,12 +138,12 @@ def test_higher_order_is_refused_not_silently_zero():
 def test_reference_jvp_against_finite_differences():
     q, k, v = _inputs(1, 2, 17, 33, 16)
     tq, tk, tv = _inputs(1, 2, 17, 33, 16, seed=5)
-    o, t_o = kernels.attention_jvp(q, k, v, tq, tk, tv)
+    o, t_o = attention_jvp(q, k, v, tq, tk, tv)
     h = 1e-6
-    plus = kernels.attention(q + h * tq, k + h * tk, v + h * tv)
-    minus = kernels.attention(q - h * tq, k - h * tk, v - h * tv)
+    plus = attention(q + h * tq, k + h * tk, v + h * tv)
+    minus = attention(q - h * tq, k - h * tk, v - h * tv)
     torch.testing.assert_close(t_o, (plus - minus) / (2 * h), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(o, kernels.attention(q, k, v), rtol=0, atol=0)
+    torch.testing.assert_close(o, attention(q, k, v), rtol=0, atol=0)
 
 
 def test_ops_pass_opcheck():
@@ -161,8 +159,8 @@ def test_torch_compile_forward_and_backward():
     torch._dynamo.reset()
     q, k, v = (t.float().requires_grad_() for t in _inputs(1, 2, 17, 33, 16))
     op_path = torch.compile(lambda a, b, d: AttentionFunction.apply(a, b, d, 0.25)[0], fullgraph=True)
-    public = torch.compile(lambda a, b, d: kernels.attention(a, b, d, scale=0.25), fullgraph=True)
-    want = kernels.attention_ref(q, k, v, scale=0.25)
+    public = torch.compile(lambda a, b, d: attention(a, b, d, scale=0.25), fullgraph=True)
+    want = attention_ref(q, k, v, scale=0.25)
     grads_want = torch.autograd.grad(want.sum(), (q, k, v))
     for fn in (op_path, public):
         out = fn(q, k, v)
@@ -174,27 +172,27 @@ def test_torch_compile_forward_and_backward():
 def test_validation_errors_name_the_argument():
     q, k, v = _inputs(1, 2, 5, 7, 16, dtype=torch.float32)
     with pytest.raises(ValueError, match="q must be"):
-        kernels.attention(q[0], k, v)
+        attention(q[0], k, v)
     with pytest.raises(ValueError, match="k and v"):
-        kernels.attention(q, k, v[:, :, :3])
+        attention(q, k, v[:, :, :3])
     with pytest.raises(ValueError, match="disagree"):
-        kernels.attention(q, k[:, :1], v[:, :1])
+        attention(q, k[:, :1], v[:, :1])
     with pytest.raises(ValueError, match="disagree"):
-        kernels.attention(q, k[..., :8], v[..., :8])
+        attention(q, k[..., :8], v[..., :8])
     with pytest.raises(TypeError, match="dtypes"):
-        kernels.attention(q, k.double(), v)
+        attention(q, k.double(), v)
     with pytest.raises(ValueError, match="devices"):
-        kernels.attention(q, k.to("meta"), v)
+        attention(q, k.to("meta"), v)
     with pytest.raises(ValueError, match="at least one token"):
-        kernels.attention(q, k[:, :, :0], v[:, :, :0])
+        attention(q, k[:, :, :0], v[:, :, :0])
     with pytest.raises(ValueError, match="scale"):
-        kernels.attention(q, k, v, scale=float("nan"))
+        attention(q, k, v, scale=float("nan"))
     with pytest.raises(TypeError, match="v must be"):
-        kernels.attention(q, k, v.numpy())
+        attention(q, k, v.numpy())
     with pytest.raises(ValueError, match="tk has shape"):
-        kernels.attention_jvp(q, k, v, q, k[:, :, :2], v)
+        attention_jvp(q, k, v, q, k[:, :, :2], v)
     with pytest.raises(TypeError, match="tv has dtype"):
-        kernels.attention_jvp(q, k, v, q, k, v.half())
+        attention_jvp(q, k, v, q, k, v.half())
 
 
 def test_kernel_only_limits_are_refused():

@@ -14,11 +14,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernels import attention, attention_jvp, attention_ref
-from kernels import attention_bwd_select as bwd_select
-from kernels import attention_tuning as tuning
-from kernels.attention_fwd import FWD_CONFIGS
-from kernels.attention_jvp import JVP_CONFIGS
+from vdistill.kernels.attention import attention, attention_jvp, attention_ref, bwd_select, tuning
+from vdistill.kernels.attention.fwd import FWD_CONFIGS
+from vdistill.kernels.attention.fwd_jvp import JVP_CONFIGS
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -36,8 +34,8 @@ def rescale(request, monkeypatch):
     forward+tangent kernel's KV loop plain or software-pipelined."""
     lazy, pipeline = request.param
     for module, name, (m, n, w, s, _), extra in (
-        ("kernels.attention_fwd", "_attn_fwd_kernel", FWD_CONFIGS[0], {}),
-        ("kernels.attention_jvp", "_attn_fwd_jvp_kernel", JVP_CONFIGS[0], {"PIPELINE": pipeline}),
+        ("vdistill.kernels.attention.fwd", "_attn_fwd_kernel", FWD_CONFIGS[0], {}),
+        ("vdistill.kernels.attention.fwd_jvp", "_attn_fwd_jvp_kernel", JVP_CONFIGS[0], {"PIPELINE": pipeline}),
     ):
         kw = {"BLOCK_M": m, "BLOCK_N": n, "LAZY_RESCALE": lazy} | extra
         kernel = getattr(sys.modules[module], name)

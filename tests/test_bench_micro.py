@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.micro.checks import check_close
+from vdistill.bench.micro.checks import check_close
 
 ROOT = Path(__file__).resolve().parents[1]
 

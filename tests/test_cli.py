@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from methods.cli import main
-from methods.generate import ModelBundle, balanced_labels, generate
+from vdistill.methods.cli.main import main
+from vdistill.methods.sampling.generate import ModelBundle, balanced_labels, generate
 
 
 def test_dry_run_prints_resolved_config(capsys):
@@ -151,7 +151,7 @@ def test_shift_changes_the_sampler_grid_and_must_be_positive(tiny_model):
 @pytest.mark.parametrize(
     "name, own_option",
     [("attention", "--dtype"), ("ema", "--tiny"), ("trigflow", "--no-compile"), ("rcm-step", "--providers"),
-     ("train-step", "--runs"), ("sass-count", "--arch"), ("session", "--part")],
+     ("train-step", "--runs"), ("sass-count", "--arch")],
 )
 def test_bench_forwards_args_to_the_script(name, own_option, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -166,7 +166,7 @@ def test_bench_help_lists_the_benchmarks(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    names = ["attention", "ema", "trigflow", "rcm-step", "train-step", "sass-count", "session"]
+    names = ["attention", "ema", "trigflow", "rcm-step", "train-step", "sass-count"]
     assert all(name in out for name in names)
 
 
@@ -181,9 +181,9 @@ def test_init_grows_optional_paths_and_refuses_other_changes(tiny_model, tmp_pat
 
     import torch
 
-    from methods.checkpoint import load_dit
-    from methods.commands import init_from
-    from models.dit import build_dit
+    from vdistill.methods.cli.commands import init_from
+    from vdistill.methods.train.checkpoint import load_dit
+    from vdistill.models.dit import build_dit
 
     start, _ = load_dit(tiny_model)
     grown = build_dit(replace(start.cfg, **paths))
@@ -194,7 +194,7 @@ def test_init_grows_optional_paths_and_refuses_other_changes(tiny_model, tmp_pat
     with pytest.raises(ValueError, match="--init .* differs"):
         init_from(build_dit("tiny", dim=64), tiny_model)
     # a grown model cannot start a model without its paths (their weights would be lost)
-    from methods.checkpoint import save_weights
+    from vdistill.methods.train.checkpoint import save_weights
 
     grown_file = tmp_path / "grown.safetensors"
     save_weights(grown_file, grown)

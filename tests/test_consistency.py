@@ -14,10 +14,10 @@ from distill_helpers import (  # noqa: F401
     toy_sample_consistency,
 )
 
-from methods import consistency
-from methods.recipe import Batch
-from methods.samplers import rf_time_grid
-from methods.toy import TOY_TEXT, ToyVelocityNet, toy_data, toy_sample_ode, toy_teacher, toy_text
+from vdistill.methods.data.toy import TOY_TEXT, ToyVelocityNet, toy_data, toy_sample_ode, toy_teacher, toy_text
+from vdistill.methods.recipes import consistency
+from vdistill.methods.recipes.base import Batch
+from vdistill.methods.sampling.samplers import rf_time_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from methods.data import (
+from vdistill.methods.data.shapes import (
     COLOURS,
     DIRECTIONS,
     PALETTE,

@@ -1,11 +1,18 @@
-"""bench/device_session.py: the distillation arguments it sizes for a time budget (no GPU needed)."""
+"""scripts/device_session.py: the distillation arguments it sizes for a time budget (no GPU needed)."""
 
 import json
 from pathlib import Path
 
+import device_session as ds
 import pytest
 
-from bench import device_session as ds
+
+def test_help_names_the_parts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        ds.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(part in out for part in ("train", "bench", "finetune"))
 
 
 def test_distill_args_fit_the_budget_and_pass_the_batch():
@@ -40,7 +47,7 @@ def test_bad_arguments_are_refused_by_name(argv, match, capsys, tmp_path):
 
 
 def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys):
-    from methods.cli import build_parser, main
+    from vdistill.methods.cli.main import build_parser, main
 
     args = ds.build_arg_parser().parse_args(
         ["--part", "finetune", "--eval-points", "2", "--distill-batch", "64", "--num", "32",
@@ -48,7 +55,7 @@ def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys)
     )
     teacher, runs = tmp_path / "teacher.safetensors", tmp_path / "runs"
     steps = ds.finetune_steps(args, teacher, runs)
-    commands = {name: cmd[3:] for name, cmd, _ in steps}  # [python, -m, methods.cli, ...]
+    commands = {name: cmd[3:] for name, cmd, _ in steps}  # [python, -m, methods.cli.main, ...]
     for cmd in commands.values():
         build_parser().parse_args(cmd)  # every command is one the CLI accepts
     rcm = commands["distill_rcm_finetune"]
@@ -84,4 +91,4 @@ def test_bench_part_runs_the_micro_suite_with_pytest(tmp_path, monkeypatch):
     assert f"--benchmark-max-time={ds.MICRO_SECONDS[True]}" in micro  # --quick shortens each case
     ds.part_bench(s, ["micro"], quick=False)
     assert f"--benchmark-max-time={ds.MICRO_SECONDS[False]}" in ran["bench_micro"]
-    assert ran["bench_ema"][1:] == ["-m", "bench.bench_ema", "--out", str(s.work / "results"), "--quick"]
+    assert ran["bench_ema"][1:] == ["-m", "vdistill.bench.bench_ema", "--out", str(s.work / "results"), "--quick"]

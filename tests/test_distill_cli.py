@@ -8,10 +8,10 @@ import torch
 from distill_helpers import one_thread  # noqa: F401
 from safetensors.torch import load_file
 
-from methods.checkpoint import load_checkpoint, read_weights_meta, save_checkpoint
-from methods.cli import main
-from methods.logs import read_metrics
-from methods.shards import read_shard, write_shard
+from vdistill.methods.cli.main import main
+from vdistill.methods.data.shards import read_shard, write_shard
+from vdistill.methods.train.checkpoint import load_checkpoint, read_weights_meta, save_checkpoint
+from vdistill.methods.train.logs import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -167,7 +167,7 @@ def test_bad_evaluation_options(teacher, tmp_path, capsys):
 
 
 def test_init_starts_the_student_from_another_student(teacher, tmp_path, capsys):
-    from methods.checkpoint import load_dit, save_weights
+    from vdistill.methods.train.checkpoint import load_dit, save_weights
 
     other, _ = load_dit(teacher)  # another student: the teacher's weights moved by noise
     with torch.no_grad():
@@ -186,8 +186,8 @@ def test_init_starts_the_student_from_another_student(teacher, tmp_path, capsys)
 
 
 def test_missing_or_mismatched_init_is_refused(teacher, tmp_path, capsys):
-    from methods.checkpoint import save_weights
-    from models.dit import build_dit
+    from vdistill.methods.train.checkpoint import save_weights
+    from vdistill.models.dit import build_dit
 
     out = tmp_path / "out"
     assert _distill("reflow", teacher, out, "--init", str(tmp_path / "none.safetensors")) == 2
@@ -220,7 +220,7 @@ def test_teacher_cfg_is_baked_in_recorded_and_checked(teacher, tmp_path, capsys)
 
 
 def test_reflow_pairs_warn_about_emulated_cpu_bf16(teacher, tmp_path, monkeypatch, caplog):
-    from methods import trainer
+    from vdistill.methods.train import trainer
 
     monkeypatch.setattr(trainer, "cpu_bf16_is_native", lambda: False)
     for precision in ("fp32", "bf16"):

@@ -12,11 +12,11 @@ import pytest
 import torch
 from distributed_workers import assert_same, final_state, fit_on_two_ranks, tiny_dit, torchrun, trainer
 
-from methods.checkpoint import list_checkpoints
-from methods.cli import main
-from methods.data import MovingShapes, ShapesStream
-from methods.presets import tiny
-from methods.shards import ShardDataset, ShardLoader, read_shard, write_shard
+from vdistill.methods.cli.main import main
+from vdistill.methods.data.shapes import MovingShapes, ShapesStream
+from vdistill.methods.data.shards import ShardDataset, ShardLoader, read_shard, write_shard
+from vdistill.methods.train.checkpoint import list_checkpoints
+from vdistill.methods.train.presets import tiny
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def _torchrun_pretrain(out: Path, batch_size: int) -> subprocess.CompletedProces
 
 
 def test_pretrain_cli_undertorchrun(tmp_path):
-    """`torchrun --nproc_per_node 2 -m methods.cli pretrain`: one set of files, written by rank 0, with each
+    """`torchrun --nproc_per_node 2 -m vdistill.methods.cli pretrain`: one set of files, written by rank 0, with each
     rank's RNG state in the checkpoint; a global batch the ranks cannot split is refused by name."""
     out = tmp_path / "run"
     done = _torchrun_pretrain(out, batch_size=4)

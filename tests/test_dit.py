@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from models.dit import DIT_CONFIGS, build_dit, count_params, dit_config
-from models.parameterization import rf_interpolate
-from models.rope import apply_rope, grid_position_code, rope_split, rope_tables
+from vdistill.models.dit import DIT_CONFIGS, build_dit, count_params, dit_config
+from vdistill.models.parameterization import rf_interpolate
+from vdistill.models.rope import apply_rope, grid_position_code, rope_split, rope_tables
 
 
 def _inputs(model, b, t, h, w, length=5, dtype=torch.float32):

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from kernels.ema import EMA, ema_update_ref
-from kernels.ema_schedule import (
+from vdistill.kernels.ema import EMA, ema_update_ref
+from vdistill.kernels.ema_schedule import (
     GAMMA_AT_MAX,
     SIGMA_REL_MAX,
     EMAProfile,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from methods.cli import main
-from methods.eval_curves import load_curves
+from vdistill.methods.cli.main import main
+from vdistill.methods.eval.curves import load_curves
 
 
 def _run(path, rows):
@@ -44,7 +44,7 @@ def test_runs_without_evaluations_are_refused_by_name(tmp_path, capsys):
 
 
 def test_runs_with_the_same_name_keep_their_own_lines(tmp_path, monkeypatch):
-    from methods import eval_curves
+    from vdistill.methods.eval import curves as eval_curves
 
     rows = [{"step": 1, "eval_acc_all_2": 0.5, "eval_fd_2": 3.0}]
     a, b = _run(tmp_path / "a", []), _run(tmp_path / "b", [])

@@ -6,9 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.analyzer import FEATURE_NAMES, analyze
-from methods.data import SHAPES, MovingShapes, ShapesConfig
-from methods.evaluate import diversity, evaluate_clips, frechet_distance, mean_over_seeds, reference_features
+from vdistill.methods.data.shapes import SHAPES, MovingShapes, ShapesConfig
+from vdistill.methods.eval.analyzer import FEATURE_NAMES, analyze
+from vdistill.methods.eval.evaluate import (
+    diversity,
+    evaluate_clips,
+    frechet_distance,
+    mean_over_seeds,
+    reference_features,
+)
 
 
 @pytest.fixture(scope="module")
@@ -194,9 +200,10 @@ def test_one_pixel_specks_keep_features_bounded():
 
 
 def test_direction_probe_reads_the_speed_of_real_tracks():
-    """bench/probe_direction.py's drift: +speed along the named direction, ~0 across it."""
-    from bench.probe_direction import track_drift
-    from methods.data import DIRECTION_STEPS, render
+    """scripts/probe_direction.py's drift: +speed along the named direction, ~0 across it."""
+    from probe_direction import track_drift
+
+    from vdistill.methods.data.shapes import DIRECTION_STEPS, render
 
     for d in range(4):
         start = torch.tensor([[16.0, 16.0]]) - 5.25 * DIRECTION_STEPS[d]  # centred track
@@ -208,11 +215,12 @@ def test_direction_probe_reads_the_speed_of_real_tracks():
 def test_word_attention_reports_each_prompt_word_share():
     """Keys made equal -> every text slot gets 1/L of the attention; and the diagnostic's
     probabilities are the ones the model's cross-attention really applies."""
-    from bench.probe_direction import word_attention
-    from methods.generate import ModelBundle
-    from methods.presets import tiny
-    from methods.text import WordTextEncoder
-    from models.dit import VideoDiT
+    from probe_direction import word_attention
+
+    from vdistill.methods.data.text import WordTextEncoder
+    from vdistill.methods.sampling.generate import ModelBundle
+    from vdistill.methods.train.presets import tiny
+    from vdistill.models.dit import VideoDiT
 
     run = tiny()
     torch.manual_seed(0)
@@ -234,11 +242,12 @@ def test_word_attention_reports_each_prompt_word_share():
 
 
 def test_word_sensitivity_is_zero_exactly_when_the_text_cannot_reach_the_output():
-    from bench.probe_direction import word_sensitivity
-    from methods.generate import ModelBundle
-    from methods.presets import tiny
-    from methods.text import WordTextEncoder
-    from models.dit import VideoDiT
+    from probe_direction import word_sensitivity
+
+    from vdistill.methods.data.text import WordTextEncoder
+    from vdistill.methods.sampling.generate import ModelBundle
+    from vdistill.methods.train.presets import tiny
+    from vdistill.models.dit import VideoDiT
 
     run = tiny()
     torch.manual_seed(0)

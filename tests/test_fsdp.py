@@ -10,7 +10,7 @@ import torch
 from distributed_workers import assert_same, final_state, fit_on_two_ranks, torchrun, trainer
 from safetensors.torch import load_file
 
-from methods.checkpoint import list_checkpoints
+from vdistill.methods.train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 

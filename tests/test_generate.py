@@ -2,7 +2,7 @@
 
 import torch
 
-from methods.generate import balanced_labels, spread_labels
+from vdistill.methods.sampling.generate import balanced_labels, spread_labels
 
 
 def test_balanced_labels_cycle_through_all_combinations():

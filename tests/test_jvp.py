@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from models.dit import build_dit
-from models.jvp import jvp
+from vdistill.models.dit import build_dit
+from vdistill.models.jvp import jvp
 
 
 def _setup(dtype=torch.float64, seed=0, **overrides):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.ema import EMA, ema_update_ref
-from kernels.ema_schedule import EMAProfile
-from kernels.scm_tangent import scm_tangent, scm_tangent_ref
-from kernels.trigflow import trigflow_eps, trigflow_noise, trigflow_noise_ref
+from vdistill.kernels.ema import EMA, ema_update_ref
+from vdistill.kernels.ema_schedule import EMAProfile
+from vdistill.kernels.scm_tangent import scm_tangent, scm_tangent_ref
+from vdistill.kernels.trigflow import trigflow_eps, trigflow_noise, trigflow_noise_ref
 
 pytestmark = [
     pytest.mark.gpu,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from methods.data import MovingShapes
-from methods.media import (
+from vdistill.methods.data.shapes import MovingShapes
+from vdistill.methods.sampling.media import (
     grid_image,
     mp4_available,
     save_annotated_grid,

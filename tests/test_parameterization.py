@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from models import parameterization as P
+from vdistill.models import parameterization as P
 
 torch.manual_seed(0)
 

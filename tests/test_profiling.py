@@ -2,9 +2,9 @@
 
 import pytest
 
-from methods import profiling
-from methods.profiling import CaptureWindow, nvtx_range
 from tests.distributed_workers import trainer
+from vdistill.methods.train import profiling
+from vdistill.methods.train.profiling import CaptureWindow, nvtx_range
 
 
 class RecordingDomain:

@@ -9,21 +9,29 @@ import pytest
 import torch
 from distributed_workers import tiny_dit
 
-from kernels.scm_tangent import scm_tangent
-from kernels.trigflow import trigflow_eps
-from methods.batches import ShapesBatches
-from methods.checkpoint import load_dit
-from methods.cli import main
-from methods.presets import tiny
-from methods.rcm import RCM, Config, sampler_meta
-from methods.rcm_dmd import dmd_loss, simulate_to_last_step
-from methods.recipe import Batch
-from methods.samplers import sample_consistency
-from methods.text import WordTextEncoder
-from methods.toy import TOY_TEXT, ToyVelocityNet, sliced_wasserstein, toy_data, toy_sample_ode, toy_teacher, toy_text
-from methods.trainer import Trainer
-from methods.trigflow_student import rf_sampling_times, trig_velocity
-from models.parameterization import rf_time_from_trig, rf_x0, trig_velocity_from_rf, trig_x0
+from vdistill.kernels.scm_tangent import scm_tangent
+from vdistill.kernels.trigflow import trigflow_eps
+from vdistill.methods.cli.main import main
+from vdistill.methods.data.batches import ShapesBatches
+from vdistill.methods.data.text import WordTextEncoder
+from vdistill.methods.data.toy import (
+    TOY_TEXT,
+    ToyVelocityNet,
+    sliced_wasserstein,
+    toy_data,
+    toy_sample_ode,
+    toy_teacher,
+    toy_text,
+)
+from vdistill.methods.recipes.base import Batch
+from vdistill.methods.recipes.rcm import RCM, Config, sampler_meta
+from vdistill.methods.recipes.rcm_dmd import dmd_loss, simulate_to_last_step
+from vdistill.methods.recipes.trigflow_student import rf_sampling_times, trig_velocity
+from vdistill.methods.sampling.samplers import sample_consistency
+from vdistill.methods.train.checkpoint import load_dit
+from vdistill.methods.train.presets import tiny
+from vdistill.methods.train.trainer import Trainer
+from vdistill.models.parameterization import rf_time_from_trig, rf_x0, trig_velocity_from_rf, trig_x0
 
 
 @pytest.mark.parametrize("mode,tol", [("forward_ad", 2e-4), ("func", 2e-4), ("finite_difference", 2e-2)])

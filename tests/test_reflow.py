@@ -4,10 +4,10 @@ import pytest
 import torch
 from distill_helpers import N_EVAL, NOISE_SEED, distances, fit_toy, one_thread, tiny_dit_trainer  # noqa: F401
 
-from methods import reflow
-from methods.recipe import Batch
-from methods.shards import write_shard
-from methods.toy import TOY_TEXT, ToyVelocityNet, toy_data, toy_sample_ode, toy_teacher, toy_text
+from vdistill.methods.data.shards import write_shard
+from vdistill.methods.data.toy import TOY_TEXT, ToyVelocityNet, toy_data, toy_sample_ode, toy_teacher, toy_text
+from vdistill.methods.recipes import reflow
+from vdistill.methods.recipes.base import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

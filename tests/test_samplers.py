@@ -7,7 +7,7 @@ exact velocity is v(x, s) = x·(s - (1-s)σ²)/a(s), and the ODE from s = 1 maps
 import pytest
 import torch
 
-from methods.samplers import rf_time_grid, sample_rf
+from vdistill.methods.sampling.samplers import rf_time_grid, sample_rf
 
 SIGMA = 0.3
 

@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("triton")
 
-from bench import sass_count  # noqa: E402
-from kernels._dispatch import INTERPRET  # noqa: E402
+from vdistill.bench import sass_count  # noqa: E402
+from vdistill.kernels.dispatch import INTERPRET  # noqa: E402
 
 pytestmark = pytest.mark.skipif(INTERPRET, reason="compiles real Triton kernels (not the interpreter's)")
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kernels.scm_tangent import scm_tangent, scm_tangent_ref
+from vdistill.kernels.scm_tangent import scm_tangent, scm_tangent_ref
 
 
 def _tangent_inputs(dtype=torch.float64, B: int = 3, shape=(6, 11)):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from methods.shards import FORMAT, ShardDataset, ShardLoader, read_shard, write_shard
+from vdistill.methods.data.shards import FORMAT, ShardDataset, ShardLoader, read_shard, write_shard
 
 
 def _tensors(n=4, c=4, t=2, h=3, w=5, length=6, d=8, seed=0):

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from methods.data import all_prompts
-from methods.text import PrecomputedText, TextEncoder, WordTextEncoder
+from vdistill.methods.data.shapes import all_prompts
+from vdistill.methods.data.text import PrecomputedText, TextEncoder, WordTextEncoder
 
 
 def test_word_encoder_shape_determinism_and_padding():

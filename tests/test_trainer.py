@@ -7,16 +7,16 @@ import pytest
 import torch
 from distributed_workers import final_state, trainer
 
-from methods import checkpoint as ckpt
-from methods import trainer as trainer_module
-from methods.batches import Prefetched, ShapesBatches
-from methods.presets import tiny
-from methods.pretrain import FlowMatching
-from methods.recipe import Batch
-from methods.text import WordTextEncoder
-from methods.toy import ToyBatches, ToyVelocityNet
-from methods.trainer import TrainConfig, Trainer
-from models.dit import VideoDiT
+from vdistill.methods.data.batches import Prefetched, ShapesBatches
+from vdistill.methods.data.text import WordTextEncoder
+from vdistill.methods.data.toy import ToyBatches, ToyVelocityNet
+from vdistill.methods.recipes.base import Batch
+from vdistill.methods.recipes.pretrain import FlowMatching
+from vdistill.methods.train import checkpoint as ckpt
+from vdistill.methods.train import trainer as trainer_module
+from vdistill.methods.train.presets import tiny
+from vdistill.methods.train.trainer import TrainConfig, Trainer
+from vdistill.models.dit import VideoDiT
 
 
 def _trainer(run_dir, steps, prefetch=True, **train):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from kernels.trigflow import trigflow_eps, trigflow_noise, trigflow_noise_ref
+from vdistill.kernels.trigflow import trigflow_eps, trigflow_noise, trigflow_noise_ref
 
 
 def _x0_t(B: int = 3, shape=(4, 5, 7), dtype=torch.float32, seed: int = 0):

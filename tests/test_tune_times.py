@@ -8,11 +8,11 @@ import torch
 from distill_helpers import one_thread  # noqa: F401
 from safetensors.torch import load_file
 
-from methods.checkpoint import read_weights_meta
-from methods.cli import main
-from methods.generate import ModelBundle, balanced_labels, generate
-from methods.samplers import consistency_times
-from methods.tune_times import best_rows
+from vdistill.methods.cli.main import main
+from vdistill.methods.eval.tune_times import best_rows
+from vdistill.methods.sampling.generate import ModelBundle, balanced_labels, generate
+from vdistill.methods.sampling.samplers import consistency_times
+from vdistill.methods.train.checkpoint import read_weights_meta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

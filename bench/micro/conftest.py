@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from bench.harness import run_meta
+from vdistill.bench.harness import run_meta
 
 
 def pytest_configure(config) -> None:

@@ -5,7 +5,7 @@
     pytest bench/micro --benchmark-disable                  # run each case once (a check, no timing)
 
 Providers: "vdistill" is the public op as a model calls it (Triton on CUDA), "reference" the same op
-under `kernels.reference_kernels()` (its PyTorch reference), and "sdpa" / "eager" what a user would
+under `reference_kernels()` (its PyTorch reference), and "sdpa" / "eager" what a user would
 write without vdistill. Every provider is checked against a float32 reference before it is timed.
 The scripted benchmarks (`vdistill bench ...`) time the same kernels at more shapes with TFLOP/s,
 bandwidth and memory columns; this suite is for regressions between commits.
@@ -18,12 +18,16 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
-import kernels
-from bench.bench_trigflow import noise_eager, tangent_eager
-from bench.micro.checks import check_close
-from kernels.ema_schedule import EMAProfile
-from models.dit import build_dit
-from models.jvp import jvp
+from vdistill.bench.bench_trigflow import noise_eager, tangent_eager
+from vdistill.bench.micro.checks import check_close
+from vdistill.kernels.attention import attention, attention_jvp, attention_ref
+from vdistill.kernels.dispatch import reference_kernels
+from vdistill.kernels.ema import EMA, ema_update_ref
+from vdistill.kernels.ema_schedule import EMAProfile
+from vdistill.kernels.scm_tangent import scm_tangent, scm_tangent_ref
+from vdistill.kernels.trigflow import trigflow_noise
+from vdistill.models.dit import build_dit
+from vdistill.models.jvp import jvp
 
 GPU = torch.cuda.is_available()
 DTYPE = torch.bfloat16 if GPU else torch.float32
@@ -53,11 +57,11 @@ def _attention_provider(name: str):
     if name == "reference":
 
         def reference(q, k, v):
-            with kernels.reference_kernels():
-                return kernels.attention(q, k, v)
+            with reference_kernels():
+                return attention(q, k, v)
 
         return reference
-    return kernels.attention
+    return attention
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=_shape_id)
@@ -66,7 +70,7 @@ def test_attention_forward(timed, device, shape, provider):
     q, k, v = _qkv(shape, device)
     fn = _attention_provider(provider)
     with torch.no_grad():
-        check_close("O", fn(q, k, v), kernels.attention_ref(q.float(), k.float(), v.float()), DTYPE)
+        check_close("O", fn(q, k, v), attention_ref(q.float(), k.float(), v.float()), DTYPE)
         timed(f"attention forward {_shape_id(shape)}", lambda: fn(q, k, v))
 
 
@@ -75,7 +79,7 @@ def _jvp_provider(name: str):
 
         def dual(q, k, v, tq, tk, tv):
             with fwAD.dual_level():
-                out = kernels.attention(*(fwAD.make_dual(p, t) for p, t in ((q, tq), (k, tk), (v, tv))))
+                out = attention(*(fwAD.make_dual(p, t) for p, t in ((q, tq), (k, tk), (v, tv))))
                 primal, tangent = fwAD.unpack_dual(out)
                 return primal, tangent
 
@@ -83,11 +87,11 @@ def _jvp_provider(name: str):
     if name == "func.jvp(reference)":
 
         def reference(*args):
-            with kernels.reference_kernels():
-                return kernels.attention_jvp(*args)
+            with reference_kernels():
+                return attention_jvp(*args)
 
         return reference
-    return kernels.attention_jvp
+    return attention_jvp
 
 
 @pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=_shape_id)
@@ -97,7 +101,7 @@ def test_attention_forward_jvp(timed, device, shape, provider):
     tangents = _qkv(shape, device, seed=1)
     fn = _jvp_provider(provider)
     with torch.no_grad():
-        want_o, want_t = torch.func.jvp(kernels.attention_ref, tuple(p.float() for p in primals),
+        want_o, want_t = torch.func.jvp(attention_ref, tuple(p.float() for p in primals),
                                         tuple(t.float() for t in tangents))
         o, t_o = fn(*primals, *tangents)
         check_close("O", o, want_o, DTYPE)
@@ -117,7 +121,7 @@ def test_attention_forward_backward(timed, device, shape, provider):
         fn(q, k, v).backward(do)
 
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
-    kernels.attention_ref(q32, k32, v32).backward(do.float())
+    attention_ref(q32, k32, v32).backward(do.float())
     step()
     for name, got, want in (("dQ", q.grad, q32.grad), ("dK", k.grad, k32.grad), ("dV", v.grad, v32.grad)):
         check_close(name, got, want, DTYPE)
@@ -136,12 +140,12 @@ def _ema_params(device) -> list[torch.Tensor]:
 def test_power_ema(timed, device, provider):
     params = _ema_params(device)
     profiles = [EMAProfile(sigma_rel=0.05), EMAProfile(sigma_rel=0.10)]
-    ema = kernels.EMA(params, profiles)
+    ema = EMA(params, profiles)
     want = [[p.float().clone() for p in params] for _ in profiles]
 
     def update() -> None:
         if provider == "reference":
-            with kernels.reference_kernels():
+            with reference_kernels():
                 ema.update()
         else:
             ema.update()
@@ -150,7 +154,7 @@ def test_power_ema(timed, device, provider):
         betas = ema.betas()
         update()
         for w, beta in zip(want, betas):
-            kernels.ema_update_ref(w, params, beta)
+            ema_update_ref(w, params, beta)
     for k in range(len(profiles)):
         check_close(f"EMA profile {k}", torch.cat([t.flatten() for t in ema.tensors(k)]),
                     torch.cat([t.flatten() for t in want[k]]), torch.float32)
@@ -167,7 +171,7 @@ def _clip(device) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("provider", ["vdistill", "eager"])
 def test_trigflow_noise(timed, device, provider):
     x0, t = _clip(device)
-    fn = noise_eager if provider == "eager" else (lambda a, b: kernels.trigflow_noise(a, b, seed=0))
+    fn = noise_eager if provider == "eager" else (lambda a, b: trigflow_noise(a, b, seed=0))
     xt, v = fn(x0, t)
     shape = (-1,) + (1,) * (x0.dim() - 1)
     cos, sin = torch.cos(t).view(shape), torch.sin(t).view(shape)
@@ -180,9 +184,9 @@ def test_scm_tangent(timed, device, provider):
     gen = torch.Generator(device="cpu").manual_seed(0)
     inputs = [torch.randn(CLIP, generator=gen).to(device, DTYPE) for _ in range(4)]
     t = (torch.rand(CLIP[0], generator=gen) * 1.5).to(device)
-    fn = tangent_eager if provider == "eager" else kernels.scm_tangent
+    fn = tangent_eager if provider == "eager" else scm_tangent
     g, _ = fn(*inputs, t, 0.5, 0.1)
-    check_close("normalised tangent", g, kernels.scm_tangent_ref(*(x.float() for x in inputs), t, 0.5, 0.1)[0], DTYPE)
+    check_close("normalised tangent", g, scm_tangent_ref(*(x.float() for x in inputs), t, 0.5, 0.1)[0], DTYPE)
     timed(f"sCM tangent {_shape_id(CLIP)}", lambda: fn(*inputs, t, 0.5, 0.1))
 
 
@@ -197,13 +201,13 @@ def test_dit_jvp(timed, device, provider):
     x, dx = (torch.randn(x_shape, generator=gen).to(device) for _ in range(2))
     time, dtime = torch.rand(x_shape[0], generator=gen).to(device), torch.ones(x_shape[0], device=device)
     text = torch.randn(x_shape[0], 8, cfg.text_dim, generator=gen).to(device)
-    with kernels.reference_kernels():
+    with reference_kernels():
         want = jvp(model, (x, time, text), (dx, dtime))
 
     def run():
         with torch.autocast(device.type, torch.bfloat16, enabled=GPU):
             if provider == "reference":
-                with kernels.reference_kernels():
+                with reference_kernels():
                     return jvp(model, (x, time, text), (dx, dtime))
             return jvp(model, (x, time, text), (dx, dtime))
 

@@ -16,8 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 import triton
 
-import kernels
-from kernels import attention, attention_jvp, attention_ref
+from vdistill.kernels.attention import attention, attention_jvp, attention_ref
 
 SHAPES = [  # (B, H, Nq, Nk, D): odd lengths, cross-attention, every supported small head dim
     (1, 1, 1, 1, 16),
@@ -49,8 +48,8 @@ def rescale(request, monkeypatch):
     lazy, pipeline = request.param
     tile = {"BLOCK_M": 16, "BLOCK_N": 16, "LAZY_RESCALE": lazy}
     for module, name, extra in (
-        ("kernels.attention_fwd", "_attn_fwd_kernel", {}),
-        ("kernels.attention_jvp", "_attn_fwd_jvp_kernel", {"PIPELINE": pipeline}),
+        ("vdistill.kernels.attention.fwd", "_attn_fwd_kernel", {}),
+        ("vdistill.kernels.attention.fwd_jvp", "_attn_fwd_jvp_kernel", {"PIPELINE": pipeline}),
     ):
         kernel = getattr(sys.modules[module], name)
         monkeypatch.setattr(kernel, "configs", [triton.Config(tile | extra, num_warps=1, num_stages=1)])
@@ -84,7 +83,7 @@ def _close(got, want, what):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_lse(shape, layout):
-    from kernels.attention_ops import attention_fwd_op
+    from vdistill.kernels.attention.ops import attention_fwd_op
 
     q, k, v = _qkv(shape, layout)
     c = 0.3
@@ -146,7 +145,7 @@ def test_gradients(shape, layout):
 def test_forward_ad_paths_agree_with_reference(monkeypatch):
     """torch.func.jvp and forward_ad (fused one-pass path), partial tangents, and the
     AttentionForwardADFunction fallback taken when the inputs also require grad."""
-    module = sys.modules["kernels.attention"]
+    module = sys.modules["vdistill.kernels.attention.op"]
     fused_calls = []
     fused = module._fused_forward_ad
     monkeypatch.setattr(module, "_fused_forward_ad", lambda *a: fused_calls.append(fused(*a)) or fused_calls[-1])
@@ -191,8 +190,9 @@ def test_fp16_within_twice_torch_error():
 
 def test_tiny_dit_jvp_kernel_equals_reference(monkeypatch):
     """Model-level JVP of the `tiny` DiT (head dim 24, zero-padded to 32) with the Triton kernel vs the reference."""
-    from models.dit import build_dit
-    from models.jvp import jvp
+    from vdistill.models import layers
+    from vdistill.models.dit import build_dit
+    from vdistill.models.jvp import jvp
 
     torch.manual_seed(0)
     model = build_dit("tiny").eval()
@@ -201,7 +201,7 @@ def test_tiny_dit_jvp_kernel_equals_reference(monkeypatch):
     x, dx = torch.randn(1, 3, 2, 4, 4), torch.randn(1, 3, 2, 4, 4)
     time, dtime, text = torch.rand(1), torch.ones(1), torch.randn(1, 5, 16)
     got = {b: jvp(model, (x, time, text), (dx, dtime), backend=b) for b in ("func", "forward_ad")}
-    monkeypatch.setattr(kernels, "attention", kernels.attention_ref)
+    monkeypatch.setattr(layers, "attention", attention_ref)
     want = jvp(model, (x, time, text), (dx, dtime), backend="func")
     for backend, (out, tangent) in got.items():
         assert want[1].abs().max() > 1e-3

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.ema import EMA, ema_update_ref
-from kernels.ema_schedule import EMAProfile
+from vdistill.kernels.ema import EMA, ema_update_ref
+from vdistill.kernels.ema_schedule import EMAProfile
 
 PROFILE_SETS = {
     1: [EMAProfile(beta=0.9)],

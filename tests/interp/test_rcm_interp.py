@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from kernels.scm_tangent import scm_tangent, scm_tangent_ref
-from methods.rcm import RCM, Config
-from models.dit import build_dit
+from vdistill.kernels.attention import attention_ref
+from vdistill.kernels.scm_tangent import scm_tangent, scm_tangent_ref
+from vdistill.methods.recipes.rcm import RCM, Config
+from vdistill.models import layers
+from vdistill.models.dit import build_dit
 
 
 def test_rcm_jvp_pass_with_kernel_equals_reference(monkeypatch):
@@ -26,7 +27,7 @@ def test_rcm_jvp_pass_with_kernel_equals_reference(monkeypatch):
     f, df = recipe.tangent_pass(x_t, t, text, dxdt)
     g_hat, norm = scm_tangent(f, dxdt, x_t, df, t, 0.5, 0.1)
 
-    monkeypatch.setattr(kernels, "attention", kernels.attention_ref)
+    monkeypatch.setattr(layers, "attention", attention_ref)
     f_ref, df_ref = recipe.tangent_pass(x_t, t, text, dxdt)
     g_ref, norm_ref = scm_tangent_ref(f_ref, dxdt, x_t, df_ref, t, 0.5, 0.1)
     assert df_ref.abs().max() > 1e-2

@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from kernels.scm_tangent import TANGENT_BLOCK, scm_tangent, scm_tangent_ref
-from kernels.trigflow import NOISE_GROUP, _launch_noise, trigflow_eps, trigflow_noise, trigflow_noise_ref
+from vdistill.kernels.scm_tangent import TANGENT_BLOCK, scm_tangent, scm_tangent_ref
+from vdistill.kernels.trigflow import NOISE_GROUP, _launch_noise, trigflow_eps, trigflow_noise, trigflow_noise_ref
 
 
 def _x0_t(B: int = 3, shape=(3, NOISE_GROUP // 3 + 5), dtype=torch.float32):

@@ -1,1 +1,0 @@
-"""Distillation recipes, trainer, samplers, data, evaluation and CLI."""

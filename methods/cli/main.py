@@ -1,0 +1,345 @@
+"""`vdistill` command line: thin entry points over the library (see README for examples).
+
+Every subcommand has `--help`; training commands accept `--dry-run` to print the resolved config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from vdistill.methods.cli import commands
+from vdistill.methods.train import distributed
+
+log = logging.getLogger("vdistill")
+
+
+def _add_precision(p) -> None:
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
+                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also on CPU "
+                   "(fast with AMX, emulated and slow on AVX2-only CPUs)")
+
+
+def _add_training_switches(p) -> None:
+    """Switches of every training command (pretrain, distill)."""
+    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
+    p.add_argument(
+        "--profile-window",
+        type=int,
+        nargs=2,
+        metavar=("START", "STOP"),
+        help="call cudaProfilerStart/Stop around steps [START, STOP) for nsys --capture-range=cudaProfilerApi",
+    )
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each DiT block's activations in the backward (long clips: memory for compute)")
+    p.add_argument("--grad-accum", type=int,
+                   help="micro-batches per step and rank, gradients accumulated (--batch-size stays the step's batch)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard the student over the ranks (FSDP2) instead of replicating it (DDP)")
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="train a rectified-flow teacher on the moving-shapes benchmark")
+    p.add_argument("--preset", default="shapes", help="run preset (methods/train/presets.py): tiny | shapes")
+    p.add_argument("--out", type=Path, default=Path("runs/teacher"), help="run directory")
+    p.add_argument("--steps", type=int, help="override the preset's number of steps")
+    p.add_argument("--batch-size", type=int, help="override the preset's batch size")
+    p.add_argument("--lr", type=float, help="override the preset's learning rate")
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    _add_precision(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init", type=Path, help="start from an exported model's weights (continued training)")
+    p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
+    _add_training_switches(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="flow-matching option (methods/recipes/pretrain.py), repeatable; e.g. logit_mean=1.0")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample clips from an exported model (GIFs + a grid PNG)")
+    p.add_argument("--model", type=Path, required=True, help="exported .safetensors (e.g. student_ema.safetensors)")
+    p.add_argument("--prompt", action="append", help="prompt, repeatable (default: 8 benchmark prompts)")
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--shift", type=float, help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--format", choices=["gif", "mp4"], default="gif", help="clip file format")
+    p.add_argument("--out", type=Path, default=Path("runs/samples"), help="output directory")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="benchmark a model: prompt accuracy, smoothness, diversity, FD per step count")
+    p.add_argument("--model", type=Path, required=True, help="exported .safetensors")
+    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 50], help="step counts to evaluate")
+    p.add_argument("--num", type=int, default=256, help="clips per step count (balanced over the 72 prompts)")
+    p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
+    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
+    p.add_argument("--shift", type=float, help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
+    p.add_argument("--seed", type=int, nargs="+", default=[0],
+                   help="noise seed(s); several: rows per seed, then their mean with standard errors")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+
+
+def _add_tune_times(sub) -> None:
+    from vdistill.methods.eval.tune_times import DEFAULT_SHIFTS, TUNING_SEED
+
+    p = sub.add_parser("tune-times", help="choose a consistency student's intermediate sampling times on a tuning seed")
+    p.add_argument("--model", type=Path, required=True, help="exported consistency/rCM student (.safetensors)")
+    p.add_argument("--out", type=Path, required=True, help="tuned copy to write (.safetensors; plus .tuning.json/.png)")
+    p.add_argument("--steps", type=int, nargs="+", default=[2], help="step counts to tune (>= 2)")
+    p.add_argument("--shifts", type=float, nargs="+", default=list(DEFAULT_SHIFTS),
+                   help="grid shifts to try (2 steps: middle RF time shift/(1+shift))")
+    p.add_argument("--num", type=int, default=256, help="clips per point (balanced over the 72 prompts)")
+    p.add_argument("--seed", type=int, default=TUNING_SEED, help="tuning noise seed (report on another one)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def _tune_times(args) -> int:
+    from vdistill.methods.eval.tune_times import tune
+
+    return tune(args)
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="the default job: sample and score the shipped teacher at few and many steps")
+    p.add_argument("--model", type=Path, help="exported .safetensors (default: the shipped teacher)")
+    p.add_argument("--num", type=int, default=16, help="clips per step count")
+    p.add_argument("--steps", type=int, nargs="+", default=[4, 16], help="step counts")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+
+
+def _add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="distil a teacher into a few-step student")
+    p.add_argument("method", help="reflow | progressive | consistency | rcm")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors (e.g. the shipped one)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--init", type=Path,
+                   help="start the student from this exported student's weights (default: the teacher's)")
+    p.add_argument("--teacher-cfg", type=float,
+                   help="guidance scale of the teacher, baked into the student (default: the teacher's own)")
+    p.add_argument("--steps", type=int, help="override the method's number of training steps")
+    p.add_argument("--batch-size", type=int, help="override the batch size")
+    p.add_argument("--lr", type=float, help="override the learning rate")
+    p.add_argument("--device", help="auto | cpu | cuda[:N]")
+    _add_precision(p)
+    p.add_argument("--seed", type=int, help="training seed")
+    p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
+    p.add_argument("--eval-every", type=int,
+                   help="score the EMA student every N steps (accuracy and FD at 1, 2, 4 steps) into metrics.jsonl")
+    p.add_argument("--eval-num", type=int, help="clips per in-training evaluation (default 64)")
+    _add_training_switches(p)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
+
+
+def _add_plot_evals(sub) -> None:
+    p = sub.add_parser("plot-evals", help="plot the in-training evaluations of runs against the training step")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories trained with --eval-every")
+    p.add_argument("--out", type=Path, required=True, help="PNG to write")
+    p.add_argument("--reference", type=float, help="accuracy drawn as a dashed line (e.g. the teacher's 50-step)")
+    p.add_argument("--title", help="figure title")
+
+
+def _plot_evals(args) -> int:
+    from vdistill.methods.eval.curves import plot_curves
+
+    print(plot_curves(args.runs, args.out, reference=args.reference, title=args.title))
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a checkpoint's raw weights or any EMA profile as a model file")
+    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step_N.pt")
+    p.add_argument("--out", type=Path, required=True, help=".safetensors to write (atomically)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--ema-profile", type=int, default=0,
+                       help="index into the run's train.ema_sigma_rels (config.json); 0 is what the run exports")
+    which.add_argument("--raw", action="store_true", help="the raw student weights instead of an EMA")
+
+
+def _export(args) -> int:
+    from vdistill.methods.train.export import export_checkpoint
+
+    meta = export_checkpoint(args.checkpoint, args.out, None if args.raw else args.ema_profile)
+    ema = ", ".join(f"{k} {v}" for k, v in meta.items() if k.startswith("ema_"))
+    print(f"{args.out}: {meta['recipe']} step {meta['step']}, {'raw weights' if args.raw else ema}")
+    return 0
+
+
+def _add_reflow_pairs(sub) -> None:
+    p = sub.add_parser("reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
+    p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
+    p.add_argument("--out", type=Path, required=True, help="shard directory (a rerun keeps existing shards)")
+    p.add_argument("--num", "--num-pairs", dest="num", type=int, required=True,
+                   help="number of pairs (under torchrun spell it --num-pairs: torchrun reads --num as --numa-binding)")
+    p.add_argument("--shard-size", type=int, default=256, help="pairs per shard")
+    p.add_argument("--steps", type=int, default=16, help="teacher ODE steps per pair")
+    p.add_argument("--solver", choices=["euler", "heun"], default="heun", help="ODE solver")
+    p.add_argument("--seed", type=int, default=0, help="noise seed")
+    p.add_argument("--batch-size", type=int, default=64, help="clips per teacher batch")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="teacher forward precision (bf16 autocast: ~1.9x faster on an AMX CPU, slow on AVX2-only ones)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def _reflow_pairs(args) -> int:
+    from vdistill.methods.data.reflow_pairs import write_pairs
+    from vdistill.methods.sampling.generate import ModelBundle
+
+    if not args.teacher.is_file():
+        raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
+    teacher = ModelBundle.load(args.teacher, distributed.resolve_device(args.device))
+    paths = write_pairs(
+        teacher,
+        args.out,
+        args.num,
+        shard_size=args.shard_size,
+        steps=args.steps,
+        solver=args.solver,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        precision=args.precision,
+        source=str(args.teacher),
+    )
+    print(f"{len(paths)} pair shards in {args.out}; train with: vdistill distill reflow --set pairs={args.out}")
+    return 0
+
+
+BENCHMARKS = {  # `vdistill bench NAME`: module whose main(argv) runs it
+    "attention": "vdistill.bench.bench_attention",
+    "ema": "vdistill.bench.bench_ema",
+    "trigflow": "vdistill.bench.bench_trigflow",
+    "rcm-step": "vdistill.bench.bench_rcm_step",
+    "train-step": "vdistill.bench.bench_train_step",
+    "sass-count": "vdistill.bench.sass_count",
+}
+
+
+def _add_bench(sub) -> None:
+    names = "\n".join(f"  {name:<10} python -m {module}" for name, module in BENCHMARKS.items())
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | sass-count)",
+        description=f"Run a benchmark; the remaining arguments go to its main(argv).\n\nbenchmarks:\n{names}",
+        epilog="e.g. vdistill bench attention --quick --out bench/results; vdistill bench ema --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("name", help="benchmark name: " + " | ".join(BENCHMARKS))
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see NAME --help)")
+
+
+def _bench(args) -> int:
+    if args.name not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {args.name!r} (choose from {', '.join(BENCHMARKS)})")
+    result = importlib.import_module(BENCHMARKS[args.name]).main(args.args)
+    return result if isinstance(result, int) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_tune_times, _add_demo, _add_reflow_pairs,
+                _add_bench, _add_plot_evals, _add_export):
+        add(sub)
+    return parser
+
+
+def _train_overrides(train, args, **extra):
+    """`train` with the common command-line overrides (and `extra`) applied; None = keep the preset's."""
+    values = {
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "device": args.device,
+        "time_limit_s": args.time_limit,
+        "tensorboard": args.tensorboard or None,
+        "profile_window": tuple(args.profile_window) if args.profile_window else None,
+        "activation_checkpointing": args.activation_checkpointing or None,
+        "grad_accum": args.grad_accum,
+        "fsdp": args.fsdp or None,
+        **extra,
+    }
+    return replace(train, **{k: v for k, v in values.items() if v is not None})
+
+
+def _pretrain(args) -> int:
+    from vdistill.methods.train.distill import apply_overrides
+    from vdistill.methods.train.presets import preset
+
+    run = preset(args.preset)
+    run = replace(run, flow=apply_overrides(run.flow, args.set))
+    train = _train_overrides(run.train, args, precision=args.precision)
+    run = replace(run, train=train)
+    if args.dry_run:
+        print(json.dumps(run.to_dict(), indent=2, default=str))
+        return 0
+    commands.pretrain(run, args.out, resume=args.resume, init=args.init)
+    return 0
+
+
+def _distill(args) -> int:
+    from vdistill.methods.train.distill import apply_overrides, distill, distiller
+
+    module = distiller(args.method)
+    train = _train_overrides(module.default_train(), args, seed=args.seed, precision=args.precision,
+                             eval_every=args.eval_every, eval_num=args.eval_num)
+    cfg = apply_overrides(module.Config(), args.set)
+    if args.dry_run:
+        print(json.dumps({"method": args.method, "train": asdict(train), "method_config": asdict(cfg)}, indent=2))
+        return 0
+    if not args.teacher.is_file():
+        raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
+    if args.init is not None and not args.init.is_file():
+        raise FileNotFoundError(f"--init {args.init} does not exist")
+    distill(args.method, args.teacher, args.out, train, cfg, resume=args.resume, init=args.init,
+            teacher_cfg=args.teacher_cfg)
+    return 0
+
+
+PARALLEL_COMMANDS = ("pretrain", "distill", "reflow-pairs")  # the commands that share their work under torchrun
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    handlers = {
+        "pretrain": _pretrain,
+        "distill": _distill,
+        "sample": commands.sample,
+        "evaluate": commands.evaluate,
+        "tune-times": _tune_times,
+        "demo": commands.demo,
+        "reflow-pairs": _reflow_pairs,
+        "bench": _bench,
+        "plot-evals": _plot_evals,
+        "export": _export,
+    }
+    try:
+        ranks = distributed.launched_ranks()
+        if ranks > 1 and args.command not in PARALLEL_COMMANDS:
+            raise ValueError(f"runs as one process, not under torchrun ({ranks} ranks: they would all do the same "
+                             f"work and write the same files); under torchrun run {', '.join(PARALLEL_COMMANDS)}")
+        # torchrun (WORLD_SIZE > 1): one process group for the command; log lines print above the progress bars
+        with distributed.process_group_from_env(), logging_redirect_tqdm():
+            return handlers[args.command](args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vdistill {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

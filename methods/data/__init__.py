@@ -1,0 +1,1 @@
+"""Training data: the moving-shapes benchmark, text embeddings, shards of precomputed latents, batch sources."""

@@ -1,0 +1,1 @@
+"""Evaluation on the moving-shapes benchmark: the analyzer, metrics, budget curves, sampling-time tuning."""

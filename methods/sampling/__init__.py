@@ -1,0 +1,1 @@
+"""Sampling: ODE and consistency samplers, generation from exported models, and writing clips to disk."""

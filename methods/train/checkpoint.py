@@ -1,0 +1,117 @@
+"""Atomic checkpoints (training state) and exported weights (safetensors + config).
+
+Training checkpoints are `torch.save` dicts written to a temporary file in the same directory and
+renamed into place, so a crash never leaves a partial file under the final name. Exported
+weights are safetensors with the model config and provenance in the metadata, loadable without
+pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vdistill.models.dit import DiTConfig, VideoDiT
+
+CKPT_PATTERN = re.compile(r"step_(\d{8})\.pt$")
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """torch.save `state` to `path` atomically (write to a temp file, then rename)."""
+    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a training checkpoint; clear errors for a missing or corrupt file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # torch raises several types for truncated/garbage files
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {e}") from e
+    if not isinstance(state, dict) or "step" not in state:
+        raise ValueError(f"checkpoint {path} is not a vdistill training checkpoint (no 'step')")
+    return state
+
+
+def checkpoint_path(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if CKPT_PATTERN.search(p.name))
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints."""
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        old.unlink()
+
+
+def save_weights(path: str | Path, model: VideoDiT, meta: dict | None = None, state: dict | None = None) -> None:
+    """Export a DiT as safetensors (float32) with its config (and `meta`) in the header, atomically.
+    `state`: the weights to write (default: the model's own state dict)."""
+    state = model.state_dict() if state is None else state
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    header = {"format": "vdistill-dit", "version": "1", "config": json.dumps(model.cfg.to_dict())}
+    header.update({k: json.dumps(v) for k, v in (meta or {}).items()})
+    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
+
+
+def read_weights_meta(path: str | Path) -> dict:
+    """The metadata of an exported DiT (config and provenance), decoded from JSON."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"weights file {path} is corrupt or not safetensors: {e}") from e
+    if header.get("format") != "vdistill-dit":
+        raise ValueError(
+            f"weights file {path} is not a vdistill DiT export (format={header.get('format')!r})"
+        )
+    return {k: (v if k in ("format", "version") else json.loads(v)) for k, v in header.items()}
+
+
+def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[VideoDiT, dict]:
+    """Load an exported DiT: (model in eval mode, metadata)."""
+    meta = read_weights_meta(path)
+    model = VideoDiT(DiTConfig(**meta["config"]))
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"weights file {path} is corrupt: {e}") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"weights file {path} does not match its config: missing {missing}, unexpected {unexpected}"
+        )
+    return model.to(device).eval(), meta

@@ -1,0 +1,407 @@
+"""One trainer for every recipe (pretraining and distillation).
+
+Per step: next batch -> recipe loss under autocast (`precision`; bf16 on CUDA by default) ->
+backward -> grad clipping -> fused AdamW -> EMA update (`kernels.ema`, all tensors in one or a
+few launches) -> optional auxiliary update (critic). Every phase sits in an NVTX range; a capture window drives
+`nsys --capture-range=cudaProfilerApi`. Checkpoints hold the student, optimiser, EMA, recipe
+extra state, data position and all RNG states, written atomically, so a resumed run reproduces
+the uninterrupted one exactly (on CPU bit for bit). Under torchrun the loss goes through DDP (or the
+student is sharded by FSDP2, `fsdp`) and rank 0 alone writes (`methods/train/distributed.py` has the conventions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils._pytree import tree_map
+from tqdm import tqdm
+
+from vdistill.kernels.ema import EMA, EMAProfile
+from vdistill.methods.recipes.base import Recipe
+from vdistill.methods.train import distributed
+from vdistill.methods.train.checkpoint import (
+    checkpoint_path,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    save_weights,
+)
+from vdistill.methods.train.logs import RunLog
+from vdistill.methods.train.profiling import CaptureWindow, nvtx_range
+from vdistill.models.dit import VideoDiT
+
+log = logging.getLogger("vdistill")
+
+
+def cpu_bf16_is_native() -> bool:
+    """oneDNN's own test for a fast bf16 path (AVX512 BW/VL/DQ, AVX512-BF16 or AMX)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def warn_if_emulated_bf16(device: torch.device, precision: str) -> None:
+    """bf16 autocast on a CPU without oneDNN's bf16 path is emulated: 11x slower than fp32 on an AVX2 EPYC
+    (`bench/results/train-step_cpu_20261128T130052Z.json`)."""
+    if precision == "bf16" and device.type == "cpu" and not cpu_bf16_is_native():
+        log.warning(
+            "precision bf16 on this CPU (%s, no AVX512/AMX bf16 path) is emulated: about 11x slower than fp32 "
+            "per training step on a 2-core AVX2 EPYC (`vdistill bench train-step` times it); use --precision fp32",
+            torch.backends.cpu.get_cpu_capability(),
+        )
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # clips per optimiser step, over all ranks and micro-batches
+    # micro-batches per step and rank, gradients accumulated (activation memory / grad_accum); rCM's critic
+    # then trains on the last micro-batch's samples (its update stays one micro-batch in size)
+    grad_accum: int = 1
+    lr: float = 2e-4
+    adam_betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100  # linear LR warm-up
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+    ema_sigma_rels: tuple[float, ...] = (0.05, 0.1)  # EDM2 power-EMA profiles; the first is exported
+    log_every: int = 25
+    ckpt_every: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda if available else cpu
+    # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (2.2x faster on CPUs with
+    # AMX, 11x slower on AVX2-only ones, which get a warning: `vdistill bench train-step`, README); "fp32" = off
+    precision: str = "auto"
+    profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
+    # recompute each DiT block's activations in the backward instead of keeping them (every trained DiT of
+    # the recipe: the student, rCM's critic): activation memory of one block input per block, ~1/3 more compute
+    activation_checkpointing: bool = False
+    # shard the student over the ranks with FSDP2 (torchrun only): each rank keeps 1/N of its weights,
+    # gradients, optimiser and EMA states; rCM's critic stays replicated (DDP). Not for recipes that copy
+    # the student's weights into networks of their own (progressive, consistency with an EMA target)
+    fsdp: bool = False
+    tensorboard: bool = False
+    time_limit_s: float | None = None  # stop early (checkpointed) once this much wall time has passed
+    # every `eval_every` steps (0 = never) score EMA profile 0 with the trainer's `evaluator` (distillation
+    # sets one: accuracy and FD of `eval_num` clips at 1, 2 and 4 steps); rows go to metrics.jsonl, and
+    # the evaluation's time counts towards wall_s and the time limit
+    eval_every: int = 0
+    eval_num: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "eval_num"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum {self.grad_accum} must divide batch_size {self.batch_size}")
+        if self.eval_every < 0:
+            raise ValueError(f"eval_every must be >= 0 (0 = off), got {self.eval_every}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def resolved_device(self) -> torch.device:
+        """The device of this process; under torchrun with CUDA, the GPU of its LOCAL_RANK."""
+        return distributed.resolve_device(self.device)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _to_cpu(value):
+    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _checkpoint_dit_blocks(recipe: Recipe) -> None:
+    """Turn on activation checkpointing in every trained DiT of `recipe` (frozen ones run without grad)."""
+    dits = [m for m in recipe.modules() if isinstance(m, VideoDiT) and any(p.requires_grad for p in m.parameters())]
+    if not dits:
+        raise ValueError(f"activation_checkpointing: recipe {recipe.name!r} trains no DiT whose blocks could be "
+                         "recomputed")
+    for dit in dits:
+        dit.checkpoint_blocks = True
+
+
+class _RecipeLoss(torch.nn.Module):
+    """The recipe's loss as a module that owns the networks it trains, so that DDP can wrap it: one DDP
+    forward per step however many times the recipe calls its student."""
+
+    def __init__(self, recipe: Recipe):
+        super().__init__()
+        self.trained = torch.nn.ModuleList(recipe.trained_by_loss())
+        self.loss_of = recipe.loss
+
+    def forward(self, batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        return self.loss_of(batch, step)
+
+
+class Trainer:
+    """Runs `recipe` on batches from `data` (an iterator of `Batch` with state_dict/load_state_dict;
+    under torchrun, each rank's share of the global batch)."""
+
+    def __init__(self, recipe: Recipe, data, cfg: TrainConfig, run_dir: str | Path, run_config: dict | None = None):
+        self.recipe, self.data, self.cfg = recipe, data, cfg
+        self.run_dir = Path(run_dir)
+        self.device = cfg.resolved_device()
+        warn_if_emulated_bf16(self.device, cfg.precision)
+        self.recipe.to(self.device)
+        if cfg.activation_checkpointing:
+            _checkpoint_dit_blocks(recipe)
+        if distributed.world_size() > 1:  # weights come from rank 0 (DDP broadcasts); noise differs per rank
+            torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank() + 1)
+        self._sharded: list[torch.nn.Module] = []
+        if cfg.fsdp:
+            recipe.check_shardable()
+            self._sharded = [distributed.shard(module) for module in recipe.trained_by_loss()]
+            self.recipe_loss = _RecipeLoss(recipe)
+        else:
+            self.recipe_loss = distributed.replicate(_RecipeLoss(recipe), self.device)
+        self.recipe.replicate_auxiliary(lambda module: distributed.replicate(module, self.device))
+        params = [p for p in recipe.student.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the recipe's student has no trainable parameters")
+        fused = self.device.type == "cuda" and not cfg.fsdp  # sharded (DTensor) parameters: foreach AdamW
+        self.optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.lr,
+            betas=cfg.adam_betas,
+            weight_decay=cfg.weight_decay,
+            fused=fused,
+            foreach=not fused,
+        )
+        self.ema = EMA(recipe.student, [EMAProfile(sigma_rel=s) for s in cfg.ema_sigma_rels])
+        self.step = 0
+        self.run_config = {"train": asdict(cfg), **(run_config or {})}
+        self.export_meta: dict = {}  # extra metadata for exported weights (e.g. the student's sampler)
+        # scores for the student with EMA profile 0 swapped in (see TrainConfig.eval_every); must not draw
+        # from the global RNG, so that evaluating leaves training bit-identical
+        self.evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None
+
+    # ---- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The run's state (every rank must call: it gathers each rank's RNG state). Sharded (`fsdp`): the
+        whole student and optimiser states, gathered to rank 0, and each rank's EMA and recipe state (the
+        EMA of its shards), as "sharded_by_rank"."""
+        rng_by_rank = distributed.gather_objects(_rng_state())
+        state = {
+            "step": self.step,
+            "data": self.data.state_dict(),
+            "rng": rng_by_rank[0],
+            "world_size": len(rng_by_rank),
+            **({"rng_by_rank": rng_by_rank} if len(rng_by_rank) > 1 else {}),
+            "config": self.run_config,
+        }
+        if not self.cfg.fsdp:
+            return {
+                **state,
+                "student": self.recipe.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "ema": self.ema.state_dict(),
+                "recipe": self.recipe.extra_state(),
+            }
+        local = {"ema": self.ema.state_dict(), "recipe": self.recipe.extra_state()}
+        return {
+            **state,
+            "student": distributed.full_model_state(self.recipe.student),
+            "optimizer": distributed.full_optimizer_state(self.recipe.student, self.optimizer),
+            "sharded_by_rank": distributed.gather_objects(tree_map(_to_cpu, local)),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        world = distributed.world_size()
+        if state.get("world_size", 1) != world:
+            raise ValueError(
+                f"cannot resume: the checkpoint was written by {state.get('world_size', 1)} ranks and this run has "
+                f"{world}; each rank's noise stream is part of the state, so resume with the same number of ranks"
+            )
+        if ("sharded_by_rank" in state) != self.cfg.fsdp:
+            written = "with" if "sharded_by_rank" in state else "without"
+            raise ValueError(f"cannot resume: the checkpoint was written {written} --fsdp; resume the same way")
+        if self.cfg.fsdp:
+            distributed.load_full_state(self.recipe.student, self.optimizer, state["student"], state["optimizer"])
+            local = state["sharded_by_rank"][distributed.rank()]
+        else:
+            self.recipe.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            local = state
+        self.ema.load_state_dict(local["ema"])
+        self.recipe.load_extra_state(local["recipe"])
+        self.data.load_state_dict(state["data"])
+        _set_rng_state(state["rng_by_rank"][distributed.rank()] if world > 1 else state["rng"])
+        self.step = state["step"]
+
+    def save(self) -> Path:
+        path = checkpoint_path(self.run_dir, self.step)
+        with nvtx_range("checkpoint"):
+            state = self.state_dict()
+            if distributed.is_main():
+                save_checkpoint(path, state)
+                prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest checkpoint of the run if there is one; True when resumed."""
+        ckpts = list_checkpoints(self.run_dir)
+        if not ckpts:
+            return False
+        self.load_state_dict(load_checkpoint(ckpts[-1], map_location=self.device))
+        if distributed.is_main():
+            log.info("resumed %s at step %d", ckpts[-1], self.step)
+        return True
+
+    def export(self) -> dict[str, Path]:
+        """Write the raw student and EMA profile 0 as safetensors next to the checkpoints (rank 0 writes)."""
+        meta = {"recipe": self.recipe.name, "step": self.step, "run_config": self.run_config, **self.export_meta}
+        paths = {"raw": self.run_dir / "student.safetensors", "ema": self.run_dir / "student_ema.safetensors"}
+        student = self.recipe.student
+        if self.cfg.fsdp:  # gather the whole weights to rank 0 (every rank takes part)
+            raw = distributed.full_model_state(student)
+            with distributed.ema_weights(self.ema, student):
+                ema = distributed.full_model_state(student)
+        elif distributed.is_main():
+            raw = student.state_dict()
+            with self.ema.swapped(student, profile=0):
+                ema = {k: v.clone() for k, v in student.state_dict().items()}
+        if distributed.is_main():
+            save_weights(paths["raw"], student, meta, state=raw)
+            save_weights(paths["ema"], student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]}, state=ema)
+        return paths
+
+    # ---- training ----------------------------------------------------------------------------
+    def _autocast(self):
+        precision = self.cfg.precision
+        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _lr(self, step: int) -> float:
+        warm = self.cfg.warmup_steps
+        return self.cfg.lr * min(1.0, (step + 1) / warm) if warm > 0 else self.cfg.lr
+
+    def _accumulating(self, last: bool):
+        """No gradient all-reduce (DDP) or reduce-scatter (FSDP2) for the backward of a micro-batch other than
+        the step's last."""
+        for module in self._sharded:
+            module.set_requires_gradient_sync(last)
+        if last or not isinstance(self.recipe_loss, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.recipe_loss.no_sync()
+
+    def train_step(self, step: int) -> dict[str, float]:
+        with nvtx_range("data"):
+            batch = next(self.data).to(self.device)
+        accum, world = self.cfg.grad_accum, distributed.world_size()
+        micro_batches = batch.split(accum, first_part=distributed.rank() * accum, count=world * accum)
+        self.recipe.student.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, micro_logs = [], []
+        for i, micro in enumerate(micro_batches):
+            with self._accumulating(last=i == accum - 1):
+                with nvtx_range("student_forward"), self._autocast():
+                    loss, logs = self.recipe_loss(micro, step)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
+                with nvtx_range("student_backward"):
+                    (loss / accum).backward()
+            losses.append(loss.item())
+            micro_logs.append(logs)
+        logs = {key: sum(m[key] for m in micro_logs) / accum for key in micro_logs[0]}
+        with nvtx_range("optimizer"):
+            clip = self.cfg.grad_clip or math.inf
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.recipe.student.parameters(), clip)
+            if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over all ranks' shards
+                grad_norm = grad_norm.full_tensor()
+            for group in self.optimizer.param_groups:
+                group["lr"] = self._lr(step)
+            self.optimizer.step()
+        with nvtx_range("ema"):
+            self.ema.update()
+        with nvtx_range("auxiliary"), self._autocast():
+            aux = self.recipe.auxiliary_step(batch, step)
+        return {"loss": sum(losses) / accum, "grad_norm": float(grad_norm), "lr": self._lr(step), **logs, **aux}
+
+    def _evaluate(self, runlog: RunLog, bar: tqdm) -> None:
+        """Rank 0 scores the EMA student while the other ranks wait; a sharded student's forwards need every
+        rank, so then all ranks run the (deterministic) evaluation and rank 0 writes."""
+        together = self.cfg.fsdp
+        if not together and not distributed.is_main():
+            distributed.barrier()
+            return
+        with nvtx_range("evaluate"), distributed.ema_weights(self.ema, self.recipe.student):
+            scores = self.evaluator(self.recipe.student)
+        if not together:
+            distributed.barrier()
+        if not distributed.is_main():
+            return
+        runlog.write(self.step, {f"eval_{k}": v for k, v in scores.items()})
+        bar.write(f"step {self.step} EMA: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to `cfg.steps`; returns the logged rows of this call."""
+        resumed = self.resume() if resume else False
+        main = distributed.is_main()
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
+        runlog = RunLog(self.run_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=main)
+        window = CaptureWindow(self.cfg.profile_window)
+        rows: list[dict] = []
+        start_time = time.perf_counter()
+        bar = tqdm(
+            total=self.cfg.steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True, disable=not main
+        )
+        try:
+            while self.step < self.cfg.steps:
+                window.at_step(self.step)
+                with nvtx_range(f"step {self.step}"):
+                    metrics = self.train_step(self.step)
+                self.step += 1
+                bar.update(1)
+                elapsed = time.perf_counter() - start_time
+                out_of_time = self.cfg.time_limit_s is not None and distributed.any_rank(
+                    elapsed > self.cfg.time_limit_s, self.device
+                )
+                last = self.step == self.cfg.steps or out_of_time
+                if self.step % self.cfg.log_every == 0 or last:
+                    metrics = distributed.mean_over_ranks(metrics, self.device)
+                    runlog.write(self.step, {**metrics, "wall_s": elapsed})
+                    rows.append({"step": self.step, **metrics, "wall_s": elapsed})
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                if self.evaluator is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                    self._evaluate(runlog, bar)
+                if self.step % self.cfg.ckpt_every == 0 or last:
+                    self.save()
+                if out_of_time:
+                    log.warning("time limit of %.0f s reached at step %d; stopping", self.cfg.time_limit_s, self.step)
+                    break
+        finally:
+            window.close()
+            bar.close()
+            runlog.close()
+        return rows

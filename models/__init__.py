@@ -1,1 +1,0 @@
-"""The video DiT, time/parameterization conventions, classifier-free guidance and forward-mode AD helpers."""
