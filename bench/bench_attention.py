@@ -8,8 +8,8 @@ One run times, side by side on the same inputs:
            `jvp_flash_attention` package (if importable); and the fused kernel restricted to its plain
            or to its software-pipelined KV-loop configs ("plain loop", "pipelined loop"; each
            autotuned within its own configs), so both loops are compared in the same run
-  bwd      ours (default: PyTorch's flash backward fed with our O and LSE, validated once against
-           our Triton backward), ours with the Triton backward, vs the three SDPA backends
+  bwd      ours (default: the Triton backward), ours with PyTorch's flash backward fed with our O
+           and LSE ("ours (flash bwd)", VDISTILL_ATTN_BWD=auto), vs the three SDPA backends
            (backward only: the forward graph is built once)
 Rows: ms (median, p20, p80 of `triton.testing.do_bench`), TFLOP/s from 4·B·H·Nq·Nk·D (fwd),
 12·… (fwd+jvp), 10·… (bwd), peak extra memory (max_memory_allocated over the call minus before).
@@ -91,7 +91,8 @@ def _peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | No
 
 
 def reference(q, k, v, tq, tk, tv, do, scale: float, rows: int = 2048) -> dict[str, torch.Tensor]:
-    """fp32 O, Ȯ (DESIGN.md tangent formula) and dQ, dK, dV, chunked over query rows (no full Nq×Nk)."""
+    """fp32 O, Ȯ (the tangent formula of `kernels/attention/fwd_jvp.py`) and dQ, dK, dV, chunked over query
+    rows (no full Nq×Nk)."""
     f = lambda t: t.float()
     q, k, v, tq, tk, tv, do = map(f, (q, k, v, tq, tk, tv, do))
     out = {name: torch.zeros_like(t) for name, t in (("o", q), ("t_o", q), ("dq", q), ("dk", k), ("dv", v))}
@@ -276,7 +277,8 @@ def _print_table(rows: list[dict]) -> None:
 
 
 def _summary(rows: list[dict]) -> dict:
-    """Ratios the issue asks about, per shape: fwd+jvp / cuDNN fwd, ours fwd / flash fwd, ours bwd / flash bwd."""
+    """Goal ratios per shape: fwd+jvp / cuDNN fwd, ours fwd / flash fwd, ours bwd / flash bwd, pipelined / plain
+    loop fwd+jvp."""
     ms = {(r["shape"], r["op"], r["provider"]): r["ms"] for r in rows if "ms" in r}
     out = {}
     for shape in dict.fromkeys(r["shape"] for r in rows):
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("no CUDA device: use --device cpu --tiny with TRITON_INTERPRET=1 for a smoke test")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if device.type == "cpu":
-        dtype = torch.float32  # the interpreter's bf16 dots are wrong (DESIGN.md)
+        dtype = torch.float32  # the interpreter's bf16 dots are wrong
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in (QUICK if args.quick else args.shapes or SHAPES)}
 
     t0 = time.perf_counter()

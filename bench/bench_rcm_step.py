@@ -14,7 +14,7 @@ Phases of an iteration with DMD on (`methods/recipes/rcm.py`, in the trainer's o
 Providers: "triton" (Triton flash attention with the fused forward+tangent kernel, fused
 TrigFlow noising and tangent, fused multi-tensor EMA) and "reference" (math attention
 `attention_ref` and forward AD through it, eager noising with torch.randn, `scm_tangent_ref`,
-foreach-lerp EMA), switched with `kernels.reference_kernels()`; "triton-recompute" is "triton" with
+foreach-lerp EMA), switched with `kernels.dispatch.reference_kernels()`; "triton-recompute" is "triton" with
 activation checkpointing in the student and the critic (`--activation-checkpointing`: each DiT block
 recomputed in the backward), for the memory it saves and the time it costs.
 
@@ -107,14 +107,14 @@ class Setup:
 
     def __init__(self, spec: tuple, device: torch.device):
         from vdistill.kernels.ema import EMA, EMAProfile
-        from vdistill.methods.recipes.rcm import RCM, Config
+        from vdistill.methods.recipes.rcm import RCM, RCMConfig
         from vdistill.models.dit import build_dit
 
         size, overrides, clip, batch, text_len = spec
         torch.manual_seed(0)
         teacher = build_dit(size, device=device, **overrides)
         torch.nn.init.normal_(teacher.head.weight, std=0.02)  # zero-initialised head: make F non-trivial
-        cfg = Config(tangent_warmup=0, dmd_start=0, max_sim_steps=SIM_STEPS)
+        cfg = RCMConfig(tangent_warmup=0, dmd_start=0, max_sim_steps=SIM_STEPS)
         self.recipe = RCM(teacher, cfg, cfg_scale=CFG_SCALE).to(device)
         self.params = [p for p in self.recipe.student.parameters() if p.requires_grad]
         fused = device.type == "cuda"

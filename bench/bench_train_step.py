@@ -1,15 +1,15 @@
 """One flow-matching training step of a preset's DiT (forward, backward, AdamW) per autocast precision.
 
-Answers "is `--precision bf16` worth it on this machine?": on CPUs with AMX / AVX512-BF16 the
-bf16 autocast step is about 2x faster than fp32; on AVX2-only CPUs bf16 is emulated, 11x slower. Both runs
+Answers "is `--precision bf16` worth it on this machine?": faster on CPUs with AMX / AVX512-BF16, much
+slower on AVX2-only CPUs, where bf16 is emulated (measured: docs/results/training-step.md). Both runs
 use the same model, batch and inputs; the ratio is fp32 time / bf16 time from the same run.
 `--activation-checkpointing` also times each precision with every DiT block recomputed in the backward,
 and every row records the activation memory its forward keeps for the backward (`saved_mib`: the
 storages the autograd graph saves plus the block inputs a recomputation starts from, each counted once)
 and, on CUDA, the peak allocated memory.
 
-    python bench/bench_train_step.py --preset shapes --batch-size 32 --device cpu --out bench/results
-    python bench/bench_train_step.py --precisions fp32 --activation-checkpointing --device cpu
+    python -m vdistill.bench.bench_train_step --preset shapes --batch-size 32 --device cpu --out bench/results
+    python -m vdistill.bench.bench_train_step --precisions fp32 --activation-checkpointing --device cpu
 """
 
 from __future__ import annotations

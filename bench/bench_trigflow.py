@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     shape = TINY_SHAPE if args.tiny else WAN_SHAPE
     rows: list[dict] = []
     # the floor from plain calls: a 1 GiB copy is long enough to hide the host, and a captured copy_ becomes
-    # a graph memcpy node, measured at 2767 GB/s on the H200 against 4239 GB/s for the same copy launched
+    # a slower graph memcpy node (docs/results/trigflow.md)
     copy_gbps = _copy_bandwidth(device, make_timer(device, args.rep_ms), 2**20 if args.tiny else 2**30)
     configs = [torch.bfloat16] if args.quick else [torch.bfloat16, torch.float32]
     for dtype in configs:  # torch.compile only for the bf16 goal case: a cold compile costs 10-30 s

@@ -3,9 +3,7 @@
 An elementwise kernel is memory-bound only while it issues few enough instructions per element:
 an SM sub-partition issues one warp instruction per cycle, so at N SASS instructions per element
 a whole H100/H200 (528 sub-partitions, ~1.9 GHz) needs at least N·elements / (528·32·1.9e9)
-seconds. For the bf16 noising of [8,16,21,60,104] (16.8 M elements, 100 MB) that equals the
-bandwidth floor at ~40 instructions per element on an H200 (21 µs at 4.8 TB/s), ~57 on an H100
-(3.35 TB/s).
+seconds; compare it with bytes / bandwidth. Counts and budgets: docs/results/trigflow.md.
 
 This script compiles the TrigFlow kernels with Triton for `--arch` (no GPU needed: Triton's wheel
 carries ptxas, nvdisasm and cuobjdump), disassembles them and prints per kernel: SASS
@@ -16,7 +14,7 @@ loads/stores; for bf16 noising also at the other launch configurations (elements
 warps) that `bench/bench_trigflow.py` times. Pointers are marked 16-byte aligned, as Triton does
 at launch for aligned tensors.
 
-    python bench/sass_count.py [--arch 90] [--out bench/results]
+    python -m vdistill.bench.sass_count [--arch 90] [--out bench/results]    # or: vdistill bench sass-count
 """
 
 from __future__ import annotations

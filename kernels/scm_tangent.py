@@ -1,14 +1,13 @@
 """Fused sCM training tangent with per-sample normalisation (Lu & Song 2024, "Simplifying,
 Stabilizing and Scaling Continuous-Time Consistency Models"; TrigFlow, σ_d = 1).
 
-With the tangent warm-up factor r and the tangent normalisation (DESIGN.md), per sample b:
+With the tangent warm-up factor r and the tangent normalisation of sCM, per sample b:
 
     g = −cos²t·(F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + dF⁻/dt),      ĝ = g / (‖g‖₂ + c),
 
 the norm over all non-batch dimensions. Two launches: per-block partial sums of g² (written to
 a [B, blocks] buffer: deterministic, no atomics), then a pass that reduces each sample's partials
 in a fixed order and writes ĝ (g is recomputed rather than stored).
-
 
 All math in float32 (float64 in the CPU reference for float64 inputs); ĝ is written in the
 promoted input dtype. Non-contiguous inputs are copied to contiguous memory first; outputs carry

@@ -1,7 +1,7 @@
 """Fused TrigFlow noising with in-kernel Philox noise (the sCM tangent is in `kernels.scm_tangent`).
 
 TrigFlow (Lu & Song 2024, "Simplifying, Stabilizing and Scaling Continuous-Time Consistency
-Models", Sec. 2; σ_d = 1, see DESIGN.md):
+Models", Sec. 2; σ_d = 1):
 
     x_t = cos t·x0 + sin t·ε,          v = dx_t/dt = cos t·ε − sin t·x0,      ε ~ N(0, I).
 
@@ -19,19 +19,16 @@ launch configuration, and different offsets give independent streams
 draws ε with `torch.randn` from a `torch.Generator` seeded by a hash of (seed, offset):
 deterministic too, but a different stream from the Triton one.
 
-The noising kernel is bound by instruction issue unless its math is cheap: at ~40 SASS
-instructions per element an H200 issues for as long as it takes to move the bf16 bytes (~57 on an
-H100), and a kernel that only draws and stores the Philox bits already takes 21.5. So Box–Muller
-is evaluated two ways. For float32/float64 outputs, and always in the interpreter: our own ln and
+The noising kernel is bound by instruction issue unless its math is cheap, so Box–Muller is
+evaluated two ways. For float32/float64 outputs, and always in the interpreter: our own ln and
 sin/cos (plain `tl` arithmetic, |error| < 1e-7 and 3e-8), so the interpreter reproduces the GPU's
 stream. For float16/bfloat16 outputs on CUDA: the SFU approximations through libdevice's
 fast_logf, fast_cosf and fast_sinf (about 2⁻²¹ absolute error on these arguments per the CUDA
 programming guide's intrinsics table, far below half-precision rounding;
 tests/test_kernels_gpu_fused.py checks the difference). cos t and sin t come from the same
-polynomial after reducing t/2π to [0, 1) (|error| < 1e-7·(1 + |t|)); libdevice's precise
-cosf/sinf carry a Payne–Hanek slow path. Offline count for sm_90 (`python bench/sass_count.py`),
-bf16 noising: 72 instructions per element before these two changes (58.5 with the cheap cos t
-alone), 39.5 after.
+polynomial after reducing t/2π to [0, 1) (|error| < 1e-7·(1 + |t|)), avoiding the Payne–Hanek
+slow path of libdevice's precise cosf/sinf. SASS counts per element (`vdistill bench sass-count`):
+docs/results/trigflow.md.
 
 All math in float32 (float64 in the CPU reference for float64 inputs); outputs are written in x0's
 dtype. A non-contiguous x0 is copied to contiguous memory first. Outputs carry no autograd history

@@ -30,23 +30,21 @@ class DiTConfig:
     patch: tuple[int, int, int] = (1, 2, 2)  # (frames, rows, columns) per token
     dim: int = 1536  # model width
     heads: int = 12  # head dim = dim / heads
-    layers: int = 30
-    ffn_dim: int = 8960
+    layers: int = 30  # DiT blocks
+    ffn_dim: int = 8960  # hidden width of each block's GELU FFN
     text_dim: int = 4096  # width of the text encoder's token embeddings (umT5-XXL: 4096)
     freq_dim: int = 256  # sinusoidal time-embedding width
     time_scale: float = 1000.0  # s in [0, 1] is embedded as s · time_scale
-    rope_theta: float = 10000.0
-    eps: float = 1e-6
+    rope_theta: float = 10000.0  # RoPE base θ
+    eps: float = 1e-6  # epsilon of the layer and RMS norms
     # Add a learned projection of a fixed sinusoidal (frame, row, column) code to the patch tokens.
-    # RoPE alone is relative: from an uninformative input (pure noise) the network cannot tell
-    # frame 0 from frame 7, so at high noise it cannot predict a frame-dependent mean (a shape
-    # moving left is on the right in early frames). Wan2.1 has none (README: direction diagnosis).
+    # RoPE alone is relative: from pure noise the network cannot tell frame 0 from frame 7, so at high
+    # noise it cannot predict a frame-dependent mean. Wan2.1 has none (diagnosis: docs/results/first-teacher.md).
     absolute_positions: bool = False
     # Add a linear projection of the mean text token to the time embedding (the pooled-text adaLN
-    # input of SD3/Flux; Wan2.1 has none). Cross-attention can starve a word: the shipped teacher
-    # gives the direction word 1% of the attention on average, at most 3% in any head, and a
-    # softmax weight near 0 also has a gradient near 0, so training never returns to it. The pooled
-    # path carries every word into every block's modulation with no softmax in between.
+    # input of SD3/Flux; Wan2.1 has none). Cross-attention can starve a word (a softmax weight near 0
+    # has a gradient near 0); this path carries every word into every block's modulation with no
+    # softmax in between (diagnosis: docs/results/first-teacher.md, "Third look").
     pooled_text: bool = False
 
     def __post_init__(self) -> None:

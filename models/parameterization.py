@@ -1,4 +1,4 @@
-"""Time conventions and the conversions between them (DESIGN.md, "Time and parameterization").
+"""Time conventions and the conversions between them (README.md, "Conventions").
 
 Rectified flow (the teacher, Wan/SD3 convention), s in [0, 1] with s = 0 the data:
     x_s = (1 - s)·x0 + s·ε,          v = dx_s/ds = ε - x0,
@@ -24,11 +24,11 @@ import torch
 HALF_PI = torch.pi / 2
 
 
-def _bcast(time: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[B] -> [B, 1, ..., 1] so that it broadcasts against `like` [B, ...]."""
-    if time.dim() != 1 or time.shape[0] != like.shape[0]:
-        raise ValueError(f"time must have shape [B]={[like.shape[0]]}, got {list(time.shape)}")
-    return time.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per sample, [B] -> [B, 1, ..., 1], so that it broadcasts against `like` [B, ...]."""
+    if values.dim() != 1 or values.shape[0] != like.shape[0]:
+        raise ValueError(f"time must have shape [B]={[like.shape[0]]}, got {list(values.shape)}")
+    return values.reshape(-1, *([1] * (like.dim() - 1)))
 
 
 # ---- rectified flow ---------------------------------------------------------------------------
@@ -36,18 +36,18 @@ def _bcast(time: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def rf_interpolate(x0: torch.Tensor, eps: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x_s = (1 - s)·x0 + s·ε and its velocity v = ε - x0. x0, eps [B, ...]; s [B]."""
-    sb = _bcast(s, x0)
+    sb = per_sample(s, x0).to(x0.dtype)
     return (1 - sb) * x0 + sb * eps, eps - x0
 
 
 def rf_x0(x_s: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Data prediction x0 = x_s - s·v from an RF velocity."""
-    return x_s - _bcast(s, x_s) * v
+    return x_s - per_sample(s, x_s).to(x_s.dtype) * v
 
 
 def rf_eps(x_s: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Noise prediction ε = x_s + (1 - s)·v from an RF velocity."""
-    return x_s + (1 - _bcast(s, x_s)) * v
+    return x_s + (1 - per_sample(s, x_s).to(x_s.dtype)) * v
 
 
 def rf_velocity(x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -62,19 +62,19 @@ def trig_interpolate(
     x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t = cos t·x0 + sin t·ε and F = cos t·ε - sin t·x0. x0, eps [B, ...]; t [B]."""
-    c, s = torch.cos(_bcast(t, x0)), torch.sin(_bcast(t, x0))
+    c, s = torch.cos(per_sample(t, x0).to(x0.dtype)), torch.sin(per_sample(t, x0).to(x0.dtype))
     return c * x0 + s * eps, c * eps - s * x0
 
 
 def trig_x0(x_t: torch.Tensor, t: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     """Data prediction x0 = cos t·x_t - sin t·F (equal to the consistency function)."""
-    c, s = torch.cos(_bcast(t, x_t)), torch.sin(_bcast(t, x_t))
+    c, s = torch.cos(per_sample(t, x_t).to(x_t.dtype)), torch.sin(per_sample(t, x_t).to(x_t.dtype))
     return c * x_t - s * F
 
 
 def trig_eps(x_t: torch.Tensor, t: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     """Noise prediction ε = sin t·x_t + cos t·F."""
-    c, s = torch.cos(_bcast(t, x_t)), torch.sin(_bcast(t, x_t))
+    c, s = torch.cos(per_sample(t, x_t).to(x_t.dtype)), torch.sin(per_sample(t, x_t).to(x_t.dtype))
     return s * x_t + c * F
 
 
@@ -112,7 +112,7 @@ def trig_velocity_from_rf(
     Written with differentiable torch ops (no float64 round trip) so that forward- and
     reverse-mode AD flow through it; the clock conversion is exact in the working precision.
     """
-    tb = _bcast(t, x_t)
+    tb = per_sample(t, x_t).to(x_t.dtype)
     c, s = torch.cos(tb), torch.sin(tb)
     denom = s + c
     rf_s = torch.sin(t) / (torch.sin(t) + torch.cos(t))

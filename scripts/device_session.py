@@ -22,22 +22,18 @@ On a machine where vdistill is not installed (the lent GPU has no network for `p
 checkout importable as `vdistill` first: `mkdir -p /tmp/vd && ln -sfn $PWD /tmp/vd/vdistill &&
 export PYTHONPATH=/tmp/vd` (the repository root is the package; every step's subprocess inherits it).
 
-`--part finetune` is the path that gave the best 2-step CPU student: a consistency student
-(`--distill-seconds`), then rCM started from its export (`--finetune-seconds`; no tangent warm-up,
-2-step backward simulation; `--finetune-set KEY=VALUE` adds rCM options), then `vdistill
-tune-times` on both exports (tuning seed 1) and evaluations of the tuned copies (seeds 0, 2, 3: per
-seed and the mean); one recipe at a time, each with the whole GPU.
+`--part finetune`: a consistency student (`--distill-seconds`), then rCM started from its export
+(`--finetune-seconds`; no tangent warm-up, 2-step backward simulation; `--finetune-set KEY=VALUE`
+adds rCM options), then `vdistill tune-times` on both exports (tuning seed 1) and evaluations of the
+tuned copies (seeds 0, 2, 3: per seed and the mean); one recipe at a time, each with the whole GPU.
 
 `--eval-points N` adds N in-training evaluations to every distillation run (budget curves in each
 run's metrics.jsonl); `--benches attention trigflow` runs a subset of the benchmarks; `--methods rcm
---distill-batch 128` gives one recipe the whole GPU with a larger batch (its `shapes` steps are
-host-bound on an H200, so a larger batch should cost little time per step: to be measured).
+--distill-batch 128` gives one recipe the whole GPU with a larger batch.
 
-Result JSONs record the commit they measured. The device machine gets the tree without `.git`,
-so `git rev-parse` fails there: the caller passes `--commit $(git rev-parse --short HEAD)`,
-evaluated on the machine that has git, or sets `VDISTILL_COMMIT`. Every step's subprocess gets
-`VDISTILL_COMMIT` (from `--commit`, else from git or the environment where readable), which
-`bench/harness.py` records when git is unavailable. No commit file is read.
+The device machine gets the tree without `.git`: pass `--commit $(git rev-parse --short HEAD)` from
+the machine that has git (or set `VDISTILL_COMMIT`); every step's subprocess gets it as
+`VDISTILL_COMMIT`, which `bench/harness.py` records in the result JSONs.
 """
 
 from __future__ import annotations
@@ -52,9 +48,9 @@ import time
 from pathlib import Path
 
 METHODS = ("reflow", "progressive", "consistency", "rcm")
-# Seconds per training step of each recipe with four runs sharing one H200 (measured in this
-# session's first run, clips rendered on the CPU; default batch sizes). Used to size each run so
-# that its schedule (progressive stages, rCM warm-up) completes inside the time budget.
+# Seconds per training step of each recipe with four runs sharing one H200 (measured, clips rendered on
+# the CPU; default batch sizes). Used to size each run so that its schedule (progressive stages, rCM
+# warm-up) completes inside the time budget.
 STEP_S = {"reflow": 1.0, "progressive": 0.27, "consistency": 0.34, "rcm": 0.33}
 PROGRESSIVE_STAGE_SHARE = (0.125, 0.125, 0.125, 0.125, 0.2, 0.3)  # 64->32->...->1
 
@@ -113,20 +109,20 @@ def distill_args(
     many in-training evaluations of the EMA student (128 clips at 1/2/4 steps) spread over the run.
     rCM ramps its tangent over the first sixth of the run unless `rcm_warmup` is False.
     `batch` replaces the recipe's default batch size; the step count still assumes STEP_S (right while
-    a step is host-bound, as the `shapes` model's are on an H200; --time-limit cuts a slower run)."""
+    a step is host-bound, as the `shapes` model's are on an H200; train.time_limit_s cuts a slower run)."""
     steps = max(8, int(distill_s / STEP_S[method]))
-    args = ["--steps", str(steps), "--time-limit", str(distill_s)]
+    args = ["--set", f"train.steps={steps}", "--set", f"train.time_limit_s={distill_s}"]
     if batch is not None:
-        args += ["--batch-size", str(batch)]
+        args += ["--set", f"train.batch_size={batch}"]
     if eval_points:
-        args += ["--eval-every", str(max(1, steps // eval_points)), "--eval-num", "128"]
+        args += ["--set", f"train.eval_every={max(1, steps // eval_points)}", "--set", "train.eval_num=128"]
     if method == "progressive":
         stages = [max(1, round(f * steps)) for f in PROGRESSIVE_STAGE_SHARE]
-        args += ["--set", "stage_steps=" + ",".join(map(str, stages))]
+        args += ["--set", "method.stage_steps=" + ",".join(map(str, stages))]
     if method == "rcm" and rcm_warmup:
-        args += ["--set", f"tangent_warmup={max(1, steps // 6)}"]
+        args += ["--set", f"method.tangent_warmup={max(1, steps // 6)}"]
     if method == "reflow":
-        args += ["--set", "pair_steps=4"]
+        args += ["--set", "method.pair_steps=4"]
     return args
 
 
@@ -141,7 +137,8 @@ def evaluate(s: Session, name: str, model: Path, steps: list[int], num: int, out
 
 def pretrain_teacher(s: Session, args: argparse.Namespace, teacher_dir: Path) -> Path | None:
     """Train the teacher for `--teacher-seconds` (from `--init` if given); its exported EMA weights."""
-    cmd = cli("pretrain", "--preset", args.preset, "--out", str(teacher_dir), "--time-limit", str(args.teacher_seconds))
+    cmd = cli("pretrain", "--preset", args.preset, "--out", str(teacher_dir),
+              "--set", f"train.time_limit_s={args.teacher_seconds}")
     cmd += ["--init", str(args.init)] if args.init else []
     cmd += [arg for item in args.set for arg in ("--set", item)]
     if s.run("pretrain_teacher", cmd, timeout=args.teacher_seconds + 120) != 0:
@@ -202,7 +199,8 @@ def part_train(s: Session, args: argparse.Namespace) -> None:
         s.wait(job, timeout=240)
 
 
-FINETUNE_OPTIONS = ("--set", "tangent_warmup=0", "--set", "max_sim_steps=2")  # rCM from a consistency student
+# rCM from a consistency student
+FINETUNE_OPTIONS = ("--set", "method.tangent_warmup=0", "--set", "method.max_sim_steps=2")
 REPORT_SEEDS = (0, 2, 3)  # tuned students are reported on these; tune-times chooses on its own seed (1)
 
 
@@ -317,11 +315,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.teacher is not None and (args.init or args.set):
         p.error("--teacher is used as it is: --init and --set apply to a teacher trained here")
     if args.finetune_set:  # refused here, not after the consistency run has spent GPU time
-        from vdistill.methods.recipes.rcm import Config as RCMConfig
-        from vdistill.methods.train.distill import apply_overrides
+        from vdistill.methods.train.config import apply_overrides
+        from vdistill.methods.train.presets import distill_preset
 
         try:
-            apply_overrides(RCMConfig(), args.finetune_set)
+            apply_overrides(distill_preset("shapes", "rcm"), args.finetune_set)
         except ValueError as e:
             p.error(f"--finetune-set: {e}")
     args.out.mkdir(parents=True, exist_ok=True)

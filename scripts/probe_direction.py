@@ -84,7 +84,7 @@ def word_sensitivity(bundle: ModelBundle, times=(0.5, 0.85, 0.99), num: int = 16
     return out
 
 
-PROMPT_SLOTS = ("a", "colour", "shape", "moving", "direction")  # word order of data.prompt_for
+PROMPT_SLOTS = ("a", "colour", "shape", "moving", "direction")  # word order of methods/data/shapes.prompt_for
 
 
 @torch.no_grad()

@@ -2,11 +2,9 @@
 fed with our O and LSE.
 
 Both compute the same formulas from the same O and LSE (FlashAttention-2 Algorithm 2; Δ = rowsum(dO⊙O)
-uses our O), so both are exact. Measured on an H200 (bf16, bench/results/attention_*.json, rows
-"ours" = flash backward and "ours (triton bwd)"): ours took 40.9 ms vs 52.5 ms at [1,12,32760,128],
-3.7 vs 4.8 ms at [2,16,8192,64], 1.13 vs 2.42 ms for 32760×512 cross-attention, and 1.03 vs 0.87 ms
-at [1,12,4096,128], with less memory; it is also deterministic (no atomics) and takes fp32. So the
-Triton backward is the default. The choice, VDISTILL_ATTN_BWD:
+uses our O), so both are exact. The Triton backward is the default: faster on the H200 from 8k tokens
+and on cross-attention (slower at 4k), deterministic (no atomics), and it takes fp32. Measured on an
+H200: docs/results/attention.md (backward). The choice, VDISTILL_ATTN_BWD:
   "triton" (default) always the Triton kernels.
   "auto"            fp16/bf16 -> the flash backward, validated once per process against the Triton
                     kernels on the first call (any error or disagreement -> Triton from then on);

@@ -119,7 +119,7 @@ def lazy_tau(dtype: torch.dtype) -> float:
 def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel. q [B, H, Nq, D], k/v [B, H, Nk, D] -> (O [B, H, Nq, D], LSE [B, H, Nq] fp32).
 
-    Inputs must already be validated (`kernels.attention._check_kernel_inputs`). O has q's layout.
+    Inputs must already be validated (`op._check_kernel_inputs`). O has q's layout.
     """
     B, H, Nq, D = q.shape
     Nk = k.shape[2]

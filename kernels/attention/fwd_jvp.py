@@ -1,20 +1,17 @@
 """Flash-attention forward + tangent (forward-mode JVP) in ONE Triton pass with online softmax.
 
-With S = c·QKᵀ, P = softmax(S), O = PV and tangents (Q̇, K̇, V̇) (DESIGN.md, "Kernels"):
+With S = c·QKᵀ, P = softmax(S), O = PV and tangents (Q̇, K̇, V̇):
     Ṡ = c(Q̇Kᵀ + QK̇ᵀ),   μ = rowsum(P⊙Ṡ),   Ȯ = (P⊙Ṡ)V − μ⊙O + PV̇.
 Streaming over KV blocks with the unnormalised P̃ = exp(S − m): keep l = rowsum(P̃), Õ = P̃V,
-T̃ = P̃V̇ + (P̃⊙Ṡ)V (the DESIGN's Ã + B̃ in one accumulator) and r = rowsum(P̃⊙Ṡ), all rescaled by
-the same α when the running max m grows (lazily: see `attention_fwd._new_max`).
+T̃ = P̃V̇ + (P̃⊙Ṡ)V (one accumulator) and r = rowsum(P̃⊙Ṡ), all rescaled by the same α when the
+running max m grows (lazily: see `fwd._new_max`).
 Epilogue: O = Õ/l, μ = r/l, Ȯ = T̃/l − μO.
 Per KV block: 6 tile matmuls (QKᵀ, Q̇Kᵀ, QK̇ᵀ, P̃V, P̃V̇, (P̃⊙Ṡ)V), one exp — 12·B·H·Nq·Nk·D FLOPs.
 No Nq×Nk tensor is ever stored; extra memory is O and Ȯ plus an fp32 LSE per row.
 Q and Q̇ are loaded once per program; fp32 accumulators; exp2 with log2(e) folded into the scale.
-Tried on the H200 (Triton 3.6) and not kept (README, "Attention"): K, K̇, V, V̇ through TMA tensor
-descriptors (37.99 vs 38.11 ms at Wan 480p, 2.5% slower at 4k, 13% on cross-attention), a
-warp-specialized KV loop (37.72 ms with descriptors, 37.59 ms without), and a 64×32 / 4-warp tile
-small enough for two programs per SM (never picked by the autotuner).
-Not yet measured: `PIPELINE` configs issue block j+1's three score matmuls before block j's softmax
-(FA3's intra-warpgroup overlap, by hand), so the tensor cores have work while the exps run.
+`PIPELINE` configs issue block j+1's three score matmuls before block j's softmax (FA3's
+intra-warpgroup overlap, by hand); not yet timed on a GPU. Variants tried and not kept (TMA
+descriptors, warp specialization, smaller tiles): docs/results/attention.md.
 """
 
 from __future__ import annotations
@@ -29,8 +26,8 @@ from vdistill.kernels.attention.tuning import KEY, LOG2E, configs, fit_smem, lau
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE[, PIPELINE]): two live [BLOCK_M, D] fp32
 # accumulators favour narrow KV tiles (BLOCK_M 128 / BLOCK_N 32 / 8 warps: 239 registers, no spills at
 # D=128 on sm_90); the first row is the conservative default. The PIPELINE rows carry the next block's
-# S and Ṡ through the loop (an estimated +32 registers per thread at 8 warps, so also a 16-warp row); not yet
-# measured on a GPU: the autotuner keeps them only if they win.
+# S and Ṡ through the loop (an estimated +32 registers per thread at 8 warps, hence also a 16-warp row); the
+# autotuner keeps them only if they win.
 JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 4, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True),
                (128, 64, 8, 3, True), (128, 32, 8, 3, True, True), (128, 32, 16, 3, True, True)]
 

@@ -1,23 +1,20 @@
 """Attention entry point: softmax(c·QKᵀ)V in [B, H, N, D] layout, with backward and forward-mode AD.
 
-Every attention layer of the models calls `attention` here. Dispatch (`kernels.dispatch`): CUDA
-tensors run the Triton flash-attention kernels (`attention_fwd.py`, `attention_jvp.py`,
-`attention_bwd.py`, wired through `attention_ops.py`); CPU tensors run `attention_ref`, unless
-TRITON_INTERPRET=1 was set before import, in which case the same Triton code runs interpreted.
+Every attention layer of the models calls `attention` here. Dispatch (`kernels/dispatch.py`): CUDA
+tensors run the Triton kernels (`fwd.py`, `fwd_jvp.py`, `bwd.py`, wired through `ops.py`); CPU
+tensors run `attention_ref`, or the same Triton code interpreted when TRITON_INTERPRET=1 was set
+before import.
 
-Forward-mode AD. An autograd.Function's `forward` never sees tangents, so its `jvp` runs after a
-full forward. The cheapest such `jvp` would reuse the saved LSE (P = exp(S − LSE), no online
-rescale): 5 tile matmuls per KV block on top of the forward's 2, i.e. 14·B·H·Nq·Nk·D FLOPs and two
-sweeps over K, V. The one-pass kernel needs 6 matmuls (12·B·H·Nq·Nk·D) and one sweep. So
-`attention` looks for forward-AD tangents on its inputs (`torch.autograd.forward_ad` duals, which
-is also how `torch.func.jvp` presents them) and, when it is safe — one forward-AD level, no
-reverse-mode graph to record (sCM's JVP pass runs under no_grad) — computes O and Ȯ with the
-one-pass kernel and returns them as a dual. Inputs that also require grad go through
-`AttentionForwardADFunction` (forward kernel, then the same one-pass kernel in `jvp`: correct, one
-forward more; `bench/bench_attention.py` times both). Nested transforms (second order) raise
-NotImplementedError. Without tangents, and under torch.compile (Dynamo cannot trace a Function
-with `jvp`), it is `AttentionFunction`.
-Backward on CUDA: see `attention_bwd_select.py` (PyTorch's flash backward on our O and LSE, or ours).
+Forward-mode AD: an autograd.Function's `jvp` runs only after a full forward, so `attention` looks
+for forward-AD tangents on its inputs itself (`torch.autograd.forward_ad` duals, also how
+`torch.func.jvp` presents them) and, when there is one forward-AD level and no reverse-mode graph
+to record (sCM's JVP pass runs under no_grad), returns O and Ȯ from the one-pass kernel as a dual:
+6 tile matmuls per KV block (12·B·H·Nq·Nk·D FLOPs, one sweep over K, V) instead of a forward plus
+an LSE-reusing `jvp` (14·B·H·Nq·Nk·D, two sweeps). Inputs that also require grad go through
+`AttentionForwardADFunction` (correct, one forward more); without tangents, and under
+torch.compile (Dynamo cannot trace a Function with `jvp`), it is `AttentionFunction`. Nested
+transforms (second order) raise NotImplementedError.
+Backward on CUDA: `bwd_select.py` (our Triton backward, or PyTorch's flash backward on our O and LSE).
 Kernel precision: fp32 accumulators; fp32 inputs use TF32 tensor-core dots on GPU.
 """
 
@@ -123,7 +120,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 
     Any strides (e.g. `x.transpose(1, 2)` of a [B, N, H, D] tensor, read without a copy), Nq ≠ Nk
     allowed; scale defaults to 1/√D. The kernel path takes fp16, bf16 or fp32 and D <= 128; D in
-    (16, 32, 64, 128) runs in place, other D are zero-padded to the next of those (a copy). Differentiable by `.backward()`, `torch.func.jvp` and `torch.autograd.forward_ad`, and
+    (16, 32, 64, 128) runs in place, other D are zero-padded to the next of those (a copy).
+    Differentiable by `.backward()`, `torch.func.jvp` and `torch.autograd.forward_ad`, and
     traceable by `torch.compile`. O has q's dtype and memory layout.
     """
     _check(q, k, v)

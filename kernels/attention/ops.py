@@ -6,12 +6,12 @@ Three opaque ops, each with a fake (meta) implementation so `torch.compile` can 
     vdistill::attention_bwd      (dO, q, k, v, O, LSE, scale)   -> (dQ, dK, dV)
 Each runs the Triton kernel where `kernels.dispatch.use_triton` says so (CUDA, or CPU under
 TRITON_INTERPRET=1) and otherwise closed-form PyTorch math of the same contract (materialises
-the Nq×Nk scores; CPU/testing only). The formulas are FlashAttention's (backward) and DESIGN.md's
-(tangent: Ṡ = c(Q̇Kᵀ + QK̇ᵀ), μ = rowsum(P⊙Ṡ), Ȯ = (P⊙Ṡ)V − μ⊙O + PV̇).
+the Nq×Nk scores; CPU/testing only). The formulas are FlashAttention's (backward) and those of
+`fwd_jvp.py` (tangent: Ṡ = c(Q̇Kᵀ + QK̇ᵀ), μ = rowsum(P⊙Ṡ), Ȯ = (P⊙Ṡ)V − μ⊙O + PV̇).
 
 `AttentionFunction` wires them into autograd: `backward` uses the saved O and LSE.
 `AttentionForwardADFunction` adds `jvp` (used by `torch.func.jvp` / `torch.autograd.forward_ad`
-whenever the fused path of `kernels.attention.attention` does not apply), which runs the one-pass
+whenever the fused path of `op.attention` does not apply), which runs the one-pass
 forward+tangent kernel. Derivatives beyond first order raise NotImplementedError.
 """
 
@@ -99,7 +99,7 @@ def _(q, k, v, tq, tk, tv, scale):
 def attention_bwd_op(
     do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (dQ, dK, dV) in the primals' dtypes, from dO, O and LSE (CUDA: `attention_bwd_select`)."""
+    """Gradients (dQ, dK, dV) in the primals' dtypes, from dO, O and LSE (CUDA: `bwd_select.py`)."""
     if use_triton(do, q, k, v, o, lse):
         backward = attention_bwd_cuda if q.is_cuda else attention_bwd_triton
         if padded_head_dim(q.shape[-1]) == q.shape[-1]:
@@ -134,7 +134,7 @@ def _first_order_only(where: str, *tensors: torch.Tensor) -> None:
     if (level is not None and level > 1) or any(fwAD.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(
             f"attention {where}: higher-order differentiation (nested torch.func transforms, forward-over-reverse) "
-            "is not supported by the kernel; use kernels.attention_ref for that"
+            "is not supported by the kernel; use vdistill.kernels.attention.attention_ref for that"
         )
 
 
