@@ -55,8 +55,8 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_dit_trainer(module, cfg, run_dir: Path, steps: int, ckpt_every: int = 3) -> Trainer:
-    """A `Trainer` running `module.build_recipe(teacher, cfg)` from a seeded random tiny DiT teacher
+def tiny_dit_trainer(recipe_cls, cfg, run_dir: Path, steps: int, ckpt_every: int = 3) -> Trainer:
+    """A `Trainer` running `recipe_cls.from_teacher(teacher, cfg)` from a seeded random tiny DiT teacher
     (guidance scale 2) on tiny moving-shapes batches; identical for identical arguments."""
     run = tiny()
     train = TrainConfig(
@@ -66,7 +66,7 @@ def tiny_dit_trainer(module, cfg, run_dir: Path, steps: int, ckpt_every: int = 3
     torch.manual_seed(0)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     teacher = ModelBundle(VideoDiT(run.model).eval(), text, run.data, 2.0, {})
-    recipe = module.build_recipe(teacher, cfg)
+    recipe = recipe_cls.from_teacher(teacher, cfg)
     return Trainer(recipe, ShapesBatches(run.data, text, train.batch_size, seed=0), train, run_dir)
 
 

@@ -15,20 +15,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from vdistill.methods.data.batch import Batch
 from vdistill.methods.data.batches import ShapesBatches
 from vdistill.methods.data.text import WordTextEncoder
-from vdistill.methods.recipes.base import Batch, Recipe
-from vdistill.methods.recipes.rcm import Config
+from vdistill.methods.recipes.base import Recipe
+from vdistill.methods.recipes.rcm import RCMConfig
+from vdistill.methods.recipes.registry import recipe_class
 from vdistill.methods.sampling.generate import ModelBundle
 from vdistill.methods.train import distributed
-from vdistill.methods.train.distill import distiller
 from vdistill.methods.train.presets import tiny
 from vdistill.methods.train.trainer import Trainer
 from vdistill.models.dit import build_dit
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RCM_CONFIG = Config(tangent_warmup=2, dmd_start=1, target="ema", adaptive_weight=True, max_sim_steps=2)
+RCM_CONFIG = RCMConfig(tangent_warmup=2, dmd_start=1, target="ema", adaptive_weight=True, max_sim_steps=2)
 # what FSDP can shard: the same without w_φ (kind "rcm-shardable"), and with the stop-grad target, rCM's default
 RCM_SHARDABLE = replace(RCM_CONFIG, adaptive_weight=False)
 RCM_STOPGRAD = replace(RCM_SHARDABLE, target="stopgrad")
@@ -76,13 +77,13 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accu
         train = replace(train, eval_every=2)
         recipe = Denoise(tiny_dit())
     else:
-        module = distiller(kind.partition("-")[0])
+        recipe_cls = recipe_class(kind.partition("-")[0])
         teacher = ModelBundle(tiny_dit().eval(), text, run.data, 2.0, {})
         cfg = {"rcm": RCM_CONFIG, "rcm-shardable": RCM_SHARDABLE, "rcm-stopgrad": RCM_STOPGRAD}.get(kind)
-        cfg = cfg or module.Config()
+        cfg = cfg or recipe_cls.Config()
         if kind == "progressive":
             cfg = replace(cfg, stage_steps=(1,))
-        recipe = module.build_recipe(teacher, cfg)
+        recipe = recipe_cls.from_teacher(teacher, cfg)
     t = Trainer(recipe, data, train, run_dir, run_config={"method": kind})
     if kind == "denoise":
         t.evaluator = lambda student: {"head_sum": float(student.head.weight.detach().sum())}

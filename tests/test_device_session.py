@@ -15,21 +15,26 @@ def test_help_names_the_parts(capsys):
     assert all(part in out for part in ("train", "bench", "finetune"))
 
 
+def _settings(args: list[str]) -> dict[str, str]:
+    """{key: value} of the `--set key=value` pairs in a command line."""
+    return dict(args[i + 1].split("=", 1) for i, a in enumerate(args) if a == "--set")
+
+
 def test_distill_args_fit_the_budget_and_pass_the_batch():
-    args = ds.distill_args("rcm", 100, eval_points=4, batch=128)
-    steps = int(args[args.index("--steps") + 1])
+    sets = _settings(ds.distill_args("rcm", 100, eval_points=4, batch=128))
+    steps = int(sets["train.steps"])
     assert steps == int(100 / ds.STEP_S["rcm"])
-    assert args[args.index("--batch-size") + 1] == "128"
-    assert args[args.index("--eval-every") + 1] == str(steps // 4)
-    assert "tangent_warmup=" + str(steps // 6) in args
-    assert "--batch-size" not in ds.distill_args("consistency", 100)
+    assert sets["train.batch_size"] == "128"
+    assert sets["train.eval_every"] == str(steps // 4)
+    assert sets["method.tangent_warmup"] == str(steps // 6)
+    assert "train.batch_size" not in _settings(ds.distill_args("consistency", 100))
 
 
 def test_progressive_stages_cover_the_run():
-    args = ds.distill_args("progressive", 200)
-    stages = [int(n) for n in args[args.index("--set") + 1].removeprefix("stage_steps=").split(",")]
+    sets = _settings(ds.distill_args("progressive", 200))
+    stages = [int(n) for n in sets["method.stage_steps"].split(",")]
     assert len(stages) == len(ds.PROGRESSIVE_STAGE_SHARE)
-    assert abs(sum(stages) - int(args[args.index("--steps") + 1])) <= len(stages)
+    assert abs(sum(stages) - int(sets["train.steps"])) <= len(stages)
 
 
 @pytest.mark.parametrize("argv,match", [
@@ -55,14 +60,14 @@ def test_finetune_chains_consistency_rcm_and_tuned_evaluations(tmp_path, capsys)
     )
     teacher, runs = tmp_path / "teacher.safetensors", tmp_path / "runs"
     steps = ds.finetune_steps(args, teacher, runs)
-    commands = {name: cmd[3:] for name, cmd, _ in steps}  # [python, -m, methods.cli.main, ...]
+    commands = {name: cmd[3:] for name, cmd, _ in steps}  # [python, -m, vdistill.methods.cli, ...]
     for cmd in commands.values():
         build_parser().parse_args(cmd)  # every command is one the CLI accepts
     rcm = commands["distill_rcm_finetune"]
     assert rcm[rcm.index("--init") + 1] == str(runs / "consistency" / "student_ema.safetensors")
-    assert rcm[rcm.index("--batch-size") + 1] == "64"
+    assert _settings(rcm)["train.batch_size"] == "64"
     assert main([*rcm, "--dry-run"]) == 0
-    resolved = json.loads(capsys.readouterr().out)["method_config"]
+    resolved = json.loads(capsys.readouterr().out)["method"]
     assert (resolved["tangent_warmup"], resolved["max_sim_steps"]) == (0, 2)
     assert (resolved["p_mean"], resolved["dmd_weight"]) == (0.0, 0.05)
     for run in ("consistency", "rcm_finetune"):

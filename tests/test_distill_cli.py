@@ -15,16 +15,9 @@ from vdistill.methods.train.logs import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAST = {  # options that keep each run to a few seconds on CPU
-    "reflow": ["--set", "pair_steps=2", "--set", "pair_solver=euler"],
-    "progressive": ["--set", "teacher_steps=4", "--set", "stage_steps=1"],  # stages 4->2->1 at steps 0, 1
-    "consistency": ["--set", "intervals=4", "--set", "solver=euler"],
-}
-
-
 def _distill(method, teacher, out, *extra):
-    args = ["distill", method, "--teacher", str(teacher), "--out", str(out), "--steps", "3", "--batch-size", "2"]
-    return main([*args, "--device", "cpu", *FAST[method], *extra])
+    """The tiny preset: 3 steps of batch 2 on the CPU, each recipe's cheapest schedule (seconds)."""
+    return main(["distill", method, "--teacher", str(teacher), "--out", str(out), "--preset", "tiny", *extra])
 
 
 def _files(folder):
@@ -34,7 +27,8 @@ def _files(folder):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
-    assert main(["pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--out", str(out)]) == 0
+    assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=2", "--set", "train.batch_size=2",
+                 "--out", str(out)]) == 0
     return out / "student_ema.safetensors"
 
 
@@ -59,9 +53,9 @@ def test_repeated_rectification_and_resume(teacher, tmp_path):
     second = tmp_path / "reflow2"  # 2-rectified flow: the 1-rectified student is the teacher
     assert _distill("reflow", first / "student_ema.safetensors", second) == 0
     assert read_weights_meta(second / "student_ema.safetensors")["run_config"]["teacher_cfg_scale"] == 1.0
-    assert _distill("reflow", teacher, first, "--steps", "4", "--resume") == 0
+    assert _distill("reflow", teacher, first, "--set", "train.steps=4", "--resume") == 0
     steps = [json.loads(line)["step"] for line in (first / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [3, 4]  # default log_every = 50: the end of each call
+    assert steps == [1, 2, 3, 4]  # the tiny preset logs every step; the resumed call adds step 4 only
 
 
 def test_offline_pairs(teacher, tmp_path):
@@ -133,12 +127,12 @@ def test_resume_refuses_corrupt_checkpoint_and_other_setup(teacher, tmp_path, ca
     out = tmp_path / "run"
     assert _distill("consistency", teacher, out) == 0
     before = _files(out)
-    assert _distill("consistency", teacher, out, "--steps", "5", "--set", "intervals=8", "--resume") == 2
+    assert _distill("consistency", teacher, out, "--set", "train.steps=5", "--set", "intervals=8", "--resume") == 2
     assert "method_config differs" in capsys.readouterr().err
-    assert _distill("progressive", teacher, out, "--steps", "5", "--resume") == 2
+    assert _distill("progressive", teacher, out, "--set", "train.steps=5", "--resume") == 2
     assert "method differs" in capsys.readouterr().err
     (out / "checkpoints" / "step_00000003.pt").write_bytes(b"\x00truncated")
-    assert _distill("consistency", teacher, out, "--steps", "5", "--resume") == 2
+    assert _distill("consistency", teacher, out, "--set", "train.steps=5", "--resume") == 2
     assert "corrupt" in capsys.readouterr().err
     assert _files(out) == before  # nothing new, nothing half-written
 
@@ -146,7 +140,8 @@ def test_resume_refuses_corrupt_checkpoint_and_other_setup(teacher, tmp_path, ca
 @pytest.mark.parametrize("method", ["reflow", "consistency"])
 def test_in_training_evaluation_is_logged_and_changes_nothing(method, teacher, tmp_path):
     assert _distill(method, teacher, tmp_path / "plain") == 0
-    assert _distill(method, teacher, tmp_path / "scored", "--eval-every", "2", "--eval-num", "4") == 0
+    scored = ("--set", "train.eval_every=2", "--set", "train.eval_num=4")
+    assert _distill(method, teacher, tmp_path / "scored", *scored) == 0
     rows = read_metrics(tmp_path / "scored")
     scored = [r for r in rows if "eval_acc_all_2" in r]
     assert [r["step"] for r in scored] == [2]
@@ -160,9 +155,9 @@ def test_in_training_evaluation_is_logged_and_changes_nothing(method, teacher, t
 
 
 def test_bad_evaluation_options(teacher, tmp_path, capsys):
-    assert _distill("reflow", teacher, tmp_path / "a", "--eval-every", "-1") == 2
+    assert _distill("reflow", teacher, tmp_path / "a", "--set", "train.eval_every=-1") == 2
     assert "eval_every must be >= 0" in capsys.readouterr().err
-    assert _distill("reflow", teacher, tmp_path / "b", "--eval-every", "2", "--eval-num", "0") == 2
+    assert _distill("reflow", teacher, tmp_path / "b", "--set", "train.eval_every=2", "--set", "train.eval_num=0") == 2
     assert "eval_num must be >= 1" in capsys.readouterr().err
 
 
@@ -176,12 +171,12 @@ def test_init_starts_the_student_from_another_student(teacher, tmp_path, capsys)
     start = tmp_path / "other.safetensors"
     save_weights(start, other)
     out = tmp_path / "reflow_from_cd"
-    assert _distill("reflow", teacher, out, "--init", str(start), "--lr", "1e-12") == 0
+    assert _distill("reflow", teacher, out, "--init", str(start), "--set", "train.lr=1e-12") == 0
     init, trained, base = load_file(start), load_file(out / "student.safetensors"), load_file(teacher)
     assert all(torch.allclose(trained[k], init[k], rtol=0, atol=1e-8) for k in init)
     assert max((init[k] - base[k]).abs().max() for k in init) > 1e-3  # not the teacher's weights
     assert read_weights_meta(out / "student_ema.safetensors")["run_config"]["init"] == str(start)
-    assert _distill("reflow", teacher, out, "--steps", "5", "--resume") == 2  # resume keeps the same start
+    assert _distill("reflow", teacher, out, "--set", "train.steps=5", "--resume") == 2  # resume keeps the same start
     assert "init differs" in capsys.readouterr().err
 
 
@@ -207,7 +202,8 @@ def test_teacher_cfg_is_baked_in_recorded_and_checked(teacher, tmp_path, capsys)
     meta = read_weights_meta(tmp_path / "strong" / "student_ema.safetensors")["run_config"]
     assert (meta["teacher_cfg_scale"], meta["cfg_scale"]) == (own + 2, 1.0)
     assert read_metrics(tmp_path / "strong")[-1]["loss"] != read_metrics(tmp_path / "own")[-1]["loss"]
-    assert _distill("consistency", teacher, tmp_path / "own", "--steps", "5", "--resume", "--teacher-cfg", "9") == 2
+    changed = ("--set", "train.steps=5", "--resume", "--teacher-cfg", "9")
+    assert _distill("consistency", teacher, tmp_path / "own", *changed) == 2
     assert "teacher_cfg_scale differs" in capsys.readouterr().err
     assert _distill("consistency", teacher, tmp_path / "bad", "--teacher-cfg", "0") == 2
     assert "--teacher-cfg must be a finite number > 0" in capsys.readouterr().err
@@ -274,5 +270,5 @@ def test_export_refuses_bad_profiles_missing_and_sharded_checkpoints(consistency
     sharded = tmp_path / "sharded.pt"
     save_checkpoint(sharded, {**load_checkpoint(ckpt), "sharded_by_rank": []})
     assert main(["export", "--checkpoint", str(sharded), "--out", str(target)]) == 2
-    assert "--fsdp" in capsys.readouterr().err
+    assert "train.fsdp" in capsys.readouterr().err
     assert not target.exists()

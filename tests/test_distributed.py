@@ -97,7 +97,8 @@ def test_pair_shard_parts_make_up_the_single_process_batch(tmp_path):
 
 
 def _torchrun_pretrain(out: Path, batch_size: int) -> subprocess.CompletedProcess:
-    return torchrun("pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", str(batch_size), "--out", str(out))
+    return torchrun("pretrain", "--preset", "tiny", "--set", "train.steps=2", "--set", f"train.batch_size={batch_size}",
+                    "--out", str(out))
 
 
 def test_pretrain_cli_undertorchrun(tmp_path):
@@ -120,7 +121,7 @@ def test_pretrain_cli_undertorchrun(tmp_path):
 
 def test_reflow_pairs_under_torchrun_write_the_single_process_shards(tmp_path):
     """Two ranks share the shards (rank r writes r, r + 2, ...) and write the files one process writes."""
-    assert main(["pretrain", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "teacher")]) == 0
+    assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=1", "--out", str(tmp_path / "teacher")]) == 0
     args = ["reflow-pairs", "--teacher", str(tmp_path / "teacher" / "student_ema.safetensors"), "--num-pairs", "5",
             "--shard-size", "2", "--steps", "2", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0

@@ -74,10 +74,10 @@ def test_what_cannot_be_sharded_is_refused(tmp_path, kind, message):
 
 
 def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
-    """`torchrun ... pretrain --fsdp`: the whole weights gathered into the checkpoint and both exports, equal to
-    the DDP run's; a sharded checkpoint is not resumed without --fsdp."""
-    args = ("pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", "4")
-    for name, extra in (("ddp", ()), ("fsdp", ("--fsdp",))):
+    """`torchrun ... pretrain --set train.fsdp=true`: the whole weights gathered into the checkpoint and both
+    exports, equal to the DDP run's; a sharded checkpoint is not resumed without train.fsdp."""
+    args = ("pretrain", "--preset", "tiny", "--set", "train.steps=2", "--set", "train.batch_size=4")
+    for name, extra in (("ddp", ()), ("fsdp", ("--set", "train.fsdp=true"))):
         done = torchrun(*args, "--out", str(tmp_path / name), *extra)
         assert done.returncode == 0, done.stderr[-3000:]
     for file in ("student.safetensors", "student_ema.safetensors"):
@@ -85,22 +85,24 @@ def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
     state = torch.load(list_checkpoints(tmp_path / "fsdp")[-1], weights_only=False)
     assert len(state["sharded_by_rank"]) == 2
     assert_same(state["student"], load_file(tmp_path / "fsdp" / "student.safetensors"), rtol=0, atol=0)
-    mixed = torchrun(*args[:-4], "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "fsdp"), "--resume")
+    mixed = torchrun(*args, "--set", "train.steps=3", "--out", str(tmp_path / "fsdp"), "--resume")
     assert mixed.returncode != 0
-    assert "the checkpoint was written with --fsdp; resume the same way" in mixed.stderr
+    assert "the checkpoint was written with train.fsdp; resume the same way" in mixed.stderr
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_sharded_rcm_runs_and_resumes_on_the_gpu(tmp_path):
     """One GPU, one rank (NCCL, CUDA DTensors, foreach AdamW on shards, the Triton kernels inside FSDP2):
-    `pretrain --fsdp` makes a teacher, `distill rcm --fsdp` distils it, stops and resumes."""
+    a sharded `pretrain` makes a teacher, a sharded `distill rcm` distils it, stops and resumes."""
     teacher = tmp_path / "teacher"
-    done = torchrun("pretrain", "--preset", "tiny", "--steps", "3", "--out", str(teacher), "--fsdp", ranks=1)
+    done = torchrun("pretrain", "--preset", "tiny", "--set", "train.steps=3", "--set", "train.device=auto",
+                    "--out", str(teacher), "--set", "train.fsdp=true", ranks=1)
     assert done.returncode == 0, done.stderr[-3000:]
     args = ("distill", "rcm", "--teacher", str(teacher / "student_ema.safetensors"), "--out", str(tmp_path / "rcm"),
-            "--batch-size", "4", "--fsdp", "--set", "tangent_warmup=1", "--set", "target=ema")
+            "--set", "train.batch_size=4", "--set", "train.fsdp=true", "--set", "tangent_warmup=1",
+            "--set", "target=ema")
     for steps, extra in (("2", ()), ("3", ("--resume",))):
-        done = torchrun(*args, "--steps", steps, *extra, ranks=1)
+        done = torchrun(*args, "--set", f"train.steps={steps}", *extra, ranks=1)
         assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "rcm" / "student_ema.safetensors").is_file()

@@ -12,6 +12,7 @@ from distributed_workers import tiny_dit
 from vdistill.kernels.scm_tangent import scm_tangent
 from vdistill.kernels.trigflow import trigflow_eps
 from vdistill.methods.cli.main import main
+from vdistill.methods.data.batch import Batch
 from vdistill.methods.data.batches import ShapesBatches
 from vdistill.methods.data.text import WordTextEncoder
 from vdistill.methods.data.toy import (
@@ -23,8 +24,7 @@ from vdistill.methods.data.toy import (
     toy_teacher,
     toy_text,
 )
-from vdistill.methods.recipes.base import Batch
-from vdistill.methods.recipes.rcm import RCM, Config, sampler_meta
+from vdistill.methods.recipes.rcm import RCM, RCMConfig
 from vdistill.methods.recipes.rcm_dmd import dmd_loss, simulate_to_last_step
 from vdistill.methods.recipes.trigflow_student import rf_sampling_times, trig_velocity
 from vdistill.methods.sampling.samplers import sample_consistency
@@ -38,7 +38,7 @@ from vdistill.models.parameterization import rf_time_from_trig, rf_x0, trig_velo
 def test_scm_tangent_matches_float64_func_jvp(mode, tol):
     """ĝ from the rearranged JVP pass + fused tangent vs g built in float64 from torch.func.jvp with (dx/dt, 1)."""
     model = tiny_dit().eval()
-    recipe = RCM(model, Config(jvp_mode=mode, dmd_weight=0.0))
+    recipe = RCM(model, RCMConfig(jvp_mode=mode, dmd_weight=0.0))
     g = torch.Generator().manual_seed(1)
     x_t, dxdt = torch.randn(2, 3, 4, 8, 8, generator=g), torch.randn(2, 3, 4, 8, 8, generator=g)
     t, text, r = torch.tensor([0.3, 1.2]), torch.randn(2, 5, 16, generator=g), 0.7
@@ -118,7 +118,7 @@ def _toy_student(teacher, cfg, steps=300, batch=128, lr=1e-4):
 
 def _toy_sw(recipe, cfg, steps, data):
     noise = torch.randn(len(data), 2, generator=torch.Generator().manual_seed(1))
-    times = sampler_meta(cfg)["times"][str(steps)]
+    times = RCM.sampler_meta(cfg)["times"][str(steps)]
     with torch.no_grad():
         x = sample_consistency(lambda x, s: recipe.student(x, s, toy_text(len(x))), noise, times,
                                torch.Generator().manual_seed(2))
@@ -132,7 +132,7 @@ def test_toy_scm_and_rcm_students_beat_the_teacher_at_one_step(one_thread):
     teacher, data = toy_teacher(), toy_data(n, seed=123)
     teacher_1 = sliced_wasserstein(toy_sample_ode(teacher, n, 1), data)
     floor = sliced_wasserstein(toy_data(n, seed=7), data)
-    base = Config(tangent_warmup=100, mid_times_2=(0.8,), critic_lr=1e-3, critic_updates=2)
+    base = RCMConfig(tangent_warmup=100, mid_times_2=(0.8,), critic_lr=1e-3, critic_updates=2)
     scm_cfg, rcm_cfg = replace(base, dmd_weight=0.0), replace(base, dmd_weight=0.01)
     scm, rcm = _toy_student(teacher, scm_cfg), _toy_student(teacher, rcm_cfg)
     runs = (("scm", scm, scm_cfg), ("rcm", rcm, rcm_cfg))
@@ -161,7 +161,7 @@ def test_trigflow_sampling_equals_rf_consistency_sampler():
 def test_backward_simulation_on_the_sampler_schedule_is_the_sampler():
     """sim_times="sampler": the DMD sample's path is the student's own 3-step sampler, noise for noise."""
     model = ToyVelocityNet(hidden=32, depth=2)
-    cfg = Config(sim_times="sampler", max_sim_steps=3, mid_times_3=(1.2, 0.5))
+    cfg = RCMConfig(sim_times="sampler", max_sim_steps=3, mid_times_3=(1.2, 0.5))
     noise = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     sampled = sample_consistency(
         lambda x, s: model(x, s, None), noise, rf_sampling_times(cfg.mid_times_3), torch.Generator().manual_seed(4)
@@ -170,7 +170,7 @@ def test_backward_simulation_on_the_sampler_schedule_is_the_sampler():
     x, t = simulate_to_last_step(trig_velocity(model, None), noise, 3, cfg.dmd_time, cfg.sim_mid_times)
     assert torch.all(t == 0.5)
     torch.testing.assert_close(trig_x0(x, t, trig_velocity(model, None)(x, t)), sampled, rtol=1e-4, atol=1e-4)
-    assert Config().sim_mid_times is None and Config(sim_times="sampler", max_sim_steps=1).sim_mid_times == ()
+    assert RCMConfig().sim_mid_times is None and RCMConfig(sim_times="sampler", max_sim_steps=1).sim_mid_times == ()
     with pytest.raises(ValueError, match="mid_times"):
         simulate_to_last_step(trig_velocity(model, None), noise, 3, cfg.dmd_time, mid_times=(1.0,))
 
@@ -179,11 +179,11 @@ def test_backward_simulation_on_the_sampler_schedule_is_the_sampler():
 def test_shifted_dmd_proposal_follows_the_shifted_uniform_schedule(shift):
     """dmd_shift > 0: RF times of the DMD draws have the CDF of s = shift·u/(1 + (shift − 1)·u)."""
     torch.manual_seed(0)
-    s = rf_time_from_trig(Config(dmd_shift=shift).dmd_time(100_000, "cpu").double())
+    s = rf_time_from_trig(RCMConfig(dmd_shift=shift).dmd_time(100_000, "cpu").double())
     for q in (0.1, 0.5, 0.9):  # the schedule is monotone in u, so its q-quantile is the map of q
         assert torch.quantile(s, q).item() == pytest.approx(shift * q / (1 + (shift - 1) * q), abs=5e-3)
     torch.manual_seed(0)
-    lognormal = rf_time_from_trig(Config().dmd_time(100_000, "cpu").double())
+    lognormal = rf_time_from_trig(RCMConfig().dmd_time(100_000, "cpu").double())
     assert torch.quantile(lognormal, 0.5).item() == pytest.approx(0.5, abs=5e-3)  # tan t = e^0 at the median
 
 
@@ -197,7 +197,7 @@ def _trainer(run_dir, steps, cfg, **train_options):
 
 
 def test_resume_with_critic_is_exact(tmp_path):
-    cfg = Config(tangent_warmup=2, dmd_start=1, target="ema", adaptive_weight=True, max_sim_steps=2)
+    cfg = RCMConfig(tangent_warmup=2, dmd_start=1, target="ema", adaptive_weight=True, max_sim_steps=2)
     full = _trainer(tmp_path / "full", 4, cfg).fit()
     _trainer(tmp_path / "cut", 2, cfg).fit()
     resumed = _trainer(tmp_path / "cut", 4, cfg).fit(resume=True)
@@ -209,7 +209,7 @@ def test_resume_with_critic_is_exact(tmp_path):
 
 def test_activation_checkpointing_trains_rcm_identically(tmp_path):
     """Student and critic recompute their blocks in the backward: the same losses, norms and weights."""
-    cfg = Config(tangent_warmup=2, dmd_start=1, adaptive_weight=True, max_sim_steps=2)
+    cfg = RCMConfig(tangent_warmup=2, dmd_start=1, adaptive_weight=True, max_sim_steps=2)
     plain = _trainer(tmp_path / "plain", 3, cfg)
     rows = [plain.fit()]
     recomputed = _trainer(tmp_path / "recomputed", 3, cfg, activation_checkpointing=True)  # same seeds
@@ -225,21 +225,20 @@ def test_activation_checkpointing_trains_rcm_identically(tmp_path):
 
 def test_distill_rcm_cli_end_to_end(tmp_path):
     teacher_dir, out = tmp_path / "teacher", tmp_path / "rcm"
-    assert main(["pretrain", "--preset", "tiny", "--steps", "2", "--out", str(teacher_dir)]) == 0
+    assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=2", "--out", str(teacher_dir)]) == 0
     args = ["distill", "rcm", "--teacher", str(teacher_dir / "student_ema.safetensors"), "--out", str(out),
-            "--steps", "4", "--batch-size", "2", "--device", "cpu",
-            "--set", "tangent_warmup=2", "--set", "max_sim_steps=2"]
+            "--preset", "tiny", "--set", "train.steps=4", "--set", "tangent_warmup=2", "--set", "max_sim_steps=2"]
     assert main(args) == 0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert "critic_loss" in rows[-1] and all(math.isfinite(r["loss"]) for r in rows)
     _, meta = load_dit(out / "student_ema.safetensors")
-    assert meta["sampler"] == sampler_meta(Config(tangent_warmup=2, max_sim_steps=2))
+    assert meta["sampler"] == RCM.sampler_meta(RCMConfig(tangent_warmup=2, max_sim_steps=2))
     assert main(["evaluate", "--model", str(out / "student_ema.safetensors"), "--steps", "1", "2", "--num", "4",
                  "--out", str(tmp_path / "eval")]) == 0
 
 
 def test_sampler_meta_converts_trigflow_times():
-    times = sampler_meta(Config())["times"]
+    times = RCM.sampler_meta(RCMConfig())["times"]
     assert times["1"] == [1.0] and len(times["4"]) == 4
     assert all(a > b for a, b in zip(times["4"], times["4"][1:]))
     assert times["2"][1] == pytest.approx(math.sin(1.1) / (math.sin(1.1) + math.cos(1.1)))
@@ -262,4 +261,4 @@ def test_sampler_meta_converts_trigflow_times():
 )
 def test_bad_config_is_a_clear_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        Config(**kwargs)
+        RCMConfig(**kwargs)

@@ -4,17 +4,17 @@ import pytest
 import torch
 from distill_helpers import N_EVAL, NOISE_SEED, distances, fit_toy, one_thread, tiny_dit_trainer  # noqa: F401
 
+from vdistill.methods.data.batch import Batch
 from vdistill.methods.data.shards import write_shard
 from vdistill.methods.data.toy import TOY_TEXT, ToyVelocityNet, toy_data, toy_sample_ode, toy_teacher, toy_text
 from vdistill.methods.recipes import reflow
-from vdistill.methods.recipes.base import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
     torch.manual_seed(0)
-    recipe = reflow.ReFlow(toy_teacher(), reflow.Config(pair_steps=8, pair_solver="heun"))
+    recipe = reflow.ReFlow(toy_teacher(), reflow.ReFlowConfig(pair_steps=8, pair_solver="heun"))
     fit_toy(recipe, tmp_path, steps=200)
     teacher = distances(toy_sample_ode(toy_teacher(), N_EVAL, 1, seed=NOISE_SEED))
     student = distances(toy_sample_ode(recipe.student, N_EVAL, 1, seed=NOISE_SEED))
@@ -24,7 +24,7 @@ def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
 
 def test_online_pairs_are_the_teacher_ode_and_target_is_the_straight_line():
     teacher = ToyVelocityNet().eval()
-    recipe = reflow.ReFlow(teacher, reflow.Config(pair_steps=4, pair_solver="euler"))
+    recipe = reflow.ReFlow(teacher, reflow.ReFlowConfig(pair_steps=4, pair_solver="euler"))
     batch = Batch(toy_data(16), toy_text(16), TOY_TEXT)
     torch.manual_seed(3)
     noise, data, _ = recipe.online_pairs(batch)
@@ -45,10 +45,10 @@ def test_resume_with_offline_pairs_is_exact(tmp_path):
     for k in range(2):  # pair shards in the tiny preset's geometry: [noise, data] = 2·3 channels, 4×16×16
         write_shard(tmp_path / "pairs" / f"p{k}.safetensors", torch.randn(5, 6, 4, 16, 16, generator=g),
                     torch.randn(5, 8, 16, generator=g))
-    cfg = reflow.Config(pairs=str(tmp_path / "pairs"))
-    full = tiny_dit_trainer(reflow, cfg, tmp_path / "full", steps=6).fit()
-    tiny_dit_trainer(reflow, cfg, tmp_path / "cut", steps=3).fit()
-    resumed = tiny_dit_trainer(reflow, cfg, tmp_path / "cut", steps=6).fit(resume=True)
+    cfg = reflow.ReFlowConfig(pairs=str(tmp_path / "pairs"))
+    full = tiny_dit_trainer(reflow.ReFlow, cfg, tmp_path / "full", steps=6).fit()
+    tiny_dit_trainer(reflow.ReFlow, cfg, tmp_path / "cut", steps=3).fit()
+    resumed = tiny_dit_trainer(reflow.ReFlow, cfg, tmp_path / "cut", steps=6).fit(resume=True)
     assert [r["loss"] for r in resumed] == [r["loss"] for r in full[3:]]
     assert len({r["loss"] for r in full}) == 6
 
@@ -66,4 +66,4 @@ def test_resume_with_offline_pairs_is_exact(tmp_path):
 )
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        reflow.Config(**kwargs)
+        reflow.ReFlowConfig(**kwargs)

@@ -7,10 +7,10 @@ import pytest
 import torch
 from distributed_workers import final_state, trainer
 
+from vdistill.methods.data.batch import Batch
 from vdistill.methods.data.batches import Prefetched, ShapesBatches
 from vdistill.methods.data.text import WordTextEncoder
 from vdistill.methods.data.toy import ToyBatches, ToyVelocityNet
-from vdistill.methods.recipes.base import Batch
 from vdistill.methods.recipes.pretrain import FlowMatching
 from vdistill.methods.train import checkpoint as ckpt
 from vdistill.methods.train import trainer as trainer_module
@@ -26,7 +26,7 @@ def _trainer(run_dir, steps, prefetch=True, **train):
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed)
     data = Prefetched(data) if prefetch else data
-    return Trainer(FlowMatching(VideoDiT(run.model), run.flow), data, run.train, run_dir, run_config=run.to_dict())
+    return Trainer(FlowMatching(VideoDiT(run.model), run.method), data, run.train, run_dir, run_config=run.to_dict())
 
 
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
@@ -63,7 +63,7 @@ def test_emulated_cpu_bf16_is_warned_about(tmp_path, monkeypatch, caplog, native
             _trainer(tmp_path / precision, steps=1, prefetch=False, precision=precision)
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == (0 if native else 1)
-    assert all("emulated" in w and "--precision fp32" in w for w in warnings)
+    assert all("emulated" in w and "--set train.precision=fp32" in w for w in warnings)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

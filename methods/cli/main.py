@@ -1,4 +1,4 @@
-"""`vdistill` command line: thin entry points over the library (see README for examples).
+"""`vdistill` command line: thin entry points over the library (see docs/commands.md for examples).
 
 Every subcommand has `--help`; training commands accept `--dry-run` to print the resolved config.
 """
@@ -10,7 +10,6 @@ import importlib
 import json
 import logging
 import sys
-from dataclasses import asdict, replace
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -21,50 +20,46 @@ from vdistill.methods.train import distributed
 log = logging.getLogger("vdistill")
 
 
-def _add_precision(p) -> None:
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="autocast: auto = bf16 on CUDA, fp32 on CPU; bf16 also on CPU "
-                   "(fast with AMX, emulated and slow on AVX2-only CPUs)")
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default where it has one, and epilogs (the config option lists) as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default not in (None, False, [], argparse.SUPPRESS) and "(default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
-def _add_training_switches(p) -> None:
-    """Switches of every training command (pretrain, distill)."""
-    p.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard (--out/tb)")
-    p.add_argument(
-        "--profile-window",
-        type=int,
-        nargs=2,
-        metavar=("START", "STOP"),
-        help="call cudaProfilerStart/Stop around steps [START, STOP) for nsys --capture-range=cudaProfilerApi",
-    )
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each DiT block's activations in the backward (long clips: memory for compute)")
-    p.add_argument("--grad-accum", type=int,
-                   help="micro-batches per step and rank, gradients accumulated (--batch-size stays the step's batch)")
-    p.add_argument("--fsdp", action="store_true",
-                   help="under torchrun: shard the student over the ranks (FSDP2) instead of replicating it (DDP)")
+def _add_parser(sub, name: str, **kw) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=_HelpFormatter, **kw)
 
 
-def _add_pretrain(sub) -> None:
-    p = sub.add_parser("pretrain", help="train a rectified-flow teacher on the moving-shapes benchmark")
-    p.add_argument("--preset", default="shapes", help="run preset (methods/train/presets.py): tiny | shapes")
-    p.add_argument("--out", type=Path, default=Path("runs/teacher"), help="run directory")
-    p.add_argument("--steps", type=int, help="override the preset's number of steps")
-    p.add_argument("--batch-size", type=int, help="override the preset's batch size")
-    p.add_argument("--lr", type=float, help="override the preset's learning rate")
-    p.add_argument("--device", help="auto | cpu | cuda[:N]")
-    _add_precision(p)
+SET_HELP = ("config option, repeatable: SECTION.KEY=VALUE (e.g. train.steps=300, train.device=cpu); a bare KEY "
+            "when one section has it; listed below with the preset's values")
+PRESET_NOTE = "\n\n(values of --preset shapes; --dry-run prints the resolved config of any preset)"
+
+
+def _add_run_options(p, presets: list[str]) -> None:
+    """Options of every training command (pretrain, distill)."""
+    p.add_argument("--preset", choices=presets, default="shapes", help="run preset (methods/train/presets.py)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--init", type=Path, help="start from this exported model's weights")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--init", type=Path, help="start from an exported model's weights (continued training)")
-    p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
-    _add_training_switches(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="flow-matching option (methods/recipes/pretrain.py), repeatable; e.g. logit_mean=1.0")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
+def _add_pretrain(sub) -> None:
+    from vdistill.methods.train.config import describe
+    from vdistill.methods.train.presets import PRESETS
+
+    p = _add_parser(sub, "pretrain", help="train a rectified-flow teacher on the moving-shapes benchmark",
+                    epilog=describe(PRESETS["shapes"]()) + PRESET_NOTE)
+    p.add_argument("--out", type=Path, default=Path("runs/teacher"), help="run directory")
+    _add_run_options(p, sorted(PRESETS))
+
+
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="sample clips from an exported model (GIFs + a grid PNG)")
+    p = _add_parser(sub, "sample", help="sample clips from an exported model (GIFs + a grid PNG)")
     p.add_argument("--model", type=Path, required=True, help="exported .safetensors (e.g. student_ema.safetensors)")
     p.add_argument("--prompt", action="append", help="prompt, repeatable (default: 8 benchmark prompts)")
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
@@ -78,7 +73,8 @@ def _add_sample(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-    p = sub.add_parser("evaluate", help="benchmark a model: prompt accuracy, smoothness, diversity, FD per step count")
+    p = _add_parser(sub, "evaluate",
+                    help="benchmark a model: prompt accuracy, smoothness, diversity, FD per step count")
     p.add_argument("--model", type=Path, required=True, help="exported .safetensors")
     p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 50], help="step counts to evaluate")
     p.add_argument("--num", type=int, default=256, help="clips per step count (balanced over the 72 prompts)")
@@ -94,7 +90,8 @@ def _add_evaluate(sub) -> None:
 def _add_tune_times(sub) -> None:
     from vdistill.methods.eval.tune_times import DEFAULT_SHIFTS, TUNING_SEED
 
-    p = sub.add_parser("tune-times", help="choose a consistency student's intermediate sampling times on a tuning seed")
+    p = _add_parser(sub, "tune-times",
+                    help="choose a consistency student's intermediate sampling times on a tuning seed")
     p.add_argument("--model", type=Path, required=True, help="exported consistency/rCM student (.safetensors)")
     p.add_argument("--out", type=Path, required=True, help="tuned copy to write (.safetensors; plus .tuning.json/.png)")
     p.add_argument("--steps", type=int, nargs="+", default=[2], help="step counts to tune (>= 2)")
@@ -105,14 +102,8 @@ def _add_tune_times(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
 
-def _tune_times(args) -> int:
-    from vdistill.methods.eval.tune_times import tune
-
-    return tune(args)
-
-
 def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the default job: sample and score the shipped teacher at few and many steps")
+    p = _add_parser(sub, "demo", help="the default job: sample and score the shipped teacher at few and many steps")
     p.add_argument("--model", type=Path, help="exported .safetensors (default: the shipped teacher)")
     p.add_argument("--num", type=int, default=16, help="clips per step count")
     p.add_argument("--steps", type=int, nargs="+", default=[4, 16], help="step counts")
@@ -121,33 +112,27 @@ def _add_demo(sub) -> None:
 
 
 def _add_distill(sub) -> None:
-    p = sub.add_parser("distill", help="distil a teacher into a few-step student")
-    p.add_argument("method", help="reflow | progressive | consistency | rcm")
-    p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors (e.g. the shipped one)")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--init", type=Path,
-                   help="start the student from this exported student's weights (default: the teacher's)")
-    p.add_argument("--teacher-cfg", type=float,
-                   help="guidance scale of the teacher, baked into the student (default: the teacher's own)")
-    p.add_argument("--steps", type=int, help="override the method's number of training steps")
-    p.add_argument("--batch-size", type=int, help="override the batch size")
-    p.add_argument("--lr", type=float, help="override the learning rate")
-    p.add_argument("--device", help="auto | cpu | cuda[:N]")
-    _add_precision(p)
-    p.add_argument("--seed", type=int, help="training seed")
-    p.add_argument("--time-limit", type=float, help="stop (checkpointed and exported) after this many seconds")
-    p.add_argument("--eval-every", type=int,
-                   help="score the EMA student every N steps (accuracy and FD at 1, 2, 4 steps) into metrics.jsonl")
-    p.add_argument("--eval-num", type=int, help="clips per in-training evaluation (default 64)")
-    _add_training_switches(p)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="method option, repeatable")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved configs and exit")
+    from vdistill.methods.recipes.registry import RECIPES
+    from vdistill.methods.train.config import describe
+    from vdistill.methods.train.presets import DISTILL_PRESETS, shapes_distill
+
+    p = _add_parser(sub, "distill", help="distil a teacher into a few-step student",
+                    description="Distil a teacher into a few-step student. `vdistill distill METHOD --help` lists "
+                    "the method's options and the trainer's, with their defaults.")
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD", help=" | ".join(RECIPES))
+    for name, recipe in RECIPES.items():
+        m = _add_parser(methods, name, help=(recipe.__doc__ or name).strip().splitlines()[0],
+                        epilog=describe(shapes_distill(name)) + PRESET_NOTE)
+        m.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors (e.g. the shipped one)")
+        m.add_argument("--out", type=Path, required=True, help="run directory")
+        m.add_argument("--teacher-cfg", type=float,
+                       help="guidance scale of the teacher, baked into the student (default: the teacher's own)")
+        _add_run_options(m, sorted(DISTILL_PRESETS))
 
 
 def _add_plot_evals(sub) -> None:
-    p = sub.add_parser("plot-evals", help="plot the in-training evaluations of runs against the training step")
-    p.add_argument("runs", type=Path, nargs="+", help="run directories trained with --eval-every")
+    p = _add_parser(sub, "plot-evals", help="plot the in-training evaluations of runs against the training step")
+    p.add_argument("runs", type=Path, nargs="+", help="run directories trained with --set train.eval_every=N")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
     p.add_argument("--reference", type=float, help="accuracy drawn as a dashed line (e.g. the teacher's 50-step)")
     p.add_argument("--title", help="figure title")
@@ -161,7 +146,7 @@ def _plot_evals(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = sub.add_parser("export", help="write a checkpoint's raw weights or any EMA profile as a model file")
+    p = _add_parser(sub, "export", help="write a checkpoint's raw weights or any EMA profile as a model file")
     p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step_N.pt")
     p.add_argument("--out", type=Path, required=True, help=".safetensors to write (atomically)")
     which = p.add_mutually_exclusive_group()
@@ -180,7 +165,7 @@ def _export(args) -> int:
 
 
 def _add_reflow_pairs(sub) -> None:
-    p = sub.add_parser("reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
+    p = _add_parser(sub, "reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
     p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
     p.add_argument("--out", type=Path, required=True, help="shard directory (a rerun keeps existing shards)")
     p.add_argument("--num", "--num-pairs", dest="num", type=int, required=True,
@@ -191,7 +176,7 @@ def _add_reflow_pairs(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--batch-size", type=int, default=64, help="clips per teacher batch")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
-                   help="teacher forward precision (bf16 autocast: ~1.9x faster on an AMX CPU, slow on AVX2-only ones)")
+                   help="teacher forward precision (bf16 autocast: faster on CPUs with AMX, slow on AVX2-only ones)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
 
@@ -214,7 +199,7 @@ def _reflow_pairs(args) -> int:
         precision=args.precision,
         source=str(args.teacher),
     )
-    print(f"{len(paths)} pair shards in {args.out}; train with: vdistill distill reflow --set pairs={args.out}")
+    print(f"{len(paths)} pair shards in {args.out}; train with: vdistill distill reflow --set method.pairs={args.out}")
     return 0
 
 
@@ -230,12 +215,12 @@ BENCHMARKS = {  # `vdistill bench NAME`: module whose main(argv) runs it
 
 def _add_bench(sub) -> None:
     names = "\n".join(f"  {name:<10} python -m {module}" for name, module in BENCHMARKS.items())
-    p = sub.add_parser(
+    p = _add_parser(
+        sub,
         "bench",
         help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | sass-count)",
         description=f"Run a benchmark; the remaining arguments go to its main(argv).\n\nbenchmarks:\n{names}",
         epilog="e.g. vdistill bench attention --quick --out bench/results; vdistill bench ema --help",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("name", help="benchmark name: " + " | ".join(BENCHMARKS))
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (see NAME --help)")
@@ -258,55 +243,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train_overrides(train, args, **extra):
-    """`train` with the common command-line overrides (and `extra`) applied; None = keep the preset's."""
-    values = {
-        "steps": args.steps,
-        "batch_size": args.batch_size,
-        "lr": args.lr,
-        "device": args.device,
-        "time_limit_s": args.time_limit,
-        "tensorboard": args.tensorboard or None,
-        "profile_window": tuple(args.profile_window) if args.profile_window else None,
-        "activation_checkpointing": args.activation_checkpointing or None,
-        "grad_accum": args.grad_accum,
-        "fsdp": args.fsdp or None,
-        **extra,
-    }
-    return replace(train, **{k: v for k, v in values.items() if v is not None})
-
-
 def _pretrain(args) -> int:
-    from vdistill.methods.train.distill import apply_overrides
+    from vdistill.methods.train.config import apply_overrides
     from vdistill.methods.train.presets import preset
+    from vdistill.methods.train.runs import pretrain
 
-    run = preset(args.preset)
-    run = replace(run, flow=apply_overrides(run.flow, args.set))
-    train = _train_overrides(run.train, args, precision=args.precision)
-    run = replace(run, train=train)
+    run = apply_overrides(preset(args.preset), args.set)
     if args.dry_run:
         print(json.dumps(run.to_dict(), indent=2, default=str))
         return 0
-    commands.pretrain(run, args.out, resume=args.resume, init=args.init)
+    pretrain(run, args.out, resume=args.resume, init=args.init)
     return 0
 
 
 def _distill(args) -> int:
-    from vdistill.methods.train.distill import apply_overrides, distill, distiller
+    from vdistill.methods.train.config import apply_overrides
+    from vdistill.methods.train.presets import distill_preset
+    from vdistill.methods.train.runs import distill
 
-    module = distiller(args.method)
-    train = _train_overrides(module.default_train(), args, seed=args.seed, precision=args.precision,
-                             eval_every=args.eval_every, eval_num=args.eval_num)
-    cfg = apply_overrides(module.Config(), args.set)
+    run = apply_overrides(distill_preset(args.preset, args.method), args.set)
     if args.dry_run:
-        print(json.dumps({"method": args.method, "train": asdict(train), "method_config": asdict(cfg)}, indent=2))
+        print(json.dumps({"method": args.method, **run.to_dict()}, indent=2, default=str))
         return 0
     if not args.teacher.is_file():
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init {args.init} does not exist")
-    distill(args.method, args.teacher, args.out, train, cfg, resume=args.resume, init=args.init,
-            teacher_cfg=args.teacher_cfg)
+    distill(args.method, args.teacher, args.out, run, resume=args.resume, init=args.init, teacher_cfg=args.teacher_cfg)
     return 0
 
 
@@ -321,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         "distill": _distill,
         "sample": commands.sample,
         "evaluate": commands.evaluate,
-        "tune-times": _tune_times,
+        "tune-times": commands.tune_times,
         "demo": commands.demo,
         "reflow-pairs": _reflow_pairs,
         "bench": _bench,

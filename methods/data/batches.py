@@ -11,9 +11,9 @@ from __future__ import annotations
 import queue
 import threading
 
+from vdistill.methods.data.batch import Batch
 from vdistill.methods.data.shapes import MovingShapes, ShapesConfig, ShapesStream
 from vdistill.methods.data.text import TextEncoder
-from vdistill.methods.recipes.base import Batch
 from vdistill.methods.train import distributed
 
 

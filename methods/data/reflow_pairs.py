@@ -5,13 +5,13 @@ Each shard `pairs_<k>.safetensors` (format of methods/data/shards.py) holds up t
 ``text`` [N, L, D], the embeddings of the pairs' prompts. The sample is the teacher's guided ODE
 solution (RF, s = 1 -> 0, the teacher's own CFG scale and time shift, `steps` Euler/Heun steps)
 clamped to the data range, exactly what `methods.sampling.generate.generate` returns (float32, or under bf16
-autocast with `precision="bf16"`: about 1.9x faster on an AMX CPU, samples within 0.005 mean
-absolute of the float32 ones). Pair j of shard k has prompt number k·shard_size + j of the balanced
+autocast with `precision="bf16"`: faster on AMX CPUs, close to float32; docs/results/training-step.md).
+Pair j of shard k has prompt number k·shard_size + j of the balanced
 (shape, colour, direction) cycle and noise that depends only on (seed, k, j), so every shard is
 reproducible; shards are written atomically and a rerun
 skips the ones that exist, which makes an interrupted run resumable. Under torchrun rank r writes
 shards r, r + ranks, ... (the same files one process writes). `methods.recipes.reflow` trains on them with
-`--set pairs=DIR`.
+`--set method.pairs=DIR`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,7 @@ from tqdm import tqdm
 
 from vdistill.methods.data.shapes import prompt_for
 from vdistill.methods.data.shards import write_shard
-from vdistill.methods.recipes.reflow import check_ode_teacher
-from vdistill.methods.sampling.generate import ModelBundle, balanced_labels, generate, sample_noise
+from vdistill.methods.sampling.generate import ModelBundle, balanced_labels, generate, require_ode_sampler, sample_noise
 from vdistill.methods.sampling.samplers import SOLVERS
 from vdistill.methods.train import distributed
 from vdistill.methods.train.trainer import warn_if_emulated_bf16
@@ -63,7 +62,7 @@ def write_pairs(
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    check_ode_teacher(teacher)
+    require_ode_sampler(teacher)
     warn_if_emulated_bf16(teacher.device, precision)
     out = Path(out)
     labels = balanced_labels(num)

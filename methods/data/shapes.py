@@ -51,10 +51,10 @@ class ShapesConfig:
     frames: int = 8  # T
     height: int = 32  # H, pixels
     width: int = 32  # W, pixels
-    speed_min: float = 1.0  # pixels per frame
-    speed_max: float = 2.0
-    size_min: float = 10.0  # side of the shape's bounding box, pixels
-    size_max: float = 13.0
+    speed_min: float = 1.0  # slowest speed, pixels per frame
+    speed_max: float = 2.0  # fastest speed, pixels per frame
+    size_min: float = 10.0  # smallest side of the shape's bounding box, pixels
+    size_max: float = 13.0  # largest side of the shape's bounding box, pixels
     background: float = -1.0  # grey level of the plain background in [-1, 1]
     antialias: int = 2  # supersamples per pixel and axis (1 = hard edges)
 

@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from vdistill.methods.recipes.base import Batch
+from vdistill.methods.data.batch import Batch
 from vdistill.methods.sampling.samplers import sample_rf
 from vdistill.models.dit import sinusoidal_embedding
 from vdistill.models.parameterization import rf_interpolate

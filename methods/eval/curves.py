@@ -1,4 +1,4 @@
-"""Budget curves: the in-training evaluations (`vdistill distill ... --eval-every N`) of one or more runs,
+"""Budget curves: the in-training evaluations (`vdistill distill ... --set train.eval_every=N`) of one or more runs,
 plotted against the training step.
 
 Each run's metrics.jsonl holds rows {"step": s, "eval_acc_all_<n>": a, "eval_fd_<n>": f} for the
@@ -36,7 +36,8 @@ def load_curves(run: Path) -> dict[int, dict[str, list[tuple[int, float]]]]:
                 metric, n = match.group(1), int(match.group(2))
                 curves.setdefault(n, {"acc_all": [], "fd": []})[metric].append((row["step"], value))
     if not curves:
-        raise ValueError(f"run {run}: metrics.jsonl has no in-training evaluations (train with --eval-every N)")
+        raise ValueError(f"run {run}: metrics.jsonl has no in-training evaluations "
+                         "(train with --set train.eval_every=N)")
     return dict(sorted(curves.items()))
 
 

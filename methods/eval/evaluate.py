@@ -25,12 +25,18 @@ clips (rougher from the spread when there are only two or three seeds).
 from __future__ import annotations
 
 import functools
+import logging
 import math
+import time
 
 import torch
+from tqdm import tqdm
 
 from vdistill.methods.data.shapes import SHAPES, MovingShapes, ShapesConfig
 from vdistill.methods.eval.analyzer import FEATURE_NAMES, analyze
+from vdistill.methods.sampling.generate import ModelBundle, balanced_labels, generate
+
+log = logging.getLogger("vdistill")
 
 REFERENCE_SEED = 10_007  # real clips for FD come from a seed no training stream uses by default
 
@@ -146,3 +152,39 @@ def mean_over_seeds(per_seed: list[list[dict]]) -> list[dict]:
         row["wall_s"] = sum(r["wall_s"] for r in same_steps)
         rows.append(row)
     return rows
+
+
+def evaluate_model(
+    bundle: ModelBundle,
+    steps: list[int],
+    num: int,
+    solver: str = "euler",
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    labels: torch.Tensor | None = None,
+    shift: float | None = None,
+) -> list[dict]:
+    """One metrics row per step count (`num` clips balanced over the prompts, or `labels` [num, 3])."""
+    labels = balanced_labels(num) if labels is None else labels
+    reference = reference_features(cfg=bundle.data)
+    rows = []
+    # progress in clip-steps (a 50-step clip costs 50 one-step ones), so the ETA holds across step counts
+    with tqdm(total=sum(steps) * len(labels), desc="evaluate", unit="clip-step", dynamic_ncols=True) as bar:
+        for n in steps:
+            start = time.perf_counter()
+            clips = generate(bundle, labels, n, cfg_scale=cfg_scale, solver=solver, seed=seed, shift=shift,
+                             progress=lambda k, n=n: bar.update(k * n))
+            metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
+            rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
+            log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["steps", "acc_all", "acc_shape", "acc_square", "square_fill", "acc_colour", "acc_direction", "fd",
+            "smoothness", "diversity"]
+    cols += [c for c in ("acc_all_se", "acc_all_binomial_se", "fd_se") if c in rows[0]]  # rows over seeds
+    lines = [" | ".join(f"{c:>13}" for c in cols)]
+    for r in rows:
+        lines.append(" | ".join(f"{r[c]:>13.4g}" if isinstance(r[c], float) else f"{r[c]:>13}" for c in cols))
+    return "\n".join(lines)

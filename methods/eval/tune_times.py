@@ -15,16 +15,14 @@ default, 0), since the best of several noisy scores is biased upwards on the see
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from vdistill.methods.cli.commands import evaluate_model
+from vdistill.methods.eval.evaluate import evaluate_model
 from vdistill.methods.sampling.generate import ModelBundle
 from vdistill.methods.sampling.media import save_figure
 from vdistill.methods.sampling.samplers import consistency_times
 from vdistill.methods.train.checkpoint import save_weights
-from vdistill.methods.train.distributed import resolve_device
 
 TUNING_SEED = 1  # `vdistill evaluate` reports on seed 0 by default
 DEFAULT_SHIFTS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)  # 2-step middle times 0.2 ... 0.8
@@ -105,21 +103,3 @@ def plot_sweep(rows: list[dict], out: Path, title: str | None = None) -> Path:
     axes[0].legend(fontsize=8)
     axes[0].set_title(title or f"sampling-time sweep (seed {rows[0]['seed']}; star: chosen)", fontsize=9)
     return save_figure(fig, out)
-
-
-def tune(args) -> int:
-    """The `vdistill tune-times` command."""
-    if args.out.resolve() == args.model.resolve():
-        raise ValueError("--out must differ from --model (the untuned export is kept)")
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out must be a .safetensors path, got {args.out}")
-    bundle = ModelBundle.load(args.model, resolve_device(args.device))
-    rows = sweep(bundle, args.steps, args.shifts, args.num, args.seed)
-    chosen = write_tuned(bundle, args.model, args.out, rows)
-    report = args.out.with_suffix(".tuning.json")
-    report.write_text(json.dumps({"model": str(args.model), "chosen": chosen, "rows": rows}, indent=1))
-    plot_sweep(rows, args.out.with_suffix(".tuning.png"))
-    for n, times in chosen.items():
-        print(f"{n} steps: times {', '.join(f'{t:.3f}' for t in times)}")
-    print(f"wrote {args.out}, {report.name} and the plot; report it with: vdistill evaluate --model {args.out}")
-    return 0

@@ -1,55 +1,28 @@
-"""The interface every training recipe implements, and the batch it receives.
+"""The interface every training recipe implements.
 
 A recipe owns its networks (the student, and e.g. a frozen teacher or a critic) and turns a batch
 into a scalar loss for the student. The trainer owns everything generic: device placement,
 autocast, the student's optimiser, clipping, EMA, checkpoints, logs and profiling ranges.
 Recipes with networks of their own to train (rCM's critic) do it in `auxiliary_step`, with their
-own optimiser, and put its state in `state_dict` so that resume stays exact; under torchrun they
+own optimiser, and put its state in `extra_state` so that resume stays exact; under torchrun they
 compute those losses through the modules `replicate_auxiliary` hands them.
+
+A distillation recipe (`DistillRecipe`) also says how it is built from a teacher and how its student
+samples: `registry.RECIPES` maps each method name to its class, and `methods/train/runs.py` drives any of
+them the same way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
+from vdistill.methods.data.batch import Batch
 
-@dataclass
-class Batch:
-    x0: torch.Tensor  # (B, C, T, H, W) clean clips or latents
-    text: torch.Tensor  # (B, L, D_text) text embeddings
-    null_text: torch.Tensor  # (1, L, D_text) embedding of the empty prompt (CFG)
-    labels: torch.Tensor | None = None  # (B, 3) attributes, synthetic data only
-    # (index, count): this batch is part `index` of the `count` equal parts of a training step's global batch
-    # (data-parallel ranks x micro-batches, set by the trainer); each part draws kernel noise from its own stream
-    part: tuple[int, int] = (0, 1)
-
-    def to(self, device: torch.device) -> Batch:
-        return replace(
-            self,
-            x0=self.x0.to(device, non_blocking=True),
-            text=self.text.to(device, non_blocking=True),
-            null_text=self.null_text.to(device, non_blocking=True),
-            labels=None if self.labels is None else self.labels.to(device, non_blocking=True),
-        )
-
-    def noise_offset(self, index: int) -> int:
-        """Counter offset of noise stream `index` (e.g. the step) for this part: independent across parts,
-        `index` itself for a step's whole batch."""
-        part, count = self.part
-        return index * count + part
-
-    def split(self, n: int, first_part: int, count: int) -> list[Batch]:
-        """`n` equal micro-batches, parts first_part .. first_part + n - 1 of `count`."""
-        if self.x0.shape[0] % n:
-            raise ValueError(f"grad_accum {n} must divide the batch of {self.x0.shape[0]} clips each rank gets")
-        chunks = [t.chunk(n) if t is not None else [None] * n for t in (self.x0, self.text, self.labels)]
-        return [
-            Batch(x0, text, self.null_text, labels, (first_part + i, count))
-            for i, (x0, text, labels) in enumerate(zip(*chunks))
-        ]
+if TYPE_CHECKING:
+    from vdistill.methods.sampling.generate import ModelBundle
 
 
 class Recipe(nn.Module):
@@ -86,3 +59,23 @@ class Recipe(nn.Module):
     def load_extra_state(self, state: dict) -> None:
         if state:
             raise ValueError(f"recipe {self.name!r} got extra state it does not know: {sorted(state)}")
+
+
+class DistillRecipe(Recipe):
+    """A recipe whose student is distilled from a teacher. Subclasses set `Config` (the dataclass of the
+    method's options, each with a one-line comment: `vdistill distill METHOD --help` lists them) and implement
+    `__init__(teacher_model, cfg, teacher_scale)` and `sampler_meta`."""
+
+    Config: ClassVar[type]
+
+    @classmethod
+    def from_teacher(cls, teacher: ModelBundle, cfg: Any) -> DistillRecipe:
+        """The recipe for a loaded teacher bundle (its model, text encoder, data geometry and guidance scale);
+        the student starts from the teacher's weights. Checks of the teacher go here, before any file is written."""
+        return cls(teacher.model, cfg, teacher.cfg_scale)
+
+    @classmethod
+    def sampler_meta(cls, cfg: Any) -> dict:
+        """Stored in the student's export: how `generate` samples it ({"kind": "ode", ...} or
+        {"kind": "consistency", "times": {...}})."""
+        raise NotImplementedError

@@ -43,22 +43,22 @@ import torch
 from torch import nn
 
 from vdistill.kernels.ema import ema_update_ref
-from vdistill.methods.recipes.base import Batch, Recipe
+from vdistill.methods.data.batch import Batch
+from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.losses import check_loss, regression_loss
-from vdistill.methods.recipes.reflow import check_ode_teacher
-from vdistill.methods.recipes.students import frozen, student_from
+from vdistill.methods.recipes.shared import frozen, student_from
+from vdistill.methods.sampling.generate import ModelBundle, require_ode_sampler
 from vdistill.methods.sampling.samplers import SOLVERS, consistency_times, ode_step, rf_time_grid
-from vdistill.methods.train.trainer import TrainConfig
-from vdistill.models.parameterization import guided, rf_interpolate
+from vdistill.models.parameterization import guided, per_sample, rf_interpolate
 
 
 @dataclass
-class Config:
+class ConsistencyConfig:
     intervals: int = 32  # N: number of adjacent-time intervals of the schedule
     solver: str = "heun"  # the teacher's one ODE step: euler | heun
     shift: float = 1.0  # time-grid shift of the schedule and of the sampling times
-    # μ of the EMA target network (Song et al. 2023); 0 = stop-grad student. 0.99: on the moving-shapes
-    # teacher (CPU, 240 steps) 0 collapsed by step 120, 0.95 reached 0.867 at 4 steps, 0.99 0.922 (README)
+    # μ in [0, 1) of the EMA target network (Song et al. 2023); 0 = stop-grad student, which can collapse
+    # (decay sweep: docs/results/distillation.md)
     target_decay: float = 0.99
     loss: str = "l2"  # l2 | pseudo_huber
     huber_c: float | None = None  # pseudo-Huber c; None = 0.00054·sqrt(elements per sample)
@@ -86,16 +86,29 @@ def consistency_output(
 ) -> torch.Tensor:
     """f(x, s) = x + (end - s)·v(x, s, text) for x [B, ...], s and end [B]: equals x at s = end, and is the
     data prediction x - s·v for end = 0."""
-    jump = (end - s).reshape(-1, *([1] * (x.dim() - 1)))
+    jump = per_sample(end - s, x)
     return x + jump * model(x, s, text).float()
 
 
-class Consistency(Recipe):
+class Consistency(DistillRecipe):
     """Student f_θ matches the target network's f at the teacher's one-step neighbour."""
 
     name = "consistency"
+    Config = ConsistencyConfig
 
-    def __init__(self, teacher: nn.Module, cfg: Config, teacher_scale: float = 1.0):
+    @classmethod
+    def from_teacher(cls, teacher: ModelBundle, cfg: ConsistencyConfig) -> Consistency:
+        require_ode_sampler(teacher)
+        return cls(teacher.model, cfg, teacher.cfg_scale)
+
+    @classmethod
+    def sampler_meta(cls, cfg: ConsistencyConfig) -> dict:
+        if cfg.segments > 1:
+            return {"kind": "ode", "shift": cfg.shift, "segments": cfg.segments}
+        times = {str(n): consistency_times(n, cfg.shift) for n in cfg.sample_steps}
+        return {"kind": "consistency", "shift": cfg.shift, "times": times}
+
+    def __init__(self, teacher: nn.Module, cfg: ConsistencyConfig, teacher_scale: float = 1.0):
         super().__init__()
         self.cfg, self.teacher_scale = cfg, teacher_scale
         self.student = student_from(teacher)
@@ -122,7 +135,7 @@ class Consistency(Recipe):
         if self.target is not None:
             raise ValueError(
                 f"fsdp: {self.name} with target_decay > 0 cannot shard its student yet (its EMA target network is "
-                "a whole copy updated from the student's weights); use data parallelism (torchrun without --fsdp)"
+                "a whole copy updated from the student's weights); use data parallelism (torchrun without train.fsdp)"
             )
 
     def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
@@ -141,21 +154,3 @@ class Consistency(Recipe):
             )
         if self.target is not None:
             self.target.load_state_dict(state["target"])
-
-
-def build_recipe(teacher, cfg: Config) -> Consistency:
-    """`teacher`: a loaded `ModelBundle`; the student starts from its weights."""
-    check_ode_teacher(teacher)
-    return Consistency(teacher.model, cfg, teacher.cfg_scale)
-
-
-def sampler_meta(cfg: Config) -> dict:
-    if cfg.segments > 1:
-        return {"kind": "ode", "shift": cfg.shift, "segments": cfg.segments}
-    times = {str(n): consistency_times(n, cfg.shift) for n in cfg.sample_steps}
-    return {"kind": "consistency", "shift": cfg.shift, "times": times}
-
-
-def default_train() -> TrainConfig:
-    """Moving shapes, `small` DiT: fine-tuning from the teacher, one Heun teacher step (2 guided calls) per step."""
-    return TrainConfig(steps=2000, batch_size=64, lr=1e-4, warmup_steps=100, log_every=50, ckpt_every=500)

@@ -12,31 +12,25 @@ from dataclasses import dataclass
 
 import torch
 
-from vdistill.methods.recipes.base import Batch, Recipe
+from vdistill.methods.data.batch import Batch
+from vdistill.methods.recipes.base import Recipe
+from vdistill.methods.recipes.shared import check_time_sampling, sample_rf_time
 from vdistill.models.parameterization import rf_interpolate
 
 
 @dataclass
 class FlowMatchingConfig:
     cfg_dropout: float = 0.1  # probability of training on the empty prompt
-    time_sampling: str = "logit_normal"  # or "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
+    time_sampling: str = "logit_normal"  # RF time density: logit_normal (SD3) or uniform
+    logit_mean: float = 0.0  # mean of the logit-normal time density (> 0: more high-noise times)
+    logit_std: float = 1.0  # standard deviation of the logit-normal time density (> 0)
 
     def __post_init__(self) -> None:
         if not 0 <= self.cfg_dropout < 1:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
-        if self.time_sampling not in ("logit_normal", "uniform"):
-            raise ValueError(f"time_sampling must be 'logit_normal' or 'uniform', got {self.time_sampling!r}")
+        check_time_sampling(self.time_sampling)
         if self.logit_std <= 0:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
-
-
-def sample_rf_time(b: int, cfg: FlowMatchingConfig, device: torch.device) -> torch.Tensor:
-    """[B] RF times in (0, 1)."""
-    if cfg.time_sampling == "uniform":
-        return torch.rand(b, device=device)
-    return torch.sigmoid(cfg.logit_mean + cfg.logit_std * torch.randn(b, device=device))
 
 
 def drop_text(text: torch.Tensor, null_text: torch.Tensor, p: float) -> torch.Tensor:
@@ -58,7 +52,8 @@ class FlowMatching(Recipe):
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x0 = batch.x0
         eps = torch.randn_like(x0)
-        s = sample_rf_time(x0.shape[0], self.cfg, x0.device)
+        cfg = self.cfg
+        s = sample_rf_time(x0.shape[0], cfg.time_sampling, x0.device, cfg.logit_mean, cfg.logit_std)
         x_s, v = rf_interpolate(x0, eps, s)
         text = drop_text(batch.text, batch.null_text, self.cfg.cfg_dropout)
         pred = self.student(x_s, s, text)

@@ -28,19 +28,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vdistill.methods.recipes.base import Batch, Recipe
+from vdistill.methods.data.batch import Batch
+from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.losses import check_loss, regression_loss
-from vdistill.methods.recipes.reflow import check_ode_teacher
-from vdistill.methods.recipes.students import frozen, student_from
+from vdistill.methods.recipes.shared import frozen, student_from
+from vdistill.methods.sampling.generate import ModelBundle, require_ode_sampler
 from vdistill.methods.sampling.samplers import ode_step, rf_time_grid
-from vdistill.methods.train.trainer import TrainConfig
-from vdistill.models.parameterization import guided, rf_interpolate
+from vdistill.models.parameterization import guided, per_sample, rf_interpolate
 
 log = logging.getLogger("vdistill")
 
 
 @dataclass
-class Config:
+class ProgressiveConfig:
     teacher_steps: int = 64  # Euler steps of the original teacher's grid
     final_steps: int = 1  # student steps after the last stage (teacher_steps / 2^stages)
     stage_steps: tuple[int, ...] = (250, 250, 250, 250, 400, 600)  # training steps per stage (one value: all)
@@ -87,12 +87,22 @@ class Config:
         return self.stages - 1
 
 
-class Progressive(Recipe):
+class Progressive(DistillRecipe):
     """Student v_θ matches two Euler steps of the current teacher with one step of twice the size."""
 
     name = "progressive"
+    Config = ProgressiveConfig
 
-    def __init__(self, teacher: nn.Module, cfg: Config, teacher_scale: float = 1.0):
+    @classmethod
+    def from_teacher(cls, teacher: ModelBundle, cfg: ProgressiveConfig) -> Progressive:
+        require_ode_sampler(teacher)
+        return cls(teacher.model, cfg, teacher.cfg_scale)
+
+    @classmethod
+    def sampler_meta(cls, cfg: ProgressiveConfig) -> dict:
+        return {"kind": "ode", "shift": cfg.shift}
+
+    def __init__(self, teacher: nn.Module, cfg: ProgressiveConfig, teacher_scale: float = 1.0):
         super().__init__()
         self.cfg, self.teacher_scale = cfg, teacher_scale
         self.student = student_from(teacher)
@@ -118,7 +128,7 @@ class Progressive(Recipe):
             scale = self.teacher_scale if self.stage == 0 else 1.0
             velocity = guided(self.teacher, batch.text, batch.null_text, scale)
             x_two = ode_step(velocity, ode_step(velocity, x_s, s, s_mid), s_mid, s_next)
-            target = (x_two.float() - x_s) / (s_next - s).reshape(-1, *([1] * (x0.dim() - 1)))
+            target = (x_two.float() - x_s) / per_sample(s_next - s, x0)
         pred = self.student(x_s, s, batch.text)
         loss = regression_loss(pred, target, self.cfg.loss, self.cfg.huber_c)
         return loss, {"stage": float(self.stage), "student_steps": float(n)}
@@ -129,7 +139,7 @@ class Progressive(Recipe):
     def check_shardable(self) -> None:
         raise ValueError(
             f"fsdp: {self.name} cannot shard its student yet (each stage copies the student's weights into a new "
-            "teacher); use data parallelism (torchrun without --fsdp)"
+            "teacher); use data parallelism (torchrun without train.fsdp)"
         )
 
     def extra_state(self) -> dict:
@@ -142,18 +152,3 @@ class Progressive(Recipe):
             self.stage = state["stage"] - 1
             self._new_teacher()
             self.teacher.load_state_dict(state["teacher"])
-
-
-def build_recipe(teacher, cfg: Config) -> Progressive:
-    """`teacher`: a loaded `ModelBundle`; the stage-1 student starts from its weights."""
-    check_ode_teacher(teacher)
-    return Progressive(teacher.model, cfg, teacher.cfg_scale)
-
-
-def sampler_meta(cfg: Config) -> dict:
-    return {"kind": "ode", "shift": cfg.shift}
-
-
-def default_train() -> TrainConfig:
-    """Moving shapes, `small` DiT: the sum of the default stage lengths (64 -> 1 in six stages)."""
-    return TrainConfig(steps=2000, batch_size=64, lr=1e-4, warmup_steps=100, log_every=50, ckpt_every=500)

@@ -39,9 +39,10 @@ from vdistill.kernels.ema import EMA
 from vdistill.kernels.ema_schedule import EMAProfile
 from vdistill.kernels.scm_tangent import scm_tangent
 from vdistill.kernels.trigflow import trigflow_noise
-from vdistill.methods.recipes.base import Batch, Recipe
+from vdistill.methods.data.batch import Batch
+from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.rcm_dmd import critic_loss, dmd_loss, simulate_to_last_step
-from vdistill.methods.recipes.students import frozen, student_from
+from vdistill.methods.recipes.shared import frozen, student_from
 from vdistill.methods.recipes.trigflow_student import (
     AdaptiveWeight,
     check_mid_times,
@@ -52,12 +53,10 @@ from vdistill.methods.recipes.trigflow_student import (
     trig_model,
     trig_velocity,
 )
-from vdistill.methods.sampling.generate import ModelBundle
 from vdistill.methods.train import distributed
 from vdistill.methods.train.profiling import nvtx_range
-from vdistill.methods.train.trainer import TrainConfig
 from vdistill.models.jvp import jvp
-from vdistill.models.parameterization import trig_x0
+from vdistill.models.parameterization import per_sample, trig_x0
 
 TARGETS = ("stopgrad", "ema")
 JVP_MODES = ("forward_ad", "func", "finite_difference")
@@ -65,33 +64,33 @@ SIM_TIMES = ("proposal", "sampler")
 
 
 @dataclass
-class Config:
+class RCMConfig:
     p_mean: float = -0.8  # sCM time proposal: tan t = exp(N(p_mean, p_std²))
-    p_std: float = 1.6
+    p_std: float = 1.6  # spread of the sCM time proposal (>= 0)
     tangent_warmup: int = 300  # steps over which r ramps 0 -> 1 (DMD starts after it by default)
     tangent_c: float = 0.1  # ĝ = g / (‖g‖ + c)
     target: str = "stopgrad"  # θ⁻: "stopgrad" (the student itself) or "ema" (constant-β EMA copy)
-    target_ema_beta: float = 0.99
+    target_ema_beta: float = 0.99  # decay of the EMA target (target="ema")
     jvp_mode: str = "forward_ad"  # "forward_ad", "func" (torch.func.jvp), or "finite_difference"
     fd_step: float = 1e-3  # finite-difference step along the rearranged tangent
     adaptive_weight: bool = False  # learned w_φ(t) (sCM eq. 9)
-    weight_lr: float = 1e-3
+    weight_lr: float = 1e-3  # learning rate of w_φ(t)
     dmd_weight: float = 0.01  # λ; 0 = sCM only (no critic)
     dmd_start: int = -1  # first step with DMD; -1 = tangent_warmup
     dmd_p_mean: float = 0.0  # DMD proposal (re-noising, critic and, with sim_times="proposal", simulation times)
-    dmd_p_std: float = 1.6
-    dmd_shift: float = 0.0  # > 0: the DMD proposal is the shifted uniform RF schedule (rCM code's shift 5) instead
+    dmd_p_std: float = 1.6  # spread of the DMD proposal (>= 0)
+    dmd_shift: float = 0.0  # > 0: DMD times from the shifted uniform RF schedule instead (rCM's code: 5)
     max_sim_steps: int = 4  # student backward simulation uses 1..max_sim_steps steps
     sim_times: str = "proposal"  # its times: "proposal" (rCM: min(DMD draw, t)) or "sampler" (mid_times_N_max)
     critic_every: int = 1  # critic update frequency (steps)
     critic_updates: int = 1  # critic updates per critic step
-    critic_lr: float = 1e-4
-    critic_betas: tuple[float, float] = (0.0, 0.999)
-    critic_grad_clip: float = 1.0
+    critic_lr: float = 1e-4  # the critic's AdamW learning rate
+    critic_betas: tuple[float, float] = (0.0, 0.999)  # the critic's AdamW (β1, β2)
+    critic_grad_clip: float = 1.0  # max grad norm of the critic's update (0 = off)
     noise_seed: int = 0  # seed of the fused TrigFlow noise (offset from the step and the batch part)
-    mid_times_2: tuple[float, ...] = (1.1,)  # TrigFlow times after π/2 for 2-, 3-, 4-step sampling
-    mid_times_3: tuple[float, ...] = (1.3, 0.8)
-    mid_times_4: tuple[float, ...] = (1.3, 1.0, 0.6)
+    mid_times_2: tuple[float, ...] = (1.1,)  # TrigFlow time after π/2 of 2-step sampling
+    mid_times_3: tuple[float, ...] = (1.3, 0.8)  # TrigFlow times after π/2 of 3-step sampling
+    mid_times_4: tuple[float, ...] = (1.3, 1.0, 0.6)  # TrigFlow times after π/2 of 4-step sampling
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
@@ -139,14 +138,20 @@ class Config:
         return self.tangent_warmup if self.dmd_start < 0 else self.dmd_start
 
 
-class RCM(Recipe):
+class RCM(DistillRecipe):
     """sCM generator loss + DMD regulariser; the student and the critic start from `teacher` (an RF net)."""
 
     name = "rcm"
+    Config = RCMConfig
 
-    def __init__(self, teacher: torch.nn.Module, cfg: Config | None = None, cfg_scale: float = 1.0):
+    @classmethod
+    def sampler_meta(cls, cfg: RCMConfig) -> dict:
+        """Consistency sampling at RF times converted from the TrigFlow times π/2, mid_times_n..."""
+        return {"kind": "consistency", "times": {str(n): rf_sampling_times(cfg.mid_times(n)) for n in (1, 2, 3, 4)}}
+
+    def __init__(self, teacher: torch.nn.Module, cfg: RCMConfig | None = None, cfg_scale: float = 1.0):
         super().__init__()
-        self.cfg = cfg or Config()
+        self.cfg = cfg or RCMConfig()
         self.cfg_scale = float(cfg_scale)
         self.student = student_from(teacher)
         self.critic = student_from(teacher) if self.cfg.dmd_weight > 0 else None
@@ -192,7 +197,7 @@ class RCM(Recipe):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(F⁻, dF⁻/dt) in float32 [B, ...] at (x_t, t) from the target network (no autograd graph)."""
         cs = torch.cos(t) * torch.sin(t)  # [B], > 0 on the clamped proposal
-        cs_x = cs.view(-1, *([1] * (x_t.dim() - 1)))
+        cs_x = per_sample(cs, x_t)
         tangent_x = (cs_x * dxt_dt).to(x_t.dtype)
         model = trig_model(self.student)
         ema_target = self.cfg.target == "ema"
@@ -241,14 +246,14 @@ class RCM(Recipe):
 
         g_hat, g_norm = scm_tangent(f_minus, dxt_dt, x_t, df_dt, t, self.tangent_ratio(step), cfg.tangent_c)
         ok = torch.stack([torch.isfinite(a.detach()).flatten(1).all(1) for a in (g_hat, f_minus, f_theta)]).all(0)
-        ok_x = ok.view(-1, *([1] * (x_t.dim() - 1)))
+        ok_x = per_sample(ok, x_t)
         residual = torch.where(ok_x, f_theta.float() - f_minus - g_hat.float(), 0.0)
-        per_sample = residual.square().flatten(1).mean(1)
-        logs["scm_loss"] = float(per_sample.detach().mean())
+        sample_loss = residual.square().flatten(1).mean(1)
+        logs["scm_loss"] = float(sample_loss.detach().mean())
         if self.weight is not None:
             w = self.weight(t)
-            per_sample = torch.where(ok, torch.exp(-w) * per_sample + w, 0.0)
-        loss = per_sample.mean()
+            sample_loss = torch.where(ok, torch.exp(-w) * sample_loss + w, 0.0)
+        loss = sample_loss.mean()
         nan_samples = int((~ok).sum())
         self.nan_total += nan_samples
         logs.update(nan_samples=float(nan_samples), g_norm=float(g_norm.float().mean()))
@@ -272,7 +277,7 @@ class RCM(Recipe):
     def check_shardable(self) -> None:
         if self.weight is not None:
             raise ValueError("fsdp: rCM's adaptive weight w_φ cannot be trained with a sharded student yet; "
-                             "set adaptive_weight=false or use data parallelism (torchrun without --fsdp)")
+                             "set adaptive_weight=false or use data parallelism (torchrun without train.fsdp)")
 
     def replicate_auxiliary(self, wrap) -> None:
         if self.critic is not None:
@@ -335,21 +340,3 @@ class RCM(Recipe):
             self._weight_optimizer().load_state_dict(state["weight_opt"])
         if self.cfg.target == "ema":
             self._target().load_state_dict(state["target_ema"])
-
-
-# ---- distillation driver contract (methods/train/distill.py) ----------------------------------------------
-def build_recipe(teacher: ModelBundle, cfg: Config) -> RCM:
-    return RCM(teacher.model, cfg, teacher.cfg_scale)
-
-
-def sampler_meta(cfg: Config) -> dict:
-    """Consistency sampling at RF times converted from the TrigFlow times π/2, mid_times_n..."""
-    return {"kind": "consistency", "times": {str(n): rf_sampling_times(cfg.mid_times(n)) for n in (1, 2, 3, 4)}}
-
-
-def default_train() -> TrainConfig:
-    """Moving-shapes benchmark budget (small teacher): 2000 steps of batch 32 (cut short by --time-limit)."""
-    return TrainConfig(steps=2000, batch_size=32, lr=1e-4, warmup_steps=100, log_every=25, ckpt_every=500)
-
-
-__all__ = ["Config", "RCM", "build_recipe", "default_train", "sampler_meta"]

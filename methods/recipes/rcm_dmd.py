@@ -26,7 +26,7 @@ from torch import nn
 
 from vdistill.kernels.trigflow import trigflow_noise
 from vdistill.methods.recipes.trigflow_student import TimeProposal, TrigVelocity, guided_trig_velocity, trig_velocity
-from vdistill.models.parameterization import rf_interpolate, rf_time_from_trig, trig_interpolate, trig_x0
+from vdistill.models.parameterization import per_sample, rf_interpolate, rf_time_from_trig, trig_interpolate, trig_x0
 
 WEIGHT_FLOOR = 1e-5  # lower bound of DMD's normaliser mean|x̂ − x0_real|
 
@@ -59,7 +59,7 @@ def simulate_to_last_step(
 def dmd_direction(x_hat: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor) -> torch.Tensor:
     """DMD's gradient with respect to x̂: (x0_fake − x0_real) / mean|x̂ − x0_real|, all [B, ...]."""
     weight = (x_hat - x0_real).abs().flatten(1).mean(1).clamp_min(WEIGHT_FLOOR)
-    return (x0_fake - x0_real) / weight.view(-1, *([1] * (x_hat.dim() - 1)))
+    return (x0_fake - x0_real) / per_sample(weight, x_hat)
 
 
 def dmd_surrogate(x_hat: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:

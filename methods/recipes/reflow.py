@@ -11,10 +11,10 @@ the teacher ODE runs from s = 1 to s = 0 with CFG at the teacher's scale, so the
 (sampled with scale 1) has the guidance baked in. d is the MSE or the pseudo-Huber distance.
 
 Pairs come online (one teacher ODE solve per batch, `pair_steps` Euler/Heun steps) or offline from
-shards written by `vdistill reflow-pairs` (`pairs=DIR`, methods/data/reflow_pairs.py), whose latents hold
+shards written by `vdistill reflow-pairs` (`method.pairs=DIR`, methods/data/reflow_pairs.py), whose latents hold
 [noise, data] along the channel axis. In offline mode the recipe reads its own shuffled, resumable
 shard loader (its position is part of `extra_state`) and only takes the empty-prompt embedding from
-the trainer's batches; `build_recipe` first checks every shard's header against the teacher's clip
+the trainer's batches; `from_teacher` first checks every shard's header against the teacher's clip
 geometry, text shape and guidance. Repeated rectification (k-rectified flow): pass the (k-1)-rectified
 student's export as the teacher; its guidance is already baked in (scale 1).
 """
@@ -26,19 +26,19 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vdistill.methods.data.batch import Batch
 from vdistill.methods.data.shards import ShardDataset, ShardLoader, shard_meta, shard_paths
-from vdistill.methods.recipes.base import Batch, Recipe
+from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.losses import check_loss, regression_loss
-from vdistill.methods.recipes.pretrain import FlowMatchingConfig, sample_rf_time
-from vdistill.methods.recipes.students import frozen, student_from
+from vdistill.methods.recipes.shared import check_time_sampling, frozen, sample_rf_time, student_from
+from vdistill.methods.sampling.generate import ModelBundle, require_ode_sampler
 from vdistill.methods.sampling.samplers import SOLVERS, sample_rf
 from vdistill.methods.train import distributed
-from vdistill.methods.train.trainer import TrainConfig
 from vdistill.models.parameterization import guided, rf_interpolate
 
 
 @dataclass
-class Config:
+class ReFlowConfig:
     pair_steps: int = 6  # teacher ODE steps per online pair (Heun: 2·6 - 1 = 11 guided teacher calls)
     pair_solver: str = "heun"  # euler | heun
     shift: float = 1.0  # time-grid shift of the teacher ODE and of the student's sampler
@@ -54,21 +54,34 @@ class Config:
             raise ValueError(f"pair_solver must be one of {SOLVERS}, got {self.pair_solver!r}")
         if self.shift <= 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
-        FlowMatchingConfig(cfg_dropout=0.0, time_sampling=self.time_sampling)
+        check_time_sampling(self.time_sampling)
         check_loss(self.loss, self.huber_c)
 
 
-class ReFlow(Recipe):
+class ReFlow(DistillRecipe):
     """Student v_θ (a copy of `teacher`) learns ε - x̂0 on the lines between teacher ODE pairs."""
 
     name = "reflow"
+    Config = ReFlowConfig
 
-    def __init__(self, teacher: nn.Module, cfg: Config, teacher_scale: float = 1.0):
+    @classmethod
+    def from_teacher(cls, teacher: ModelBundle, cfg: ReFlowConfig) -> ReFlow:
+        """Offline pairs are checked against the teacher's clip geometry, text encoder and guidance here, before
+        any run file is written."""
+        require_ode_sampler(teacher)
+        if cfg.pairs is not None:
+            check_pairs(cfg.pairs, teacher.data.clip_shape, (teacher.text.max_len, teacher.text.dim), teacher.cfg_scale)
+        return cls(teacher.model, cfg, teacher.cfg_scale)
+
+    @classmethod
+    def sampler_meta(cls, cfg: ReFlowConfig) -> dict:
+        return {"kind": "ode", "shift": cfg.shift}
+
+    def __init__(self, teacher: nn.Module, cfg: ReFlowConfig, teacher_scale: float = 1.0):
         super().__init__()
         self.cfg, self.teacher_scale = cfg, teacher_scale
         self.student = student_from(teacher)
         self.teacher = frozen(teacher)
-        self.times = FlowMatchingConfig(cfg_dropout=0.0, time_sampling=cfg.time_sampling)
         self.loader: ShardLoader | None = None
 
     @torch.no_grad()
@@ -94,7 +107,7 @@ class ReFlow(Recipe):
 
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         noise, data, text = self.offline_pairs(batch) if self.cfg.pairs else self.online_pairs(batch)
-        s = sample_rf_time(data.shape[0], self.times, data.device)
+        s = sample_rf_time(data.shape[0], self.cfg.time_sampling, data.device)
         x_s, target = rf_interpolate(data, noise, s)
         pred = self.student(x_s, s, text)
         return regression_loss(pred, target, self.cfg.loss, self.cfg.huber_c), {}
@@ -111,13 +124,6 @@ class ReFlow(Recipe):
                 raise ValueError("the checkpoint was trained on offline pairs but this run has no `pairs` directory")
             self.loader = self._pair_loader(int(state["pairs"]["batch_size"]))
             self.loader.load_state_dict(state["pairs"])
-
-
-def check_ode_teacher(teacher) -> None:
-    """ValueError unless the teacher bundle is sampled by an ODE (a flow teacher or an ODE student)."""
-    kind = teacher.meta.get("sampler", {"kind": "ode"}).get("kind")
-    if kind != "ode":
-        raise ValueError(f"teacher must be a flow (ODE) model to distil from, but its export says sampler {kind!r}")
 
 
 def check_pairs(pairs: str, clip_shape: tuple[int, ...], text_shape: tuple[int, int], scale: float) -> None:
@@ -139,22 +145,3 @@ def check_pairs(pairs: str, clip_shape: tuple[int, ...], text_shape: tuple[int, 
                 f"pairs: shard {path} was generated with guidance {made_at}, but this run distils the teacher "
                 f"at guidance {scale} (make pairs at that scale or drop --teacher-cfg)"
             )
-
-
-def build_recipe(teacher, cfg: Config) -> ReFlow:
-    """`teacher`: a loaded `ModelBundle`; the student starts from its weights. Offline pairs are checked
-    against the teacher's clip geometry, text encoder and guidance here, before any run file is written."""
-    check_ode_teacher(teacher)
-    if cfg.pairs is not None:
-        check_pairs(cfg.pairs, teacher.data.clip_shape, (teacher.text.max_len, teacher.text.dim), teacher.cfg_scale)
-    return ReFlow(teacher.model, cfg, teacher.cfg_scale)
-
-
-def sampler_meta(cfg: Config) -> dict:
-    return {"kind": "ode", "shift": cfg.shift}
-
-
-def default_train() -> TrainConfig:
-    """Moving shapes, `small` DiT, fine-tuning from the teacher. An online step costs ~6.5 pretraining steps
-    (11 guided teacher calls); with offline pairs (`vdistill reflow-pairs`) it costs about one."""
-    return TrainConfig(steps=2000, batch_size=64, lr=1e-4, warmup_steps=100, log_every=50, ckpt_every=500)

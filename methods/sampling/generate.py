@@ -42,6 +42,14 @@ class ModelBundle:
         return next(self.model.parameters()).device
 
 
+def require_ode_sampler(teacher: ModelBundle) -> None:
+    """ValueError unless `teacher` is sampled by an ODE (a flow teacher or an ODE student): the recipes that
+    integrate the teacher's ODE need one."""
+    kind = teacher.meta.get("sampler", {"kind": "ode"}).get("kind")
+    if kind != "ode":
+        raise ValueError(f"teacher must be a flow (ODE) model to distil from, but its export says sampler {kind!r}")
+
+
 def balanced_labels(n: int) -> torch.Tensor:
     """[n, 3] labels cycling through all 72 (shape, colour, direction) combinations."""
     if n < 1:

@@ -12,6 +12,8 @@ from collections.abc import Callable
 
 import torch
 
+from vdistill.models.parameterization import per_sample
+
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # v(x [B,...], s [B]) -> [B,...]
 SOLVERS = ("euler", "heun")
 
@@ -55,7 +57,7 @@ def ode_step(
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    h = (s_next - s).reshape(-1, *([1] * (x.dim() - 1))).to(x.dtype)
+    h = per_sample(s_next - s, x).to(x.dtype)
     v = velocity(x, s)
     x_euler = x + h * v
     if solver == "euler" or not bool((s_next > 0).any()):

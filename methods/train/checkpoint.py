@@ -12,6 +12,7 @@ import json
 import os
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -115,3 +116,16 @@ def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[Vide
             f"weights file {path} does not match its config: missing {missing}, unexpected {unexpected}"
         )
     return model.to(device).eval(), meta
+
+
+GROWABLE = ("absolute_positions", "pooled_text")  # zero-initialised paths --init may add
+
+
+def init_from(model: VideoDiT, path: Path) -> None:
+    """Copy an exported model's weights into `model`; the configs must match, except that `model`
+    may add the zero-initialised paths in GROWABLE (the function is unchanged at step 0)."""
+    start, _ = load_dit(path)
+    added = {name: True for name in GROWABLE if getattr(model.cfg, name) and not getattr(start.cfg, name)}
+    if replace(start.cfg, **added) != model.cfg:
+        raise ValueError(f"--init {path}: its model config {start.cfg} differs from the run's {model.cfg}")
+    model.load_state_dict(start.state_dict(), strict=not added)

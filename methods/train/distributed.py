@@ -2,7 +2,7 @@
 
 `torchrun --nproc_per_node N -m vdistill.methods.cli pretrain|distill ...` sets RANK / WORLD_SIZE / LOCAL_RANK;
 the CLI then opens one process group (NCCL for CUDA tensors, gloo for CPU ones, so the same code is
-tested on CPU). Conventions: `--batch-size` is the global batch, each rank takes its slice of the
+tested on CPU). Conventions: `train.batch_size` is the global batch, each rank takes its slice of the
 global batch the single-process run would draw; gradients are averaged by DDP (overlapped with the
 backward); every rank keeps identical weights, optimiser and EMA states; rank 0 alone writes
 checkpoints, logs, evaluations and exports; each rank's RNG state goes into the checkpoint, so a run

@@ -17,15 +17,15 @@ def _sampler_meta(run_config: dict) -> dict:
     """A distillation's sampler, rebuilt from its method config as `distill` writes it; {} for a teacher."""
     if "method" not in run_config:
         return {}
-    from vdistill.methods.train.distill import distiller
+    from vdistill.methods.recipes.registry import recipe_class
 
-    module = distiller(run_config["method"])
-    fields = {f.name for f in dataclasses.fields(module.Config)}
+    recipe = recipe_class(run_config["method"])
+    fields = {f.name for f in dataclasses.fields(recipe.Config)}
     unknown = sorted(set(run_config["method_config"]) - fields)
     if unknown:
         raise ValueError(f"checkpoint: method config fields {unknown} are unknown to this version's "
                          f"{run_config['method']} recipe")
-    return {"sampler": module.sampler_meta(module.Config(**run_config["method_config"]))}
+    return {"sampler": recipe.sampler_meta(recipe.Config(**run_config["method_config"]))}
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, ema_profile: int | None = 0) -> dict:
@@ -35,7 +35,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, ema_profile: int 
         raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
     state = load_checkpoint(checkpoint)
     if "sharded_by_rank" in state:
-        raise ValueError(f"--checkpoint {checkpoint} was written with --fsdp: its EMA is kept as each rank's "
+        raise ValueError(f"--checkpoint {checkpoint} was written with train.fsdp: its EMA is kept as each rank's "
                          "shards, which this command does not gather (profile 0 is in the run's own export)")
     run_config = state["config"]
     weights = dict(state["student"])

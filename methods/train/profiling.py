@@ -5,7 +5,7 @@ so an `nsys` timeline shows teacher, JVP pass, student forward/backward, optimis
 per step. With the `nvtx` package (`pip install -e '.[profile]'`) the ranges go to an NVTX domain
 "vdistill" (`nsys ... --nvtx-domain-include=vdistill`), one colour per phase, on CPU-only runs too
 (nsys traces NVTX on the host); without it they go through `torch.cuda.nvtx` and need CUDA. With no
-profiler attached a range costs about 1 µs of host time (1.4 µs measured on CPU, ~20 ranges a step).
+profiler attached a range costs about a microsecond of host time (docs/profiling.md).
 `CaptureWindow(start, stop)` calls cudaProfilerStart/Stop around steps [start, stop), for
 `nsys profile --capture-range=cudaProfilerApi --capture-range-end=stop`.
 """

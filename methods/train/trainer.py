@@ -52,52 +52,50 @@ def cpu_bf16_is_native() -> bool:
 
 
 def warn_if_emulated_bf16(device: torch.device, precision: str) -> None:
-    """bf16 autocast on a CPU without oneDNN's bf16 path is emulated: 11x slower than fp32 on an AVX2 EPYC
-    (`bench/results/train-step_cpu_20261128T130052Z.json`)."""
+    """Warn that bf16 autocast on a CPU without oneDNN's bf16 path is emulated, far slower than fp32
+    (docs/results/training-step.md)."""
     if precision == "bf16" and device.type == "cpu" and not cpu_bf16_is_native():
         log.warning(
-            "precision bf16 on this CPU (%s, no AVX512/AMX bf16 path) is emulated: about 11x slower than fp32 "
-            "per training step on a 2-core AVX2 EPYC (`vdistill bench train-step` times it); use --precision fp32",
+            "precision bf16 on this CPU (%s, no AVX512/AMX bf16 path) is emulated, far slower than fp32 "
+            "(`vdistill bench train-step` times both); use --set train.precision=fp32",
             torch.backends.cpu.get_cpu_capability(),
         )
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000
+    steps: int = 1000  # optimiser steps
     batch_size: int = 32  # clips per optimiser step, over all ranks and micro-batches
     # micro-batches per step and rank, gradients accumulated (activation memory / grad_accum); rCM's critic
-    # then trains on the last micro-batch's samples (its update stays one micro-batch in size)
+    # then trains on the last micro-batch's samples
     grad_accum: int = 1
-    lr: float = 2e-4
-    adam_betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
+    lr: float = 2e-4  # AdamW learning rate after the warm-up
+    adam_betas: tuple[float, float] = (0.9, 0.99)  # AdamW (β1, β2)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
     warmup_steps: int = 100  # linear LR warm-up
     grad_clip: float = 1.0  # max global grad norm (0 = off)
     ema_sigma_rels: tuple[float, ...] = (0.05, 0.1)  # EDM2 power-EMA profiles; the first is exported
-    log_every: int = 25
-    ckpt_every: int = 500
-    keep_checkpoints: int = 2
-    seed: int = 0
-    device: str = "auto"  # "auto" = cuda if available else cpu
-    # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (2.2x faster on CPUs with
-    # AMX, 11x slower on AVX2-only ones, which get a warning: `vdistill bench train-step`, README); "fp32" = off
+    log_every: int = 25  # steps between metrics.jsonl rows (and progress-bar updates)
+    ckpt_every: int = 500  # steps between checkpoints (one is also written at the end)
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints
+    seed: int = 0  # seeds the model initialisation, the data stream and the torch RNG
+    device: str = "auto"  # "auto" = cuda if available else cpu; or cpu, cuda, cuda:N
+    # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (fast on CPUs with AMX, emulated
+    # and slow on AVX2-only ones, which get a warning: `vdistill bench train-step`); "fp32" = off
     precision: str = "auto"
-    profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop
+    profile_window: tuple[int, int] | None = None  # [start, stop) steps for cudaProfilerStart/Stop (docs/profiling.md)
     # recompute each DiT block's activations in the backward instead of keeping them (every trained DiT of
-    # the recipe: the student, rCM's critic): activation memory of one block input per block, ~1/3 more compute
+    # the recipe: the student, rCM's critic): one block input kept per block, ~1/3 more compute
     activation_checkpointing: bool = False
-    # shard the student over the ranks with FSDP2 (torchrun only): each rank keeps 1/N of its weights,
-    # gradients, optimiser and EMA states; rCM's critic stays replicated (DDP). Not for recipes that copy
-    # the student's weights into networks of their own (progressive, consistency with an EMA target)
+    # shard the student over the ranks with FSDP2 (torchrun only; docs/multi-gpu.md); refused by the recipes
+    # that copy the student's weights into networks of their own (progressive, consistency with an EMA target)
     fsdp: bool = False
-    tensorboard: bool = False
-    time_limit_s: float | None = None  # stop early (checkpointed) once this much wall time has passed
-    # every `eval_every` steps (0 = never) score EMA profile 0 with the trainer's `evaluator` (distillation
-    # sets one: accuracy and FD of `eval_num` clips at 1, 2 and 4 steps); rows go to metrics.jsonl, and
-    # the evaluation's time counts towards wall_s and the time limit
+    tensorboard: bool = False  # also log to TensorBoard (RUN/tb)
+    time_limit_s: float | None = None  # stop early (checkpointed and exported) once this much wall time has passed
+    # every `eval_every` steps (0 = never) score EMA profile 0 with the trainer's `evaluator` (distillation:
+    # accuracy and FD at 1, 2 and 4 steps) into metrics.jsonl; its time counts towards the time limit
     eval_every: int = 0
-    eval_num: int = 64
+    eval_num: int = 64  # clips per in-training evaluation (balanced over the prompts)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "eval_num"):
@@ -242,7 +240,7 @@ class Trainer:
             )
         if ("sharded_by_rank" in state) != self.cfg.fsdp:
             written = "with" if "sharded_by_rank" in state else "without"
-            raise ValueError(f"cannot resume: the checkpoint was written {written} --fsdp; resume the same way")
+            raise ValueError(f"cannot resume: the checkpoint was written {written} train.fsdp; resume the same way")
         if self.cfg.fsdp:
             distributed.load_full_state(self.recipe.student, self.optimizer, state["student"], state["optimizer"])
             local = state["sharded_by_rank"][distributed.rank()]

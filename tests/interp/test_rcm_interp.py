@@ -11,7 +11,7 @@ import torch
 
 from vdistill.kernels.attention import attention_ref
 from vdistill.kernels.scm_tangent import scm_tangent, scm_tangent_ref
-from vdistill.methods.recipes.rcm import RCM, Config
+from vdistill.methods.recipes.rcm import RCM, RCMConfig
 from vdistill.models import layers
 from vdistill.models.dit import build_dit
 
@@ -21,7 +21,7 @@ def test_rcm_jvp_pass_with_kernel_equals_reference(monkeypatch):
     model = build_dit("tiny", dim=32, heads=2).eval()
     for p in model.parameters():  # the output head is zero-initialised: give it weights
         p.data.normal_(0, 0.2)
-    recipe = RCM(model, Config(dmd_weight=0.0))
+    recipe = RCM(model, RCMConfig(dmd_weight=0.0))
     x_t, dxdt = torch.randn(2, 3, 2, 4, 4), torch.randn(2, 3, 2, 4, 4)
     t, text = torch.tensor([0.4, 1.3]), torch.randn(2, 5, 16)
     f, df = recipe.tangent_pass(x_t, t, text, dxdt)

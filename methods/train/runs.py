@@ -1,0 +1,152 @@
+"""Run drivers: flow-matching pretraining of a teacher, and distillation of a teacher file into a student.
+
+`distill` works for every recipe in `methods/recipes/registry.py`: teacher file -> `Recipe.from_teacher`
+-> trainer -> exported student. The student's export records the teacher's data geometry and text encoder
+and the recipe's sampler, so that `vdistill sample/evaluate` work on it unchanged; guidance is baked in
+(cfg_scale = 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from vdistill.methods.data.batches import Prefetched, ShapesBatches
+from vdistill.methods.data.text import WordTextEncoder
+from vdistill.methods.eval.evaluate import evaluate_model
+from vdistill.methods.recipes.pretrain import FlowMatching
+from vdistill.methods.recipes.registry import recipe_class
+from vdistill.methods.sampling.generate import ModelBundle
+from vdistill.methods.train import distributed
+from vdistill.methods.train.checkpoint import init_from
+from vdistill.methods.train.presets import DistillRun, RunConfig, shapes_distill
+from vdistill.methods.train.trainer import Trainer
+from vdistill.models.dit import VideoDiT
+
+log = logging.getLogger("vdistill")
+
+
+def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None = None) -> dict[str, Path]:
+    """Flow-matching pretraining of `run.model` on moving shapes; returns the exported weight files.
+
+    `init`: start from an exported model's weights (continued training; its config must match).
+    """
+    torch.manual_seed(run.train.seed)
+    text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
+    device = str(run.train.resolved_device())
+    data = Prefetched(ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed, device=device))
+    model = VideoDiT(run.model)
+    if init is not None:
+        init_from(model, init)
+    recipe = FlowMatching(model, run.method)
+    trainer = Trainer(recipe, data, run.train, out, run_config=run.to_dict())
+    try:
+        trainer.fit(resume=resume)
+    finally:
+        data.close()
+    paths = trainer.export()
+    if distributed.is_main():
+        log.info("exported %s", ", ".join(str(p) for p in paths.values()))
+    return paths
+
+
+RESUME_KEYS = ("method", "init", "method_config", "model", "data", "text_max_len", "teacher_cfg_scale")
+
+
+def check_resumable(out: str | Path, run_config: dict) -> None:
+    """ValueError if the run in `out` (its config.json) was made with another teacher/student set-up."""
+    path = Path(out) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"cannot resume: {path} is corrupt ({e})") from e
+    new = json.loads(json.dumps(run_config, default=str))
+    for key in RESUME_KEYS:
+        if saved.get(key) != new.get(key):
+            raise ValueError(
+                f"cannot resume the run in {out}: its {key} differs from this run's "
+                f"(saved {saved.get(key)}, now {new.get(key)}); use another --out"
+            )
+
+
+EVAL_STEPS = (1, 2, 4)
+
+
+def student_evaluator(teacher: ModelBundle, meta: dict, num: int):
+    """student -> {acc_all_<n>, fd_<n>} at n in EVAL_STEPS sampling steps: `num` balanced clips, scored as
+    `vdistill evaluate` scores the exported student (same seeds, guidance baked in)."""
+
+    def evaluate(student: torch.nn.Module) -> dict[str, float]:
+        bundle = ModelBundle(student, teacher.text, teacher.data, 1.0, meta)
+        rows = evaluate_model(bundle, list(EVAL_STEPS), num)
+        return {f"{key}_{r['steps']}": r[key] for r in rows for key in ("acc_all", "fd")}
+
+    return evaluate
+
+
+def distill(
+    method: str,
+    teacher_path: str | Path,
+    out: str | Path,
+    run: DistillRun | None = None,
+    resume: bool = False,
+    init: str | Path | None = None,
+    teacher_cfg: float | None = None,
+) -> dict[str, Path]:
+    """Distil the teacher at `teacher_path` with `method`; returns the exported student files.
+
+    `init`: start the student from an exported student's weights instead of the teacher's (e.g. a
+    DMD/rCM fine-tune of a consistency student); the teacher, and rCM's critic, stay the teacher.
+    `teacher_cfg`: the teacher's guidance scale to bake into the student (default: the teacher's own).
+    """
+    if teacher_cfg is not None and not (math.isfinite(teacher_cfg) and teacher_cfg > 0):
+        raise ValueError(f"--teacher-cfg must be a finite number > 0, got {teacher_cfg}")
+    recipe_cls = recipe_class(method)
+    run = run or shapes_distill(method)
+    train, cfg = run.train, run.method
+    if not isinstance(cfg, recipe_cls.Config):
+        raise TypeError(f"run.method must be a {recipe_cls.Config.__name__} for {method!r}, got {type(cfg).__name__}")
+    device = train.resolved_device()
+    teacher = ModelBundle.load(teacher_path, device)
+    if teacher_cfg is not None:
+        teacher = dataclasses.replace(teacher, cfg_scale=teacher_cfg)
+    torch.manual_seed(train.seed)
+    recipe = recipe_cls.from_teacher(teacher, cfg)
+    if init is not None:
+        init_from(recipe.student, Path(init))
+    teacher_run = teacher.meta.get("run_config", {})
+    run_config = {
+        "method": method,
+        "teacher": str(teacher_path),
+        "init": None if init is None else str(init),
+        "method_config": dataclasses.asdict(cfg),
+        "model": teacher.model.cfg.to_dict(),
+        "data": dataclasses.asdict(teacher.data),
+        "text_max_len": teacher.text.max_len,
+        "teacher_cfg_scale": teacher.cfg_scale,
+        "cfg_scale": 1.0,  # guidance is baked into the student
+        "teacher_run": teacher_run.get("train"),
+    }
+    if resume:
+        check_resumable(out, run_config)
+    data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed, device=str(device)))
+    trainer = Trainer(recipe, data, train, out, run_config=run_config)
+    trainer.export_meta = {"sampler": recipe_cls.sampler_meta(cfg)}
+    if train.eval_every:
+        trainer.evaluator = student_evaluator(teacher, trainer.export_meta, train.eval_num)
+    try:
+        trainer.fit(resume=resume)
+    finally:
+        data.close()
+    paths = trainer.export()
+    if distributed.is_main():
+        (Path(out) / "method_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
+        log.info("exported %s", ", ".join(str(p) for p in paths.values()))
+    return paths
