@@ -146,6 +146,7 @@ def test_reference_jvp_against_finite_differences():
     torch.testing.assert_close(o, attention(q, k, v), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_ops_pass_opcheck():
     q, k, v = _inputs(1, 2, 5, 7, 16, dtype=torch.float32)
     torch.library.opcheck(attention_fwd_op, (q, k, v, 0.25))
@@ -154,6 +155,7 @@ def test_ops_pass_opcheck():
     torch.library.opcheck(attention_fwd_jvp_op, (q, k, v, *_inputs(1, 2, 5, 7, 16, dtype=torch.float32, seed=2), 0.25))
 
 
+@pytest.mark.slow
 def test_torch_compile_forward_and_backward():
     """The op wiring (custom ops + AttentionFunction) and the public reference path under torch.compile."""
     torch._dynamo.reset()

@@ -12,6 +12,7 @@ from vdistill.bench.micro.checks import check_close
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_micro_benchmarks_pass_their_checks_once():
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "bench/micro", "-q", "--benchmark-disable", "-p", "no:cacheprovider"],

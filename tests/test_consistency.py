@@ -22,6 +22,7 @@ from vdistill.methods.sampling.samplers import rf_time_grid
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
     torch.manual_seed(0)
     cfg = consistency.ConsistencyConfig(intervals=32, solver="euler", target_decay=0.95)
@@ -35,6 +36,7 @@ def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
     assert student["sw"] < teacher["sw"] / 2 and student["energy"] < teacher["energy"] / 2
 
 
+@pytest.mark.slow
 def test_two_segment_student_at_two_steps_is_twice_as_close_as_the_teacher(tmp_path):
     # Multistep consistency: 2 segments, sampled deterministically by Euler steps onto the segment ends.
     torch.manual_seed(0)

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from vdistill.methods.cli.main import main
 from vdistill.methods.data.shards import read_shard, write_shard
+from vdistill.methods.recipes.registry import recipe_class
 from vdistill.methods.train.checkpoint import load_checkpoint, read_weights_meta, save_checkpoint
 from vdistill.methods.train.logs import read_metrics
 
@@ -102,8 +103,12 @@ def test_pairs_of_another_geometry_are_refused(teacher, tmp_path, capsys):
 
 def test_unknown_method_missing_and_corrupt_teacher(teacher, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["distill", "dmd9", "--teacher", str(teacher), "--out", str(out)]) == 2
-    assert "unknown distillation method 'dmd9'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse: the methods are subcommands
+        main(["distill", "dmd9", "--teacher", str(teacher), "--out", str(out)])
+    assert exc.value.code == 2
+    assert "invalid choice: 'dmd9'" in (err := capsys.readouterr().err) and "'rcm'" in err
+    with pytest.raises(ValueError, match="unknown distillation method 'dmd9'"):  # the Python entry point
+        recipe_class("dmd9")
     assert _distill("reflow", tmp_path / "none.safetensors", out) == 2
     assert "does not exist" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"

@@ -34,6 +34,7 @@ def test_rank_parts_make_up_the_single_process_batch():
         assert torch.equal(torch.cat([s[2] for s in split]), labels)
 
 
+@pytest.mark.slow
 def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
     """Deterministic loss: 2 ranks x 2 clips (the halves of the single process's batch) == 1 process x 4
     clips (gradient mean, clipping, AdamW, EMA, an in-training evaluation); the loss rank 0 logs (the mean
@@ -51,6 +52,7 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
     assert [e["step"] for e in evals] == [2]  # written once, by rank 0
 
 
+@pytest.mark.slow
 def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     """rCM with critic, w_φ and EMA target: the ranks hold the same weights (student, EMA, critic, w_φ); a
     run cut at step 2 and resumed on two ranks ends bit-identical to the uninterrupted one."""
@@ -67,6 +69,7 @@ def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
         trainer("rcm", tmp_path / "cut", steps=6).fit(resume=True)
 
 
+@pytest.mark.slow
 def test_two_ranks_accumulating_two_micro_batches_train_as_one_process(tmp_path):
     """8 clips per step as 2 ranks x 2 micro-batches x 2 clips (no all-reduce but for the last) == 1 x 8."""
     single = trainer("denoise", tmp_path / "single", steps=2, batch_size=8)
@@ -78,6 +81,7 @@ def test_two_ranks_accumulating_two_micro_batches_train_as_one_process(tmp_path)
         assert [r[key] for r in ranks[0]["rows"]] == pytest.approx([r[key] for r in single_rows], rel=1e-5), key
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["reflow", "progressive", "consistency"])
 def test_every_recipe_keeps_the_ranks_identical(tmp_path, method):
     ranks = fit_on_two_ranks(method, tmp_path / method, steps=2)
@@ -101,6 +105,7 @@ def _torchrun_pretrain(out: Path, batch_size: int) -> subprocess.CompletedProces
                     "--out", str(out))
 
 
+@pytest.mark.slow
 def test_pretrain_cli_undertorchrun(tmp_path):
     """`torchrun --nproc_per_node 2 -m vdistill.methods.cli pretrain`: one set of files, written by rank 0, with each
     rank's RNG state in the checkpoint; a global batch the ranks cannot split is refused by name."""
@@ -119,6 +124,7 @@ def test_pretrain_cli_undertorchrun(tmp_path):
     assert "batch_size 3 is the global batch and must be divisible by the 2 ranks" in odd.stderr
 
 
+@pytest.mark.slow
 def test_reflow_pairs_under_torchrun_write_the_single_process_shards(tmp_path):
     """Two ranks share the shards (rank r writes r, r + 2, ...) and write the files one process writes."""
     assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=1", "--out", str(tmp_path / "teacher")]) == 0

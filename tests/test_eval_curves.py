@@ -33,7 +33,7 @@ def test_curves_are_read_per_sampling_step_and_plotted(tmp_path):
 def test_runs_without_evaluations_are_refused_by_name(tmp_path, capsys):
     plain = _run(tmp_path / "plain", [{"step": 1, "loss": 0.5}])
     assert main(["plot-evals", str(plain), "--out", str(tmp_path / "x.png")]) == 2
-    assert "plain" in (err := capsys.readouterr().err) and "--eval-every" in err
+    assert "plain" in (err := capsys.readouterr().err) and "train.eval_every" in err
     assert main(["plot-evals", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     broken = _run(tmp_path / "broken", [])

@@ -15,6 +15,7 @@ from vdistill.methods.train.checkpoint import list_checkpoints
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
 
+@pytest.mark.slow
 def test_sharded_student_trains_as_one_process_with_the_whole_batch(tmp_path):
     """Deterministic loss, 2 ranks with FSDP2 == 1 process (reduce-scattered gradients, clipping by the global
     norm, AdamW and the EMA on shards, a collective in-training evaluation, a checkpoint at step 2)."""
@@ -29,6 +30,7 @@ def test_sharded_student_trains_as_one_process_with_the_whole_batch(tmp_path):
     assert [e["step"] for e in evals] == [2]
 
 
+@pytest.mark.slow
 def test_sharded_student_accumulating_micro_batches_trains_as_one_process(tmp_path):
     """8 clips per step as 2 ranks x 2 micro-batches x 2 clips (gradients reduce-scattered after the last) == 1 x 8."""
     single = trainer("denoise", tmp_path / "single", steps=2, batch_size=8)
@@ -37,6 +39,7 @@ def test_sharded_student_accumulating_micro_batches_trains_as_one_process(tmp_pa
     assert_same(ranks[0]["state"], final_state(single), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_sharded_rcm_trains_as_under_ddp_and_resumes_exactly(tmp_path):
     """rCM with DMD, critic (replicated), EMA target (on shards, swapped in for the JVP pass) and activation
     checkpointing: FSDP2 gives DDP's weights; stopped at step 2 and resumed, it ends where the uninterrupted
@@ -50,6 +53,7 @@ def test_sharded_rcm_trains_as_under_ddp_and_resumes_exactly(tmp_path):
     assert_same(resumed[0]["state"], full[0]["state"], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["reflow", "rcm-stopgrad"])
 def test_sharded_recipe_trains_as_under_ddp(tmp_path, kind):
     """ReFlow; rCM with its default stop-grad target, whose no-grad JVP and simulation forwards leave the root's
@@ -73,6 +77,7 @@ def test_what_cannot_be_sharded_is_refused(tmp_path, kind, message):
         trainer(kind, tmp_path, steps=1, fsdp=True)
 
 
+@pytest.mark.slow
 def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
     """`torchrun ... pretrain --set train.fsdp=true`: the whole weights gathered into the checkpoint and both
     exports, equal to the DDP run's; a sharded checkpoint is not resumed without train.fsdp."""

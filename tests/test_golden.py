@@ -48,6 +48,7 @@ def test_tiny_pretrain_follows_its_golden_curve(tmp_path):
     _check("pretrain_tiny", rows)
 
 
+@pytest.mark.slow
 def test_tiny_rcm_follows_its_golden_curve(tmp_path):
     """rCM from a random tiny teacher with every weight drawn (its zero-initialised head would make every
     velocity 0): sCM alone for two steps, then with DMD and the critic."""

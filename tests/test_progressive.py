@@ -11,6 +11,7 @@ from vdistill.methods.recipes.progressive import Progressive, ProgressiveConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
     torch.manual_seed(0)
     cfg = ProgressiveConfig(teacher_steps=32, final_steps=1, stage_steps=(80,))

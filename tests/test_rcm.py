@@ -125,6 +125,7 @@ def _toy_sw(recipe, cfg, steps, data):
     return sliced_wasserstein(x, data)
 
 
+@pytest.mark.slow
 def test_toy_scm_and_rcm_students_beat_the_teacher_at_one_step(one_thread):
     """1-step students at least 2x closer to the data than the 1-step teacher; rCM at 2 steps no worse
     than sCM at 2 steps up to the metric's resolution (SW between two independent data sets)."""

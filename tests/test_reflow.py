@@ -12,6 +12,7 @@ from vdistill.methods.recipes import reflow
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+@pytest.mark.slow
 def test_one_step_student_is_twice_as_close_as_the_teacher(tmp_path):
     torch.manual_seed(0)
     recipe = reflow.ReFlow(toy_teacher(), reflow.ReFlowConfig(pair_steps=8, pair_solver="heun"))

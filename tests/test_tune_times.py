@@ -20,10 +20,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
-    assert main(["pretrain", "--preset", "tiny", "--steps", "2", "--batch-size", "2", "--out", str(root / "t")]) == 0
+    tiny = ["--preset", "tiny", "--set", "train.steps=2", "--set", "train.batch_size=2"]
+    assert main(["pretrain", *tiny, "--out", str(root / "t")]) == 0
     teacher = root / "t" / "student_ema.safetensors"
-    args = ["distill", "consistency", "--teacher", str(teacher), "--out", str(root / "cd"), "--steps", "2"]
-    assert main([*args, "--batch-size", "2", "--device", "cpu", "--set", "intervals=4", "--set", "solver=euler"]) == 0
+    assert main(["distill", "consistency", "--teacher", str(teacher), "--out", str(root / "cd"), *tiny]) == 0
     return teacher, root / "cd" / "student_ema.safetensors"
 
 
