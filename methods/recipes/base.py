@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vdistill.methods.data.batch import Batch
+from vdistill.methods.sampling.generate import require_ode_sampler
 
 if TYPE_CHECKING:
     from vdistill.methods.sampling.generate import ModelBundle
@@ -67,11 +68,14 @@ class DistillRecipe(Recipe):
     `__init__(teacher_model, cfg, teacher_scale)` and `sampler_meta`."""
 
     Config: ClassVar[type]
+    integrates_teacher_ode: ClassVar[bool] = False  # the recipe steps the teacher's ODE: it needs a flow teacher
 
     @classmethod
     def from_teacher(cls, teacher: ModelBundle, cfg: Any) -> DistillRecipe:
         """The recipe for a loaded teacher bundle (its model, text encoder, data geometry and guidance scale);
         the student starts from the teacher's weights. Checks of the teacher go here, before any file is written."""
+        if cls.integrates_teacher_ode:
+            require_ode_sampler(teacher)
         return cls(teacher.model, cfg, teacher.cfg_scale)
 
     @classmethod

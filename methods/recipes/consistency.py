@@ -47,7 +47,6 @@ from vdistill.methods.data.batch import Batch
 from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.losses import check_loss, regression_loss
 from vdistill.methods.recipes.shared import frozen, student_from
-from vdistill.methods.sampling.generate import ModelBundle, require_ode_sampler
 from vdistill.methods.sampling.samplers import SOLVERS, consistency_times, ode_step, rf_time_grid
 from vdistill.models.parameterization import guided, per_sample, rf_interpolate
 
@@ -95,11 +94,7 @@ class Consistency(DistillRecipe):
 
     name = "consistency"
     Config = ConsistencyConfig
-
-    @classmethod
-    def from_teacher(cls, teacher: ModelBundle, cfg: ConsistencyConfig) -> Consistency:
-        require_ode_sampler(teacher)
-        return cls(teacher.model, cfg, teacher.cfg_scale)
+    integrates_teacher_ode = True
 
     @classmethod
     def sampler_meta(cls, cfg: ConsistencyConfig) -> dict:

@@ -31,7 +31,7 @@ from vdistill.methods.data.shards import ShardDataset, ShardLoader, shard_meta, 
 from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.losses import check_loss, regression_loss
 from vdistill.methods.recipes.shared import check_time_sampling, frozen, sample_rf_time, student_from
-from vdistill.methods.sampling.generate import ModelBundle, require_ode_sampler
+from vdistill.methods.sampling.generate import ModelBundle
 from vdistill.methods.sampling.samplers import SOLVERS, sample_rf
 from vdistill.methods.train import distributed
 from vdistill.models.parameterization import guided, rf_interpolate
@@ -63,15 +63,15 @@ class ReFlow(DistillRecipe):
 
     name = "reflow"
     Config = ReFlowConfig
+    integrates_teacher_ode = True
 
     @classmethod
     def from_teacher(cls, teacher: ModelBundle, cfg: ReFlowConfig) -> ReFlow:
         """Offline pairs are checked against the teacher's clip geometry, text encoder and guidance here, before
         any run file is written."""
-        require_ode_sampler(teacher)
         if cfg.pairs is not None:
             check_pairs(cfg.pairs, teacher.data.clip_shape, (teacher.text.max_len, teacher.text.dim), teacher.cfg_scale)
-        return cls(teacher.model, cfg, teacher.cfg_scale)
+        return super().from_teacher(teacher, cfg)
 
     @classmethod
     def sampler_meta(cls, cfg: ReFlowConfig) -> dict:

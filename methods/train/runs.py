@@ -44,7 +44,11 @@ def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None 
     if init is not None:
         init_from(model, init)
     recipe = FlowMatching(model, run.method)
-    trainer = Trainer(recipe, data, run.train, out, run_config=run.to_dict())
+    return _fit_and_export(Trainer(recipe, data, run.train, out, run_config=run.to_dict()), data, resume)
+
+
+def _fit_and_export(trainer: Trainer, data: Prefetched, resume: bool) -> dict[str, Path]:
+    """Train, stop the data thread whatever happens, export; the exported files by name."""
     try:
         trainer.fit(resume=resume)
     finally:
@@ -141,12 +145,7 @@ def distill(
     trainer.export_meta = {"sampler": recipe_cls.sampler_meta(cfg)}
     if train.eval_every:
         trainer.evaluator = student_evaluator(teacher, trainer.export_meta, train.eval_num)
-    try:
-        trainer.fit(resume=resume)
-    finally:
-        data.close()
-    paths = trainer.export()
+    paths = _fit_and_export(trainer, data, resume)
     if distributed.is_main():
         (Path(out) / "method_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
-        log.info("exported %s", ", ".join(str(p) for p in paths.values()))
     return paths
