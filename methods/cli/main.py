@@ -16,6 +16,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vdistill.methods.cli import commands
 from vdistill.methods.train import distributed
+from vdistill.methods.train.trainer import TrainingDiverged
 
 log = logging.getLogger("vdistill")
 
@@ -299,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         # torchrun (WORLD_SIZE > 1): one process group for the command; log lines print above the progress bars
         with distributed.process_group_from_env(), logging_redirect_tqdm():
             return handlers[args.command](args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
         print(f"vdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -223,6 +223,10 @@ class RCM(DistillRecipe):
             dxt_dt = guided_trig_velocity(self.teacher, text, batch.null_text, self.cfg_scale)(x_t, t).float()
         with nvtx_range("jvp"):
             f_target, df_dt = self.tangent_pass(x_t, t, text, dxt_dt)
+        # samples whose inputs or targets are not finite enter the student as zeros: their loss is masked
+        # below, and finite activations make their gradient exactly zero (0 · NaN would poison every weight)
+        ok_in = torch.stack([torch.isfinite(a).flatten(1).all(1) for a in (x_t, dxt_dt, f_target, df_dt)]).all(0)
+        x_in = torch.where(per_sample(ok_in, x_t), x_t, 0.0)
 
         dmd = self.dmd_active(step)
         logs: dict[str, float] = {"tangent_r": self.tangent_ratio(step)}
@@ -235,17 +239,18 @@ class RCM(DistillRecipe):
                     trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_time, cfg.sim_mid_times
                 )
             with nvtx_range("student"):
-                both = trig_velocity(self.student, torch.cat([text, text]))(torch.cat([x_t, g_x]), torch.cat([t, g_t]))
+                both = trig_velocity(self.student, torch.cat([text, text]))(torch.cat([x_in, g_x]), torch.cat([t, g_t]))
             f_theta, f_gen = both.chunk(2)
             x_hat = trig_x0(g_x, g_t, f_gen.to(g_x.dtype))
             logs["sim_steps"] = float(sim_steps)
         else:
             with nvtx_range("student"):
-                f_theta = trig_velocity(self.student, text)(x_t, t)
+                f_theta = trig_velocity(self.student, text)(x_in, t)
         f_minus = f_theta.detach().float() if cfg.target == "stopgrad" else f_target
 
         g_hat, g_norm = scm_tangent(f_minus, dxt_dt, x_t, df_dt, t, self.tangent_ratio(step), cfg.tangent_c)
-        ok = torch.stack([torch.isfinite(a.detach()).flatten(1).all(1) for a in (g_hat, f_minus, f_theta)]).all(0)
+        outputs = (g_hat, f_minus, f_theta)
+        ok = ok_in & torch.stack([torch.isfinite(a.detach()).flatten(1).all(1) for a in outputs]).all(0)
         ok_x = per_sample(ok, x_t)
         residual = torch.where(ok_x, f_theta.float() - f_minus - g_hat.float(), 0.0)
         sample_loss = residual.square().flatten(1).mean(1)

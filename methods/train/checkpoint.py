@@ -1,7 +1,9 @@
 """Atomic checkpoints (training state) and exported weights (safetensors + config).
 
 Training checkpoints are `torch.save` dicts written to a temporary file in the same directory and
-renamed into place, so a crash never leaves a partial file under the final name. Exported
+renamed into place, so a crash never leaves a partial file under the final name; they hold tensors and plain
+containers only and are read with `weights_only=True` (no code in a file runs), and neither they nor exports
+are written when a tensor holds a NaN or inf. Exported
 weights are safetensors with the model config and provenance in the metadata, loadable without
 pickle.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import tempfile
 from dataclasses import replace
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from vdistill.models.dit import DiTConfig, VideoDiT
 
@@ -36,18 +40,52 @@ def _atomic_write(path: Path, write) -> None:
         raise
 
 
+def _non_finite(value, name: str = "") -> str | None:
+    """The key path of the first floating-point tensor in a nest of dicts/lists/tuples with a NaN or inf."""
+    if isinstance(value, torch.Tensor):
+        if isinstance(value, DTensor):  # this rank's shard: a reduction over a DTensor would be a collective
+            value = value.to_local()
+        finite = not value.is_floating_point() or bool(torch.isfinite(value).all())
+        return None if finite else name
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{name}/{key}" if name else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def check_finite(state, path: str | Path) -> None:
+    """Refuse to write `state` to `path` when a floating-point tensor in it holds a NaN or inf."""
+    bad = _non_finite(state)
+    if bad is not None:
+        raise ValueError(f"not writing {path}: tensor {bad!r} has non-finite values (NaN/inf); "
+                         "the files already there are left as they were")
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save `state` to `path` atomically (write to a temp file, then rename)."""
+    """torch.save `state` to `path` atomically (write to a temp file, then rename); refused when a tensor of
+    `state` is not finite."""
+    check_finite(state, path)
     _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """Load a training checkpoint; clear errors for a missing or corrupt file."""
+    """Load a training checkpoint without running code stored in it (`weights_only`: tensors and plain
+    containers only); clear errors for a missing, corrupt, unsafe or pre-`weights_only` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):  # garbage, not an object outside the allow-list
+            raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {e}") from e
+        raise ValueError(
+            f"checkpoint {path} holds objects other than tensors and plain containers, which are not loaded (they "
+            f"could run code); checkpoints written before vdistill stored its RNG states as tensors are refused "
+            f"this way too: {e}"
+        ) from e
     except Exception as e:  # torch raises several types for truncated/garbage files
         raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {e}") from e
     if not isinstance(state, dict) or "step" not in state:
@@ -75,8 +113,9 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
 
 def save_weights(path: str | Path, model: VideoDiT, meta: dict | None = None, state: dict | None = None) -> None:
     """Export a DiT as safetensors (float32) with its config (and `meta`) in the header, atomically.
-    `state`: the weights to write (default: the model's own state dict)."""
+    `state`: the weights to write (default: the model's own state dict); refused when one is not finite."""
     state = model.state_dict() if state is None else state
+    check_finite(state, path)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
     header = {"format": "vdistill-dit", "version": "1", "config": json.dumps(model.cfg.to_dict())}
     header.update({k: json.dumps(v) for k, v in (meta or {}).items()})

@@ -9,6 +9,27 @@ from pathlib import Path
 log = logging.getLogger("vdistill")
 
 
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl. A last line that does not parse is the torn tail of a killed write:
+    dropped with a warning; a bad line anywhere else is an error naming the file and line."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as e:
+            if number == len(lines):
+                log.warning("%s: dropping its torn last line %d (%s)", path, number, e)
+                break
+            raise ValueError(f"{path}, line {number}: corrupt metrics row ({e}): {line[:80]!r}") from e
+        rows.append(row)
+    return rows
+
+
 class RunLog:
     """Append-only JSONL metrics file; on resume, lines past the resumed step are dropped. A disabled log
     (data-parallel ranks other than 0) touches no file."""
@@ -23,10 +44,8 @@ class RunLog:
         self.path = Path(run_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [
-                ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= resume_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [row for row in _read_rows(self.path) if row["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(row) + "\n" for row in kept))
         elif resume_step is None:
             self.path.write_text("")
         if tensorboard:
@@ -51,5 +70,6 @@ class RunLog:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The rows of RUN/metrics.jsonl ([] when there is none); a torn last line is dropped with a warning."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln] if path.exists() else []
+    return _read_rows(path) if path.exists() else []

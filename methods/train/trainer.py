@@ -2,7 +2,8 @@
 
 Per step: next batch -> recipe loss under autocast (`precision`; bf16 on CUDA by default) ->
 backward -> grad clipping -> fused AdamW -> EMA update (`kernels.ema`, all tensors in one or a
-few launches) -> optional auxiliary update (critic). Every phase sits in an NVTX range; a capture window drives
+few launches) -> optional auxiliary update (critic); a step whose gradient norm is not finite is skipped (no
+update) and `max_bad_steps` such steps in a row stop the run. Every phase sits in an NVTX range; a capture window drives
 `nsys --capture-range=cudaProfilerApi`. Checkpoints hold the student, optimiser, EMA, recipe
 extra state, data position and all RNG states, written atomically, so a resumed run reproduces
 the uninterrupted one exactly (on CPU bit for bit). Under torchrun the loss goes through DDP (or the
@@ -32,6 +33,7 @@ from vdistill.kernels.ema import EMA, EMAProfile
 from vdistill.methods.recipes.base import Recipe
 from vdistill.methods.train import distributed
 from vdistill.methods.train.checkpoint import (
+    check_finite,
     checkpoint_path,
     list_checkpoints,
     load_checkpoint,
@@ -60,6 +62,10 @@ def warn_if_emulated_bf16(device: torch.device, precision: str) -> None:
             "(`vdistill bench train-step` times both); use --set train.precision=fp32",
             torch.backends.cpu.get_cpu_capability(),
         )
+
+
+class TrainingDiverged(RuntimeError):
+    """`max_bad_steps` training steps in a row had a non-finite gradient norm."""
 
 
 @dataclass
@@ -96,9 +102,10 @@ class TrainConfig:
     # accuracy and FD at 1, 2 and 4 steps) into metrics.jsonl; its time counts towards the time limit
     eval_every: int = 0
     eval_num: int = 64  # clips per in-training evaluation (balanced over the prompts)
+    max_bad_steps: int = 10  # stop after this many consecutive steps skipped for a non-finite gradient norm (>= 1)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "eval_num"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_num", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
@@ -118,7 +125,11 @@ class TrainConfig:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """All RNG states as tensors and plain containers, which `torch.load(weights_only=True)` reads back."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "gauss": float(gauss)}
+    state = {"torch": torch.get_rng_state(), "numpy": numpy_state, "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -130,7 +141,8 @@ def _to_cpu(value):
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -195,6 +207,8 @@ class Trainer:
         )
         self.ema = EMA(recipe.student, [EMAProfile(sigma_rel=s) for s in cfg.ema_sigma_rels])
         self.step = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite gradient norm, in all
+        self.bad_streak = 0  # ... of them, the consecutive ones up to now
         self.run_config = {"train": asdict(cfg), **(run_config or {})}
         self.export_meta: dict = {}  # extra metadata for exported weights (e.g. the student's sampler)
         # scores for the student with EMA profile 0 swapped in (see TrainConfig.eval_every); must not draw
@@ -209,6 +223,8 @@ class Trainer:
         rng_by_rank = distributed.gather_objects(_rng_state())
         state = {
             "step": self.step,
+            "skipped_steps": self.skipped_steps,
+            "bad_streak": self.bad_streak,
             "data": self.data.state_dict(),
             "rng": rng_by_rank[0],
             "world_size": len(rng_by_rank),
@@ -253,6 +269,7 @@ class Trainer:
         self.data.load_state_dict(state["data"])
         _set_rng_state(state["rng_by_rank"][distributed.rank()] if world > 1 else state["rng"])
         self.step = state["step"]
+        self.skipped_steps, self.bad_streak = state["skipped_steps"], state["bad_streak"]
 
     def save(self) -> Path:
         path = checkpoint_path(self.run_dir, self.step)
@@ -287,6 +304,8 @@ class Trainer:
             with self.ema.swapped(student, profile=0):
                 ema = {k: v.clone() for k, v in student.state_dict().items()}
         if distributed.is_main():
+            check_finite(raw, paths["raw"])  # both checked before either is written
+            check_finite(ema, paths["ema"])
             save_weights(paths["raw"], student, meta, state=raw)
             save_weights(paths["ema"], student, {**meta, "ema_sigma_rel": self.cfg.ema_sigma_rels[0]}, state=ema)
         return paths
@@ -323,8 +342,6 @@ class Trainer:
             with self._accumulating(last=i == accum - 1):
                 with nvtx_range("student_forward"), self._autocast():
                     loss, logs = self.recipe_loss(micro, step)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {step}")
                 with nvtx_range("student_backward"):
                     (loss / accum).backward()
             losses.append(loss.item())
@@ -335,6 +352,11 @@ class Trainer:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.recipe.student.parameters(), clip)
             if isinstance(grad_norm, DTensor):  # sharded gradients: the norm over all ranks' shards
                 grad_norm = grad_norm.full_tensor()
+            # the norm of the all-reduced (DDP) or fully reduced (FSDP) gradients: the same on every rank, so
+            # every rank takes the same decision without a collective of its own
+            if not math.isfinite(float(grad_norm)):
+                return self._skip_step(step, losses, logs, float(grad_norm))
+            self.bad_streak = 0
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(step)
             self.optimizer.step()
@@ -342,7 +364,30 @@ class Trainer:
             self.ema.update()
         with nvtx_range("auxiliary"), self._autocast():
             aux = self.recipe.auxiliary_step(batch, step)
-        return {"loss": sum(losses) / accum, "grad_norm": float(grad_norm), "lr": self._lr(step), **logs, **aux}
+        return {
+            "loss": sum(losses) / accum, "grad_norm": float(grad_norm), "lr": self._lr(step),
+            "skipped_steps": float(self.skipped_steps), **logs, **aux,
+        }
+
+    def _skip_step(self, step: int, losses: list[float], logs: dict[str, float], grad_norm: float) -> dict:
+        """Drop a step whose gradient norm is not finite: no optimiser, EMA or auxiliary update; its gradients
+        are discarded. Raises once `max_bad_steps` steps in a row were skipped."""
+        for module in self.recipe.trained_by_loss():
+            module.zero_grad(set_to_none=True)
+        self.skipped_steps += 1
+        self.bad_streak += 1
+        log.warning("step %d: gradient norm %s is not finite; step skipped (%d in a row)", step, grad_norm,
+                    self.bad_streak)
+        if self.bad_streak >= self.cfg.max_bad_steps:
+            raise TrainingDiverged(
+                f"{self.bad_streak} consecutive steps (up to step {step}) had a non-finite gradient norm "
+                f"(train.max_bad_steps={self.cfg.max_bad_steps}); stopping with the last checkpoint intact. "
+                "Lower train.lr or lengthen train.warmup_steps"
+            )
+        return {
+            "loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self._lr(step),
+            "skipped_steps": float(self.skipped_steps), **logs,
+        }
 
     def _evaluate(self, runlog: RunLog, bar: tqdm) -> None:
         """Rank 0 scores the EMA student while the other ranks wait; a sharded student's forwards need every
