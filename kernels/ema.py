@@ -14,8 +14,10 @@ One Triton launch per parameter dtype updates ALL parameters and ALL (≤ 4) pro
 each parameter once: per-program device tables hold the address of the program's block of
 parameter elements (int64, cast to a typed pointer in the kernel), the matching offset in the
 flat EMA buffers and the element count (a block never spans two tensors). bf16/fp16 parameters
-are converted in registers, never copied. The tables are rebuilt only when a parameter's storage
-changes (its data_ptr moves).
+are converted in registers, never copied. Each update compares every parameter's (data_ptr,
+shape, stride, dtype, device) with the last update's: a new storage or dtype rebuilds the tables; a
+new shape or layout (non-contiguous, e.g. channels_last: the kernel reads memory order), an
+unsupported dtype or another device raises, naming the parameter (the EMA buffers are sized once).
 
 Dispatch (`kernels/dispatch.py`): CUDA parameters run the Triton kernel; CPU parameters run
 `ema_update_ref` (`torch._foreach_lerp_`) unless TRITON_INTERPRET=1, where the same kernel runs
@@ -171,7 +173,8 @@ class EMA:
     `EMAProfile`s. The EMA weights start as fp32 copies of the
     parameters; `update()` applies one step with β_k = profiles[k].beta_at(step) and increments
     `step`. Keep the parameter objects (in-place optimizer updates and `p.data = ...` are both
-    followed); create the EMA after moving the model to its device.
+    followed while they keep their shape, device, a supported dtype and contiguity; other changes
+    raise); create the EMA after moving the model to its device.
     """
 
     def __init__(
@@ -196,13 +199,8 @@ class EMA:
         self.block = block
         self.step = 0
         self.device = self._params[0].device
-        for name, p in zip(self.names, self._params):
-            if p.dtype not in _DTYPE_CODE:
-                raise TypeError(f"params[{name}]: dtype {p.dtype} not supported (float32, bfloat16, float16)")
-            if p.device != self.device:
-                raise ValueError(f"params[{name}] is on {p.device}, params[{self.names[0]}] on {self.device}")
-            if not p.is_contiguous():
-                raise ValueError(f"params[{name}] is not contiguous (shape {tuple(p.shape)}, stride {p.stride()})")
+        self._shapes = [p.shape for p in self._params]
+        self._check_params()
         numels = [p.numel() for p in self._params]
         self._segments: list[int] = []
         total = 0
@@ -218,7 +216,8 @@ class EMA:
                 for v, p in zip(views, self._params):
                     v.copy_(p.detach())
         self._plans: list[_LaunchPlan] = []
-        self._plan_key: tuple[int, ...] | None = None
+        self._plan_key: list[tuple] | None = None
+        self._checked_key = self._key()
 
     def betas(self, n: int | None = None) -> list[float]:
         """The K decays of the update with step index n (default: the next update, `self.step`)."""
@@ -231,9 +230,10 @@ class EMA:
 
     def update(self) -> None:
         """One EMA step of all parameters under all profiles; then `step += 1`."""
-        for name, p in zip(self.names, self._params):
-            if p.device != self.device:
-                raise ValueError(f"params[{name}] moved to {p.device}; the EMA lives on {self.device}")
+        key = self._key()
+        if key != self._checked_key:
+            self._check_params()
+            self._checked_key = key
         betas = self.betas()
         if use_triton(*self._params):
             self._update_triton(betas)
@@ -242,11 +242,26 @@ class EMA:
                 ema_update_ref(views, self._params, beta)
         self.step += 1
 
+    def _key(self) -> list[tuple]:
+        """What the launch tables and the checks depend on."""
+        return [(p.data_ptr(), p.shape, p.stride(), p.dtype, p.device) for p in self._params]
+
+    def _check_params(self) -> None:
+        """Raise, naming the parameter, on what the fixed-size fp32 EMA buffers cannot follow."""
+        for name, p, shape in zip(self.names, self._params, self._shapes):
+            if p.dtype not in _DTYPE_CODE:
+                raise TypeError(f"params[{name}]: dtype {p.dtype} not supported (float32, bfloat16, float16)")
+            if p.device != self.device:
+                raise ValueError(f"params[{name}] is on {p.device}; the EMA lives on {self.device}")
+            if p.shape != shape:
+                raise ValueError(f"params[{name}] has shape {tuple(p.shape)}; the EMA was built for {tuple(shape)}")
+            if not p.is_contiguous():
+                raise ValueError(f"params[{name}] is not contiguous (shape {tuple(p.shape)}, stride {p.stride()})")
+
     def _update_triton(self, betas: list[float]) -> None:
-        key = tuple(p.data_ptr() for p in self._params)
-        if key != self._plan_key:
+        if self._checked_key != self._plan_key:
             self._plans = self._build_plans()
-            self._plan_key = key
+            self._plan_key = self._checked_key
         k = len(self._flat)
         emas = self._flat + [self._flat[0]] * (MAX_PROFILES - k)
         weights = [1.0 - b for b in betas] + [0.0] * (MAX_PROFILES - k)

@@ -179,6 +179,8 @@ def attention_bwd_triton(
 
     Inputs must already be validated; gradients take the layout of their primal.
     """
+    if not scale > 0:  # masking with -inf and row maxima of unscaled scores assume c > 0
+        raise ValueError(f"attention_bwd_triton: scale must be > 0 (op.attention folds scale <= 0 into k), got {scale}")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     lse = lse.contiguous()  # Δ is allocated contiguous and shares LSE's strides in the kernels

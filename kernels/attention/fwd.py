@@ -121,6 +121,8 @@ def attention_fwd_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
 
     Inputs must already be validated (`op._check_kernel_inputs`). O has q's layout.
     """
+    if not scale > 0:  # masking with -inf and row maxima of unscaled scores assume c > 0
+        raise ValueError(f"attention_fwd_triton: scale must be > 0 (op.attention folds scale <= 0 into k), got {scale}")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     o = torch.empty_like(q)

@@ -166,6 +166,8 @@ def attention_fwd_jvp_triton(
 
     Inputs must already be validated; tangents have the primals' shapes and dtype. O and Ȯ take q's layout.
     """
+    if not scale > 0:  # masking with -inf and row maxima of unscaled scores assume c > 0
+        raise ValueError(f"attention_fwd_jvp_triton: scale must be > 0 (op.attention folds scale <= 0 into k), got {scale}")
     B, H, Nq, D = q.shape
     Nk = k.shape[2]
     o = torch.empty_like(q)

@@ -47,6 +47,10 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"attention: q, k, v on different devices ({q.device}, {k.device}, {v.device})")
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"attention: q, k, v have different dtypes ({q.dtype}, {k.dtype}, {v.dtype})")
+    if not q.dtype.is_floating_point:
+        raise TypeError(f"attention: q, k, v must be floating point, got dtype {q.dtype}")
+    if q.shape[3] == 0:
+        raise ValueError("attention: head dim D = q.shape[3] must be at least 1, got 0")
     if k.shape[2] == 0:
         raise ValueError("attention: k and v must have at least one token (Nk = 0: softmax over nothing)")
 
@@ -79,6 +83,17 @@ def _scale(q: torch.Tensor, scale: float | None) -> float:
     if not isinstance(scale, numbers.Real) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"attention: scale must be a finite number or None, got {scale!r}")
     return float(scale)
+
+
+def _fold_scale(k: torch.Tensor, tk: torch.Tensor | None, c: float) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """(k', tk', c') with c' > 0 and c'·QK'ᵀ = c·QKᵀ, for the kernels: they mask padded keys with -inf
+    before scaling and take row maxima of unscaled scores, both valid only for c > 0. c < 0: (−K, −K̇, −c);
+    c = 0: (0·K, 0·K̇, 1), uniform weights. Autograd and forward AD see the negation/product, so
+    gradients and tangents need no other change; O keeps q's layout."""
+    if c > 0:
+        return k, tk, c
+    sign = -1.0 if c < 0 else 0.0
+    return k * sign, None if tk is None else tk * sign, abs(c) if c < 0 else 1.0
 
 
 def attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
@@ -119,8 +134,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     """Attention O = softmax(scale·QKᵀ)V. q [B, H, Nq, D], k/v [B, H, Nk, D] -> [B, H, Nq, D].
 
     Any strides (e.g. `x.transpose(1, 2)` of a [B, N, H, D] tensor, read without a copy), Nq ≠ Nk
-    allowed; scale defaults to 1/√D. The kernel path takes fp16, bf16 or fp32 and D <= 128; D in
-    (16, 32, 64, 128) runs in place, other D are zero-padded to the next of those (a copy).
+    allowed; scale defaults to 1/√D and may be any finite number (≤ 0 costs the kernel path a copy
+    of k). The kernel path takes fp16, bf16 or fp32 and D <= 128; D in (16, 32, 64, 128) runs in
+    place, other D are zero-padded to the next of those (a copy).
     Differentiable by `.backward()`, `torch.func.jvp` and `torch.autograd.forward_ad`, and
     traceable by `torch.compile`. O has q's dtype and memory layout.
     """
@@ -129,6 +145,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     if not use_triton(q, k, v):
         return attention_ref(q, k, v, scale=c)
     _check_kernel_inputs(q)
+    k, _, c = _fold_scale(k, None, c)
     if torch.compiler.is_compiling():
         return AttentionFunction.apply(q, k, v, c)[0]
     unpacked = [fwAD.unpack_dual(t) for t in (q, k, v)]
@@ -164,5 +181,6 @@ def attention_jvp(
     if not use_triton(q, k, v, tq, tk, tv):
         return torch.func.jvp(lambda a, b, d: attention_ref(a, b, d, scale=c), (q, k, v), (tq, tk, tv))
     _check_kernel_inputs(q)
+    k, tk, c = _fold_scale(k, tk, c)
     o, t_o, _ = attention_fwd_jvp_op(q, k, v, tq, tk, tv, c)
     return o, t_o
