@@ -1,11 +1,10 @@
 """Atomic checkpoints (training state) and exported weights (safetensors + config).
 
 Training checkpoints are `torch.save` dicts written to a temporary file in the same directory and
-renamed into place, so a crash never leaves a partial file under the final name; they hold tensors and plain
-containers only and are read with `weights_only=True` (no code in a file runs), and neither they nor exports
-are written when a tensor holds a NaN or inf. Exported
-weights are safetensors with the model config and provenance in the metadata, loadable without
-pickle.
+renamed into place, so a crash never leaves a partial file under the final name; they hold tensors and
+plain containers only and are read with `weights_only=True` (no code in a file runs). Exported weights
+are safetensors with the model config and provenance in the metadata, loadable without pickle. Neither
+is written when a tensor holds a NaN or inf.
 """
 
 from __future__ import annotations
