@@ -44,6 +44,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _python_json(code: str, cwd: Path) -> dict:
+    """Run `code` in a fresh interpreter in `cwd` (`-c` puts cwd first on sys.path); its last printed line as JSON."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, env=_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """Builds the checkout's wheel (offline: no build isolation, no index) from a copy, so the build never writes
@@ -116,10 +124,7 @@ def test_checkout_on_sys_path_does_not_shadow_pypi_kernels():
         "print(json.dumps({'kernels': kernels.__file__, 'get_kernel': hasattr(kernels, 'get_kernel'),\n"
         "                  'attention': callable(att.attention), 'att_file': att.__file__}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=_env(),
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = _python_json(code, cwd=ROOT)
     # a namespace package made of the checkout's folder has no __file__
     assert got["kernels"] is not None, "`import kernels` resolved to the checkout's kernels/ folder (a namespace)"
     kernels_file = Path(got["kernels"]).resolve()
@@ -158,10 +163,7 @@ def test_installed_distribution_names_only_vdistill(tmp_path):
         "print(json.dumps({n: (None if s is None else [s.origin, list(s.submodule_search_locations or [])])\n"
         "                  for n, s in specs.items()}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=_env(),
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    specs = json.loads(proc.stdout.strip().splitlines()[-1])
+    specs = _python_json(code, cwd=tmp_path)
     for name, spec in specs.items():
         if spec is None:
             continue
