@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vdistill.models.config_fields import check_fields, from_dict
 from vdistill.models.layers import DiTBlock, layer_norm, modulate, upcast
 from vdistill.models.rope import grid_position_code, rope_split, rope_tables
 
@@ -48,9 +49,19 @@ class DiTConfig:
     pooled_text: bool = False
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.patch = tuple(self.patch)
-        if len(self.patch) != 3 or min(self.patch) < 1:
+        if min(self.patch) < 1:
             raise ValueError(f"patch must be three positive ints (t, h, w), got {self.patch}")
+        small = [n for n in ("in_channels", "dim", "heads", "layers", "ffn_dim", "text_dim", "freq_dim")
+                 if getattr(self, n) < 1]
+        if small:
+            raise ValueError(f"DiTConfig: {', '.join(f'{n}={getattr(self, n)}' for n in small)} must be >= 1")
+        if self.freq_dim % 2:
+            raise ValueError(f"freq_dim must be even (sine and cosine halves), got {self.freq_dim}")
+        if min(self.time_scale, self.rope_theta, self.eps) <= 0:
+            raise ValueError(f"time_scale, rope_theta and eps must be > 0, got {self.time_scale}, {self.rope_theta}, "
+                             f"{self.eps}")
         if self.dim % self.heads:
             raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads})")
         rope_split(self.dim // self.heads)
@@ -61,6 +72,11 @@ class DiTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DiTConfig:
+        """The config stored in a model file or checkpoint; ValueError naming a wrong or unknown field."""
+        return from_dict(cls, values)
 
 
 DIT_CONFIGS: dict[str, DiTConfig] = {

@@ -53,6 +53,14 @@ class Denoise(Recipe):
         return (self.student(batch.x0, s, batch.text).float() - batch.x0).square().mean(), {}
 
 
+class DenoiseNanOnRank1(Denoise):
+    """`Denoise` whose loss is NaN on rank 1 alone at step 1 (one rank's bad sample)."""
+
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        value, logs = super().loss(batch, step)
+        return (value * float("nan") if distributed.rank() == 1 and step == 1 else value), logs
+
+
 def tiny_dit() -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_dit("tiny")
@@ -63,7 +71,8 @@ def tiny_dit() -> torch.nn.Module:
 
 def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accum: int = 1,
             fsdp: bool = False) -> Trainer:
-    """A tiny-DiT trainer: `kind` "denoise" (deterministic loss) or a distillation method of a random tiny
+    """A tiny-DiT trainer: `kind` "denoise" (deterministic loss; "denoise-nan-rank1": NaN on rank 1 at step 1)
+    or a distillation method of a random tiny
     teacher (guidance 2). rCM with critic, adaptive weight, EMA target and activation checkpointing
     ("rcm-shardable": without the adaptive weight, "rcm-stopgrad": nor the EMA target); progressive with a
     new stage, so a new teacher copied from the student, at every step. `fsdp`: the student sharded over
@@ -76,6 +85,8 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accu
     if kind == "denoise":  # with an in-training evaluation every 2 steps (rank 0 scores, the others wait)
         train = replace(train, eval_every=2)
         recipe = Denoise(tiny_dit())
+    elif kind == "denoise-nan-rank1":
+        recipe = DenoiseNanOnRank1(tiny_dit())
     else:
         recipe_cls = recipe_class(kind.partition("-")[0])
         teacher = ModelBundle(tiny_dit().eval(), text, run.data, 2.0, {})

@@ -1,6 +1,7 @@
 """`vdistill distill` and `vdistill reflow-pairs` end to end on a tiny teacher (CPU), and bad input:
 clear errors and no partial files."""
 
+import hashlib
 import json
 
 import pytest
@@ -11,7 +12,13 @@ from safetensors.torch import load_file
 from vdistill.methods.cli.main import main
 from vdistill.methods.data.shards import read_shard, write_shard
 from vdistill.methods.recipes.registry import recipe_class
-from vdistill.methods.train.checkpoint import load_checkpoint, read_weights_meta, save_checkpoint
+from vdistill.methods.train.checkpoint import (
+    checksum_path,
+    list_checkpoints,
+    load_checkpoint,
+    read_weights_meta,
+    save_checkpoint,
+)
 from vdistill.methods.train.logs import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,10 +140,12 @@ def test_resume_refuses_corrupt_checkpoint_and_other_setup(teacher, tmp_path, ca
     assert _distill("consistency", teacher, out) == 0
     before = _files(out)
     assert _distill("consistency", teacher, out, "--set", "train.steps=5", "--set", "intervals=8", "--resume") == 2
-    assert "method_config differs" in capsys.readouterr().err
-    assert _distill("progressive", teacher, out, "--set", "train.steps=5", "--resume") == 2
-    assert "method differs" in capsys.readouterr().err
-    (out / "checkpoints" / "step_00000003.pt").write_bytes(b"\x00truncated")
+    assert "method_config.intervals: 4 -> 8" in capsys.readouterr().err
+    assert _distill("progressive", teacher, out, "--set", "train.steps=5", "--resume", "--allow-changes") == 2
+    assert "another network, data geometry or recipe (method: 'consistency' -> 'progressive'" in capsys.readouterr().err
+    for path in list_checkpoints(out):  # garbage with a matching checksum: loading reaches the unpickler
+        path.write_bytes(b"\x00truncated")
+        checksum_path(path).write_text(hashlib.sha256(path.read_bytes()).hexdigest())
     assert _distill("consistency", teacher, out, "--set", "train.steps=5", "--resume") == 2
     assert "corrupt" in capsys.readouterr().err
     assert _files(out) == before  # nothing new, nothing half-written
@@ -182,7 +191,7 @@ def test_init_starts_the_student_from_another_student(teacher, tmp_path, capsys)
     assert max((init[k] - base[k]).abs().max() for k in init) > 1e-3  # not the teacher's weights
     assert read_weights_meta(out / "student_ema.safetensors")["run_config"]["init"] == str(start)
     assert _distill("reflow", teacher, out, "--set", "train.steps=5", "--resume") == 2  # resume keeps the same start
-    assert "init differs" in capsys.readouterr().err
+    assert f"init: {str(start)!r} -> None" in capsys.readouterr().err
 
 
 def test_missing_or_mismatched_init_is_refused(teacher, tmp_path, capsys):
@@ -209,9 +218,10 @@ def test_teacher_cfg_is_baked_in_recorded_and_checked(teacher, tmp_path, capsys)
     assert read_metrics(tmp_path / "strong")[-1]["loss"] != read_metrics(tmp_path / "own")[-1]["loss"]
     changed = ("--set", "train.steps=5", "--resume", "--teacher-cfg", "9")
     assert _distill("consistency", teacher, tmp_path / "own", *changed) == 2
-    assert "teacher_cfg_scale differs" in capsys.readouterr().err
-    assert _distill("consistency", teacher, tmp_path / "bad", "--teacher-cfg", "0") == 2
-    assert "--teacher-cfg must be a finite number > 0" in capsys.readouterr().err
+    assert f"teacher_cfg_scale: {own} -> 9.0" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="2"):
+        _distill("consistency", teacher, tmp_path / "bad", "--teacher-cfg", "0")
+    assert "argument --teacher-cfg: expected a number > 0, got '0'" in capsys.readouterr().err
     pairs = tmp_path / "pairs"  # pairs made at the teacher's own guidance do not fit another one
     assert main(["reflow-pairs", "--teacher", str(teacher), "--out", str(pairs), "--num", "2", "--steps", "1",
                  "--device", "cpu"]) == 0

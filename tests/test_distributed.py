@@ -53,6 +53,17 @@ def test_two_ranks_train_as_one_process_with_the_whole_batch(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """The gradients are averaged before the norm is taken, so every rank sees the NaN and skips step 1:
+    the ranks stay identical and train on."""
+    ranks = fit_on_two_ranks("denoise-nan-rank1", tmp_path, steps=3)
+    for rank in ranks:
+        assert [r["skipped_steps"] for r in rank["rows"]] == [0.0, 1.0, 1.0]
+    assert_same(ranks[0]["state"], ranks[1]["state"], rtol=0, atol=0)
+    assert all(torch.isfinite(v).all() for v in ranks[0]["state"].values())
+
+
+@pytest.mark.slow
 def test_rcm_on_two_ranks_keeps_ranks_identical_and_resumes_exactly(tmp_path):
     """rCM with critic, w_φ and EMA target: the ranks hold the same weights (student, EMA, critic, w_φ); a
     run cut at step 2 and resumed on two ranks ends bit-identical to the uninterrupted one."""

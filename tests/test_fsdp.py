@@ -91,6 +91,8 @@ def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
     assert len(state["sharded_by_rank"]) == 2
     assert_same(state["student"], load_file(tmp_path / "fsdp" / "student.safetensors"), rtol=0, atol=0)
     mixed = torchrun(*args, "--set", "train.steps=3", "--out", str(tmp_path / "fsdp"), "--resume")
+    assert mixed.returncode != 0 and "train.fsdp: True -> False" in mixed.stderr
+    mixed = torchrun(*args, "--set", "train.steps=3", "--out", str(tmp_path / "fsdp"), "--resume", "--allow-changes")
     assert mixed.returncode != 0
     assert "the checkpoint was written with train.fsdp; resume the same way" in mixed.stderr
 

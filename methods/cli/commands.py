@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from vdistill.methods.cli import checks
 from vdistill.methods.data.shapes import parse_prompt, prompt_for
 from vdistill.methods.eval.evaluate import evaluate_model, format_table, mean_over_seeds
 from vdistill.methods.eval.tune_times import plot_sweep, sweep, write_tuned
@@ -18,9 +19,10 @@ SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "weights" / "
 
 
 def sample(args) -> int:
+    checks.output_dir(args.out)
+    labels = torch.tensor([parse_prompt(p) for p in args.prompt]) if args.prompt else spread_labels(8)
+    prompts = [prompt_for(lab) for lab in labels.tolist()]  # canonical: no tabs or odd spacing in file names
     bundle = ModelBundle.load(args.model, distributed.resolve_device(args.device))
-    prompts = args.prompt or [prompt_for(lab) for lab in spread_labels(8).tolist()]
-    labels = torch.tensor([parse_prompt(p) for p in prompts])
     clips = generate(bundle, labels, args.steps, cfg_scale=args.cfg, solver=args.solver, seed=args.seed,
                      shift=args.shift)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -36,6 +38,8 @@ def sample(args) -> int:
 def evaluate(args) -> int:
     if len(set(args.seed)) != len(args.seed):
         raise ValueError(f"--seed: each seed once, got {args.seed}")
+    if args.out is not None:
+        checks.output_file(args.out)
     device = distributed.resolve_device(args.device)
     bundle = ModelBundle.load(args.model, device)
     result = {"model": str(args.model), "device": str(device), "cfg_scale": args.cfg or bundle.cfg_scale,
@@ -60,6 +64,7 @@ def evaluate(args) -> int:
 
 def demo(args) -> int:
     path = args.model or SHIPPED_TEACHER
+    checks.output_dir(args.out)
     device = distributed.resolve_device(args.device)
     bundle = ModelBundle.load(path, device)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -85,8 +90,7 @@ def tune_times(args) -> int:
     """The `vdistill tune-times` command."""
     if args.out.resolve() == args.model.resolve():
         raise ValueError("--out must differ from --model (the untuned export is kept)")
-    if args.out.suffix != ".safetensors":
-        raise ValueError(f"--out must be a .safetensors path, got {args.out}")
+    checks.output_file(args.out, suffix=".safetensors")
     bundle = ModelBundle.load(args.model, distributed.resolve_device(args.device))
     rows = sweep(bundle, args.steps, args.shifts, args.num, args.seed)
     chosen = write_tuned(bundle, args.model, args.out, rows)

@@ -10,11 +10,13 @@ import importlib
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vdistill.methods.cli import commands
+from vdistill.methods.cli import checks, commands
+from vdistill.methods.cli.checks import finite_float, positive_float, positive_int
 from vdistill.methods.train import distributed
 from vdistill.methods.train.trainer import TrainingDiverged
 
@@ -45,7 +47,12 @@ def _add_run_options(p, presets: list[str]) -> None:
     p.add_argument("--preset", choices=presets, default="shapes", help="run preset (methods/train/presets.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--init", type=Path, help="start from this exported model's weights")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue with settings other than the checkpoint's (recorded in "
+                   "OUT/resumes.jsonl); the run's length and logging may always change")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --out (its checkpoints, logs and exports are deleted first)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
 
 
@@ -63,10 +70,11 @@ def _add_sample(sub) -> None:
     p = _add_parser(sub, "sample", help="sample clips from an exported model (GIFs + a grid PNG)")
     p.add_argument("--model", type=Path, required=True, help="exported .safetensors (e.g. student_ema.safetensors)")
     p.add_argument("--prompt", action="append", help="prompt, repeatable (default: 8 benchmark prompts)")
-    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--steps", type=positive_int, default=50, help="sampler steps")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
-    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
-    p.add_argument("--shift", type=float, help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
+    p.add_argument("--cfg", type=finite_float, help="guidance scale (default: the model's)")
+    p.add_argument("--shift", type=positive_float,
+                   help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--format", choices=["gif", "mp4"], default="gif", help="clip file format")
@@ -77,11 +85,13 @@ def _add_evaluate(sub) -> None:
     p = _add_parser(sub, "evaluate",
                     help="benchmark a model: prompt accuracy, smoothness, diversity, FD per step count")
     p.add_argument("--model", type=Path, required=True, help="exported .safetensors")
-    p.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4, 8, 16, 50], help="step counts to evaluate")
-    p.add_argument("--num", type=int, default=256, help="clips per step count (balanced over the 72 prompts)")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 50],
+                   help="step counts to evaluate")
+    p.add_argument("--num", type=positive_int, default=256, help="clips per step count (balanced over the 72 prompts)")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
-    p.add_argument("--cfg", type=float, help="guidance scale (default: the model's)")
-    p.add_argument("--shift", type=float, help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
+    p.add_argument("--cfg", type=finite_float, help="guidance scale (default: the model's)")
+    p.add_argument("--shift", type=positive_float,
+                   help="time-grid shift (default: the model's; > 1 = more high-noise steps)")
     p.add_argument("--seed", type=int, nargs="+", default=[0],
                    help="noise seed(s); several: rows per seed, then their mean with standard errors")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -95,10 +105,10 @@ def _add_tune_times(sub) -> None:
                     help="choose a consistency student's intermediate sampling times on a tuning seed")
     p.add_argument("--model", type=Path, required=True, help="exported consistency/rCM student (.safetensors)")
     p.add_argument("--out", type=Path, required=True, help="tuned copy to write (.safetensors; plus .tuning.json/.png)")
-    p.add_argument("--steps", type=int, nargs="+", default=[2], help="step counts to tune (>= 2)")
-    p.add_argument("--shifts", type=float, nargs="+", default=list(DEFAULT_SHIFTS),
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[2], help="step counts to tune (>= 2)")
+    p.add_argument("--shifts", type=positive_float, nargs="+", default=list(DEFAULT_SHIFTS),
                    help="grid shifts to try (2 steps: middle RF time shift/(1+shift))")
-    p.add_argument("--num", type=int, default=256, help="clips per point (balanced over the 72 prompts)")
+    p.add_argument("--num", type=positive_int, default=256, help="clips per point (balanced over the 72 prompts)")
     p.add_argument("--seed", type=int, default=TUNING_SEED, help="tuning noise seed (report on another one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
@@ -106,8 +116,8 @@ def _add_tune_times(sub) -> None:
 def _add_demo(sub) -> None:
     p = _add_parser(sub, "demo", help="the default job: sample and score the shipped teacher at few and many steps")
     p.add_argument("--model", type=Path, help="exported .safetensors (default: the shipped teacher)")
-    p.add_argument("--num", type=int, default=16, help="clips per step count")
-    p.add_argument("--steps", type=int, nargs="+", default=[4, 16], help="step counts")
+    p.add_argument("--num", type=positive_int, default=16, help="clips per step count")
+    p.add_argument("--steps", type=positive_int, nargs="+", default=[4, 16], help="step counts")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
 
@@ -126,7 +136,7 @@ def _add_distill(sub) -> None:
                         epilog=describe(shapes_distill(name)) + PRESET_NOTE)
         m.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors (e.g. the shipped one)")
         m.add_argument("--out", type=Path, required=True, help="run directory")
-        m.add_argument("--teacher-cfg", type=float,
+        m.add_argument("--teacher-cfg", type=positive_float,
                        help="guidance scale of the teacher, baked into the student (default: the teacher's own)")
         _add_run_options(m, sorted(DISTILL_PRESETS))
 
@@ -135,13 +145,15 @@ def _add_plot_evals(sub) -> None:
     p = _add_parser(sub, "plot-evals", help="plot the in-training evaluations of runs against the training step")
     p.add_argument("runs", type=Path, nargs="+", help="run directories trained with --set train.eval_every=N")
     p.add_argument("--out", type=Path, required=True, help="PNG to write")
-    p.add_argument("--reference", type=float, help="accuracy drawn as a dashed line (e.g. the teacher's 50-step)")
+    p.add_argument("--reference", type=finite_float,
+                   help="accuracy drawn as a dashed line (e.g. the teacher's 50-step)")
     p.add_argument("--title", help="figure title")
 
 
 def _plot_evals(args) -> int:
     from vdistill.methods.eval.curves import plot_curves
 
+    checks.output_file(args.out)
     print(plot_curves(args.runs, args.out, reference=args.reference, title=args.title))
     return 0
 
@@ -159,6 +171,7 @@ def _add_export(sub) -> None:
 def _export(args) -> int:
     from vdistill.methods.train.export import export_checkpoint
 
+    checks.output_file(args.out, suffix=".safetensors")
     meta = export_checkpoint(args.checkpoint, args.out, None if args.raw else args.ema_profile)
     ema = ", ".join(f"{k} {v}" for k, v in meta.items() if k.startswith("ema_"))
     print(f"{args.out}: {meta['recipe']} step {meta['step']}, {'raw weights' if args.raw else ema}")
@@ -169,13 +182,13 @@ def _add_reflow_pairs(sub) -> None:
     p = _add_parser(sub, "reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
     p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
     p.add_argument("--out", type=Path, required=True, help="shard directory (a rerun keeps existing shards)")
-    p.add_argument("--num", "--num-pairs", dest="num", type=int, required=True,
+    p.add_argument("--num", "--num-pairs", dest="num", type=positive_int, required=True,
                    help="number of pairs (under torchrun spell it --num-pairs: torchrun reads --num as --numa-binding)")
-    p.add_argument("--shard-size", type=int, default=256, help="pairs per shard")
-    p.add_argument("--steps", type=int, default=16, help="teacher ODE steps per pair")
+    p.add_argument("--shard-size", type=positive_int, default=256, help="pairs per shard")
+    p.add_argument("--steps", type=positive_int, default=16, help="teacher ODE steps per pair")
     p.add_argument("--solver", choices=["euler", "heun"], default="heun", help="ODE solver")
     p.add_argument("--seed", type=int, default=0, help="noise seed")
-    p.add_argument("--batch-size", type=int, default=64, help="clips per teacher batch")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="clips per teacher batch")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="teacher forward precision (bf16 autocast: faster on CPUs with AMX, slow on AVX2-only ones)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -187,6 +200,7 @@ def _reflow_pairs(args) -> int:
 
     if not args.teacher.is_file():
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
+    checks.output_dir(args.out)
     teacher = ModelBundle.load(args.teacher, distributed.resolve_device(args.device))
     paths = write_pairs(
         teacher,
@@ -244,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _start(args):
+    from vdistill.methods.train.runs import Start
+
+    return Start(resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
+
+
 def _pretrain(args) -> int:
     from vdistill.methods.train.config import apply_overrides
     from vdistill.methods.train.presets import preset
@@ -253,7 +273,8 @@ def _pretrain(args) -> int:
     if args.dry_run:
         print(json.dumps(run.to_dict(), indent=2, default=str))
         return 0
-    pretrain(run, args.out, resume=args.resume, init=args.init)
+    checks.output_dir(args.out)
+    pretrain(run, args.out, _start(args), init=args.init)
     return 0
 
 
@@ -270,7 +291,8 @@ def _distill(args) -> int:
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
     if args.init is not None and not args.init.is_file():
         raise FileNotFoundError(f"--init {args.init} does not exist")
-    distill(args.method, args.teacher, args.out, run, resume=args.resume, init=args.init, teacher_cfg=args.teacher_cfg)
+    checks.output_dir(args.out)
+    distill(args.method, args.teacher, args.out, run, _start(args), init=args.init, teacher_cfg=args.teacher_cfg)
     return 0
 
 
@@ -300,7 +322,9 @@ def main(argv: list[str] | None = None) -> int:
         # torchrun (WORLD_SIZE > 1): one process group for the command; log lines print above the progress bars
         with distributed.process_group_from_env(), logging_redirect_tqdm():
             return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, TrainingDiverged) as e:
+    except (ValueError, OSError, TrainingDiverged) as e:  # OSError: files and folders (permissions, full disk)
+        if args.verbose:
+            traceback.print_exc()
         print(f"vdistill {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vdistill.models.config_fields import check_fields
+
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLOURS: tuple[str, ...] = ("red", "green", "blue", "yellow", "cyan", "magenta")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
@@ -59,6 +61,7 @@ class ShapesConfig:
     antialias: int = 2  # supersamples per pixel and axis (1 = hard edges)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.channels != 3:
             raise ValueError(f"channels must be 3 (RGB), got {self.channels}")
         if self.frames < 2 or self.height < 8 or self.width < 8:

@@ -48,6 +48,7 @@ from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.losses import check_loss, regression_loss
 from vdistill.methods.recipes.shared import frozen, student_from
 from vdistill.methods.sampling.samplers import SOLVERS, consistency_times, ode_step, rf_time_grid
+from vdistill.models.config_fields import check_fields
 from vdistill.models.parameterization import guided, per_sample, rf_interpolate
 
 
@@ -65,6 +66,7 @@ class ConsistencyConfig:
     segments: int = 1  # K > 1: multistep consistency, the student jumps to the end of its segment (docstring)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.intervals < 1:
             raise ValueError(f"intervals must be >= 1, got {self.intervals}")
         if self.solver not in SOLVERS:

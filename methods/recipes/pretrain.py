@@ -15,6 +15,7 @@ import torch
 from vdistill.methods.data.batch import Batch
 from vdistill.methods.recipes.base import Recipe
 from vdistill.methods.recipes.shared import check_time_sampling, sample_rf_time
+from vdistill.models.config_fields import check_fields
 from vdistill.models.parameterization import rf_interpolate
 
 
@@ -26,6 +27,7 @@ class FlowMatchingConfig:
     logit_std: float = 1.0  # standard deviation of the logit-normal time density (> 0)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 0 <= self.cfg_dropout < 1:
             raise ValueError(f"cfg_dropout must be in [0, 1), got {self.cfg_dropout}")
         check_time_sampling(self.time_sampling)

@@ -33,6 +33,7 @@ from vdistill.methods.recipes.base import DistillRecipe
 from vdistill.methods.recipes.losses import check_loss, regression_loss
 from vdistill.methods.recipes.shared import frozen, student_from
 from vdistill.methods.sampling.samplers import ode_step, rf_time_grid
+from vdistill.models.config_fields import check_fields
 from vdistill.models.parameterization import guided, per_sample, rf_interpolate
 
 log = logging.getLogger("vdistill")
@@ -48,6 +49,7 @@ class ProgressiveConfig:
     huber_c: float | None = None  # pseudo-Huber c; None = 0.00054·sqrt(elements per sample)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.final_steps < 1 or self.teacher_steps <= self.final_steps:
             raise ValueError(
                 f"need teacher_steps > final_steps >= 1, got teacher_steps={self.teacher_steps}, "

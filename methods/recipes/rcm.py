@@ -55,6 +55,7 @@ from vdistill.methods.recipes.trigflow_student import (
 )
 from vdistill.methods.train import distributed
 from vdistill.methods.train.profiling import nvtx_range
+from vdistill.models.config_fields import check_fields
 from vdistill.models.jvp import jvp
 from vdistill.models.parameterization import per_sample, trig_x0
 
@@ -93,6 +94,7 @@ class RCMConfig:
     mid_times_4: tuple[float, ...] = (1.3, 1.0, 0.6)  # TrigFlow times after π/2 of 4-step sampling
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.target not in TARGETS:
             raise ValueError(f"target must be one of {TARGETS}, got {self.target!r}")
         if self.jvp_mode not in JVP_MODES:

@@ -34,6 +34,7 @@ from vdistill.methods.recipes.shared import check_time_sampling, frozen, sample_
 from vdistill.methods.sampling.generate import ModelBundle
 from vdistill.methods.sampling.samplers import SOLVERS, sample_rf
 from vdistill.methods.train import distributed
+from vdistill.models.config_fields import check_fields
 from vdistill.models.parameterization import guided, rf_interpolate
 
 
@@ -48,6 +49,7 @@ class ReFlowConfig:
     huber_c: float | None = None  # pseudo-Huber c; None = 0.00054·sqrt(elements per sample)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.pair_steps < 1:
             raise ValueError(f"pair_steps must be >= 1, got {self.pair_steps}")
         if self.pair_solver not in SOLVERS:

@@ -7,6 +7,7 @@ of it so that `sample`, `evaluate` and `demo` need only the path.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,13 @@ from vdistill.methods.data.shapes import COLOURS, DIRECTIONS, SHAPES, ShapesConf
 from vdistill.methods.data.text import WordTextEncoder
 from vdistill.methods.sampling.samplers import consistency_times, sample_consistency, sample_rf
 from vdistill.methods.train.checkpoint import load_dit
+from vdistill.models.config_fields import from_dict
 from vdistill.models.dit import VideoDiT
 from vdistill.models.parameterization import guided
+
+
+class NonFiniteOutput(ValueError):
+    """A model produced NaN or inf values: nothing is written or scored from them."""
 
 
 @dataclass
@@ -31,15 +37,42 @@ class ModelBundle:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu") -> ModelBundle:
+        """The model in `path` with its clip geometry, text encoder and guidance; ValueError naming a metadata
+        field of the wrong type or range."""
         model, meta = load_dit(path, device)
-        run = meta.get("run_config", {})
-        text = WordTextEncoder(dim=model.cfg.text_dim, max_len=run.get("text_max_len", 8))
-        data = ShapesConfig(**run["data"]) if "data" in run else ShapesConfig()
-        return cls(model, text, data, float(run.get("cfg_scale", 1.0)), meta)
+        try:
+            run = meta.get("run_config", {})
+            max_len, scale = run.get("text_max_len", 8), run.get("cfg_scale", 1.0)
+            if not (isinstance(max_len, int) and not isinstance(max_len, bool) and max_len >= 1):
+                raise ValueError(f"text_max_len must be an integer >= 1, got {max_len!r}")
+            if not (isinstance(scale, int | float) and not isinstance(scale, bool) and math.isfinite(scale)):
+                raise ValueError(f"cfg_scale must be a finite number, got {scale!r}")
+            data = from_dict(ShapesConfig, run["data"]) if "data" in run else ShapesConfig()
+            check_sampler(meta.get("sampler", {"kind": "ode"}))
+        except (ValueError, AttributeError) as e:
+            raise ValueError(f"weights file {path}: its metadata is not valid: {e}") from e
+        text = WordTextEncoder(dim=model.cfg.text_dim, max_len=max_len)
+        return cls(model, text, data, float(scale), meta)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+
+def check_sampler(spec) -> None:
+    """ValueError unless `spec` is a sampler description `generate` can run (see its docstring)."""
+    if not isinstance(spec, dict) or spec.get("kind") not in ("ode", "consistency"):
+        raise ValueError(f"sampler must be {{'kind': 'ode' | 'consistency', ...}}, got {spec!r}")
+    shift = spec.get("shift", 1.0)
+    if not (isinstance(shift, int | float) and not isinstance(shift, bool) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"sampler shift must be a finite number > 0, got {shift!r}")
+    stored = spec.get("times", {})
+    if not isinstance(stored, dict):
+        raise ValueError(f"sampler times must be {{steps: [RF times]}}, got {stored!r}")
+    for steps, times in stored.items():
+        ok = str(steps).isdigit() and isinstance(times, list) and len(times) == int(steps)
+        if not ok or not all(isinstance(t, int | float) and not isinstance(t, bool) and 0 < t <= 1 for t in times):
+            raise ValueError(f"sampler times for {steps} steps must be {steps} RF times in (0, 1], got {times!r}")
 
 
 def require_ode_sampler(teacher: ModelBundle) -> None:
@@ -94,6 +127,12 @@ def generate(
     to rounding. `progress(k)` is called after each batch of k clips (e.g. a tqdm bar's `update`).
     """
     scale = bundle.cfg_scale if cfg_scale is None else cfg_scale
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if not math.isfinite(scale):
+        raise ValueError(f"cfg_scale must be a finite number, got {scale}")
+    if shift is not None and not (math.isfinite(shift) and shift > 0):
+        raise ValueError(f"shift must be a finite number > 0, got {shift}")
     device = bundle.device
     out = []
     for start in range(0, len(labels), batch_size):
@@ -102,8 +141,13 @@ def generate(
         prompts = [prompt_for(lab) for lab in chunk.tolist()]
         text = bundle.text.encode(prompts, device)
         velocity = guided(bundle.model, text, bundle.text.null(1, device), scale)
-        clips = _run_sampler(bundle, velocity, noise, steps, solver, seed * 1_000_003 + start, shift)
-        out.append(clips.float().clamp(-1, 1).cpu())
+        clips = _run_sampler(bundle, velocity, noise, steps, solver, seed * 1_000_003 + start, shift).float()
+        bad = (~torch.isfinite(clips)).flatten(1).any(1)
+        if bad.any():  # checked before the clamp, which would turn an inf into a plausible ±1
+            raise NonFiniteOutput(f"the model's output has NaN/inf values in {int(bad.sum())} of {len(chunk)} clips "
+                                  f"(clips {start}..{start + len(chunk) - 1}, {steps} steps, guidance {scale}): its "
+                                  "weights or the sampling options are bad; nothing was written")
+        out.append(clips.clamp(-1, 1).cpu())
         if progress is not None:
             progress(len(chunk))
     return torch.cat(out)
@@ -112,8 +156,6 @@ def generate(
 def _run_sampler(bundle: ModelBundle, velocity, noise: torch.Tensor, steps: int, solver: str, seed: int,
                  shift: float | None):
     spec = bundle.meta.get("sampler", {"kind": "ode"})
-    if shift is not None and shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
     grid_shift = float(spec.get("shift", 1.0)) if shift is None else shift
     if spec["kind"] == "ode":
         return sample_rf(velocity, noise, steps, solver, grid_shift)

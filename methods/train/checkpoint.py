@@ -2,14 +2,17 @@
 
 Training checkpoints are `torch.save` dicts written to a temporary file in the same directory and
 renamed into place, so a crash never leaves a partial file under the final name; they hold tensors and
-plain containers only and are read with `weights_only=True` (no code in a file runs). Exported weights
+plain containers only and are read with `weights_only=True` (no code in a file runs). Each has a SHA-256
+beside it (`step_N.pt.sha256`, `sha256sum -c` format), checked on load. Exported weights
 are safetensors with the model config and provenance in the metadata, loadable without pickle. Neither
 is written when a tensor holds a NaN or inf.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -24,15 +27,26 @@ from torch.distributed.tensor import DTensor
 
 from vdistill.models.dit import DiTConfig, VideoDiT
 
+log = logging.getLogger("vdistill")
+
 CKPT_PATTERN = re.compile(r"step_(\d{8})\.pt$")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, write) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it into place (mode 0666 less the umask,
+    as `open` would give, not mkstemp's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -62,19 +76,51 @@ def check_finite(state, path: str | Path) -> None:
                          "the files already there are left as they were")
 
 
+def _sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksum_path(path: str | Path) -> Path:
+    return Path(f"{path}.sha256")
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save `state` to `path` atomically (write to a temp file, then rename); refused when a tensor of
-    `state` is not finite."""
+    """torch.save `state` to `path` atomically (write to a temp file, then rename), its SHA-256 beside it
+    (written before the rename: a checkpoint never appears without one); refused when a tensor of `state` is
+    not finite."""
     check_finite(state, path)
-    _atomic_write(Path(path), lambda tmp: torch.save(state, tmp))
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        torch.save(state, tmp)
+        digest = f"{_sha256(tmp)}  {path.name}\n"
+        _atomic_write(checksum_path(path), lambda t: Path(t).write_text(digest))
+
+    _atomic_write(path, write)
+
+
+def verify_checksum(path: Path) -> None:
+    """ValueError when `path` does not match the SHA-256 written beside it; a warning when there is none."""
+    stored = checksum_path(path)
+    if not stored.is_file():
+        log.warning("checkpoint %s has no checksum file (%s): not verified", path, stored.name)
+        return
+    expected = (stored.read_text().split() or [""])[0]
+    actual = _sha256(path)
+    if actual != expected:
+        raise ValueError(f"checkpoint {path} fails its checksum (SHA-256 {actual[:16]}..., {stored.name} says "
+                         f"{expected[:16]}...): it was damaged or changed after it was written")
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a training checkpoint without running code stored in it (`weights_only`: tensors and plain
-    containers only); clear errors for a missing, corrupt, unsafe or pre-`weights_only` file."""
+    containers only), after checking its SHA-256; clear errors for a missing, damaged, corrupt, unsafe or
+    pre-`weights_only` file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    verify_checksum(path)
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -108,6 +154,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
         old.unlink()
+        checksum_path(old).unlink(missing_ok=True)
 
 
 def save_weights(path: str | Path, model: VideoDiT, meta: dict | None = None, state: dict | None = None) -> None:
@@ -137,17 +184,27 @@ def read_weights_meta(path: str | Path) -> dict:
         raise ValueError(
             f"weights file {path} is not a vdistill DiT export (format={header.get('format')!r})"
         )
-    return {k: (v if k in ("format", "version") else json.loads(v)) for k, v in header.items()}
+    try:
+        return {k: (v if k in ("format", "version") else json.loads(v)) for k, v in header.items()}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"weights file {path}: its metadata is not valid JSON ({e})") from e
 
 
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[VideoDiT, dict]:
-    """Load an exported DiT: (model in eval mode, metadata)."""
+    """Load an exported DiT: (model in eval mode, metadata). A config field of the wrong type and non-finite
+    weights are refused, naming the field or tensor."""
     meta = read_weights_meta(path)
-    model = VideoDiT(DiTConfig(**meta["config"]))
+    try:
+        model = VideoDiT(DiTConfig.from_dict(meta.get("config")))
+    except ValueError as e:
+        raise ValueError(f"weights file {path}: its model config is not valid: {e}") from e
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise ValueError(f"weights file {path} is corrupt: {e}") from e
+    bad = _non_finite(state)
+    if bad is not None:
+        raise ValueError(f"weights file {path}: tensor {bad!r} has non-finite values (NaN/inf); not loaded")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ValueError(

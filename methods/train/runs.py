@@ -22,7 +22,7 @@ from vdistill.methods.eval.evaluate import evaluate_model
 from vdistill.methods.recipes.pretrain import FlowMatching
 from vdistill.methods.recipes.registry import recipe_class
 from vdistill.methods.sampling.generate import ModelBundle
-from vdistill.methods.train import distributed
+from vdistill.methods.train import distributed, run_folder
 from vdistill.methods.train.checkpoint import init_from
 from vdistill.methods.train.presets import DistillRun, RunConfig, shapes_distill
 from vdistill.methods.train.trainer import Trainer
@@ -31,11 +31,29 @@ from vdistill.models.dit import VideoDiT
 log = logging.getLogger("vdistill")
 
 
-def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None = None) -> dict[str, Path]:
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """How a run uses its folder: a new run (empty folder), `overwrite` (clear the previous run's files first),
+    or `resume` (from its newest valid checkpoint; `allow_changes`: with other settings, recorded)."""
+
+    resume: bool = False
+    overwrite: bool = False
+    allow_changes: bool = False
+
+    def prepare(self, out: str | Path) -> None:
+        """Check (and clear, with `overwrite`) the run folder before any model is built."""
+        if self.allow_changes and not self.resume:
+            raise ValueError("--allow-changes applies to --resume only")
+        run_folder.prepare(out, self.resume, self.overwrite)
+        distributed.barrier()
+
+
+def pretrain(run: RunConfig, out: Path, start: Start = Start(), init: Path | None = None) -> dict[str, Path]:
     """Flow-matching pretraining of `run.model` on moving shapes; returns the exported weight files.
 
     `init`: start from an exported model's weights (continued training; its config must match).
     """
+    start.prepare(out)
     torch.manual_seed(run.train.seed)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     device = str(run.train.resolved_device())
@@ -44,40 +62,19 @@ def pretrain(run: RunConfig, out: Path, resume: bool = False, init: Path | None 
     if init is not None:
         init_from(model, init)
     recipe = FlowMatching(model, run.method)
-    return _fit_and_export(Trainer(recipe, data, run.train, out, run_config=run.to_dict()), data, resume)
+    return _fit_and_export(Trainer(recipe, data, run.train, out, run_config=run.to_dict()), data, start)
 
 
-def _fit_and_export(trainer: Trainer, data: Prefetched, resume: bool) -> dict[str, Path]:
+def _fit_and_export(trainer: Trainer, data: Prefetched, start: Start) -> dict[str, Path]:
     """Train, stop the data thread whatever happens, export; the exported files by name."""
     try:
-        trainer.fit(resume=resume)
+        trainer.fit(resume=start.resume, allow_changes=start.allow_changes)
     finally:
         data.close()
     paths = trainer.export()
     if distributed.is_main():
         log.info("exported %s", ", ".join(str(p) for p in paths.values()))
     return paths
-
-
-RESUME_KEYS = ("method", "init", "method_config", "model", "data", "text_max_len", "teacher_cfg_scale")
-
-
-def check_resumable(out: str | Path, run_config: dict) -> None:
-    """ValueError if the run in `out` (its config.json) was made with another teacher/student set-up."""
-    path = Path(out) / "config.json"
-    if not path.is_file():
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"cannot resume: {path} is corrupt ({e})") from e
-    new = json.loads(json.dumps(run_config, default=str))
-    for key in RESUME_KEYS:
-        if saved.get(key) != new.get(key):
-            raise ValueError(
-                f"cannot resume the run in {out}: its {key} differs from this run's "
-                f"(saved {saved.get(key)}, now {new.get(key)}); use another --out"
-            )
 
 
 EVAL_STEPS = (1, 2, 4)
@@ -100,7 +97,7 @@ def distill(
     teacher_path: str | Path,
     out: str | Path,
     run: DistillRun | None = None,
-    resume: bool = False,
+    start: Start = Start(),
     init: str | Path | None = None,
     teacher_cfg: float | None = None,
 ) -> dict[str, Path]:
@@ -115,6 +112,7 @@ def distill(
     recipe_cls = recipe_class(method)
     run = run or shapes_distill(method)
     train, cfg = run.train, run.method
+    start.prepare(out)
     if not isinstance(cfg, recipe_cls.Config):
         raise TypeError(f"run.method must be a {recipe_cls.Config.__name__} for {method!r}, got {type(cfg).__name__}")
     device = train.resolved_device()
@@ -138,14 +136,12 @@ def distill(
         "cfg_scale": 1.0,  # guidance is baked into the student
         "teacher_run": teacher_run.get("train"),
     }
-    if resume:
-        check_resumable(out, run_config)
     data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed, device=str(device)))
     trainer = Trainer(recipe, data, train, out, run_config=run_config)
     trainer.export_meta = {"sampler": recipe_cls.sampler_meta(cfg)}
     if train.eval_every:
         trainer.evaluator = student_evaluator(teacher, trainer.export_meta, train.eval_num)
-    paths = _fit_and_export(trainer, data, resume)
+    paths = _fit_and_export(trainer, data, start)
     if distributed.is_main():
         (Path(out) / "method_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2, default=str))
     return paths

@@ -31,10 +31,11 @@ from tqdm import tqdm
 
 from vdistill.kernels.ema import EMA, EMAProfile
 from vdistill.methods.recipes.base import Recipe
-from vdistill.methods.train import distributed
+from vdistill.methods.train import distributed, run_folder
 from vdistill.methods.train.checkpoint import (
     check_finite,
     checkpoint_path,
+    checksum_path,
     list_checkpoints,
     load_checkpoint,
     prune_checkpoints,
@@ -43,6 +44,7 @@ from vdistill.methods.train.checkpoint import (
 )
 from vdistill.methods.train.logs import RunLog
 from vdistill.methods.train.profiling import CaptureWindow, nvtx_range
+from vdistill.models.config_fields import check_fields
 from vdistill.models.dit import VideoDiT
 
 log = logging.getLogger("vdistill")
@@ -83,7 +85,7 @@ class TrainConfig:
     ema_sigma_rels: tuple[float, ...] = (0.05, 0.1)  # EDM2 power-EMA profiles; the first is exported
     log_every: int = 25  # steps between metrics.jsonl rows (and progress-bar updates)
     ckpt_every: int = 500  # steps between checkpoints (one is also written at the end)
-    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept in RUN/checkpoints (0 = all)
     seed: int = 0  # seeds the model initialisation, the data stream and the torch RNG
     device: str = "auto"  # "auto" = cuda if available else cpu; or cpu, cuda, cuda:N
     # autocast: "auto" = bf16 on CUDA, fp32 on CPU; "bf16" = bf16 on either (fast on CPUs with AMX, emulated
@@ -105,6 +107,7 @@ class TrainConfig:
     max_bad_steps: int = 10  # stop after this many consecutive steps skipped for a non-finite gradient norm (>= 1)
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for name in ("steps", "batch_size", "grad_accum", "eval_num", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -114,6 +117,18 @@ class TrainConfig:
             raise ValueError(f"eval_every must be >= 0 (0 = off), got {self.eval_every}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("log_every", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "keep_checkpoints", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be in [0, 1), got {self.adam_betas}")
+        if not self.ema_sigma_rels or min(self.ema_sigma_rels) <= 0:
+            raise ValueError(f"ema_sigma_rels must be one or more numbers > 0, got {self.ema_sigma_rels}")
+        if self.time_limit_s is not None and self.time_limit_s <= 0:
+            raise ValueError(f"time_limit_s must be > 0 (or none: no limit), got {self.time_limit_s}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {self.precision!r}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
@@ -280,15 +295,35 @@ class Trainer:
                 prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
-    def resume(self) -> bool:
-        """Load the newest checkpoint of the run if there is one; True when resumed."""
+    def resume(self, allow_changes: bool = False) -> None:
+        """Load the newest valid checkpoint of the run (a damaged newer one is renamed `*.bad` with a warning),
+        after checking that this run's settings may continue it (`run_folder.check_changes`); record the resume."""
         ckpts = list_checkpoints(self.run_dir)
-        if not ckpts:
-            return False
-        self.load_state_dict(load_checkpoint(ckpts[-1], map_location=self.device))
+        bad: list[tuple[Path, str]] = []
+        for path in reversed(ckpts):
+            try:
+                state = load_checkpoint(path, map_location=self.device)
+                break
+            except (ValueError, FileNotFoundError) as e:
+                bad.append((path, str(e)))
+        else:
+            reasons = "; ".join(reason for _, reason in bad)
+            raise ValueError(f"--resume: no valid checkpoint in {self.run_dir / 'checkpoints'} ({reasons})")
+        changes = run_folder.config_changes(state["config"], self.run_config)
+        run_folder.check_changes(changes, allow_changes, path)
+        if state["step"] > self.cfg.steps:
+            raise ValueError(f"--resume: the checkpoint {path} is at step {state['step']}, past train.steps="
+                             f"{self.cfg.steps}; set train.steps to at least {state['step']}")
+        self.load_state_dict(state)
+        distributed.barrier()  # every rank has read its checkpoint before rank 0 renames the bad ones
         if distributed.is_main():
-            log.info("resumed %s at step %d", ckpts[-1], self.step)
-        return True
+            for damaged, reason in bad:  # renamed, not deleted: kept for a look, and no longer pruned as newer
+                damaged.rename(damaged.with_name(damaged.name + ".bad"))
+                if checksum_path(damaged).exists():
+                    checksum_path(damaged).rename(damaged.with_name(damaged.name + ".bad.sha256"))
+                log.warning("skipped the damaged checkpoint %s (renamed to %s.bad): %s", damaged, damaged.name, reason)
+            run_folder.record_resume(self.run_dir, self.step, path, changes)
+            log.info("resumed %s at step %d", path, self.step)
 
     def export(self) -> dict[str, Path]:
         """Write the raw student and EMA profile 0 as safetensors next to the checkpoints (rank 0 writes)."""
@@ -405,14 +440,20 @@ class Trainer:
         runlog.write(self.step, {f"eval_{k}": v for k, v in scores.items()})
         bar.write(f"step {self.step} EMA: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items()))
 
-    def fit(self, resume: bool = False) -> list[dict]:
-        """Train to `cfg.steps`; returns the logged rows of this call."""
-        resumed = self.resume() if resume else False
+    def fit(self, resume: bool = False, allow_changes: bool = False) -> list[dict]:
+        """Train to `cfg.steps` in a new run folder, or continue its run (`resume`; `allow_changes`: with other
+        settings than its checkpoint's, see `run_folder.check_changes`); returns the logged rows of this call."""
+        run_folder.prepare(self.run_dir, resume)
         main = distributed.is_main()
+        if main:
+            run_folder.remove_stale_temporaries(self.run_dir)
+        distributed.barrier()  # every rank has seen the folder as it was before rank 0 writes into it
+        if resume:
+            self.resume(allow_changes)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(json.dumps(self.run_config, indent=2, default=str))
-        runlog = RunLog(self.run_dir, self.cfg.tensorboard, resume_step=self.step if resumed else None, enabled=main)
+        runlog = RunLog(self.run_dir, self.cfg.tensorboard, resume_step=self.step if resume else None, enabled=main)
         window = CaptureWindow(self.cfg.profile_window)
         rows: list[dict] = []
         start_time = time.perf_counter()
