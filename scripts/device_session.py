@@ -145,7 +145,7 @@ def pretrain_teacher(s: Session, args: argparse.Namespace, teacher_dir: Path) ->
         # Keep the session useful if a kernel fails on this GPU: the references are exact, only slower.
         s.env["VDISTILL_KERNELS"] = "reference"
         s.run("pretrain_teacher_reference", cmd, timeout=args.teacher_seconds + 120)
-    teacher = teacher_dir / "student_ema.safetensors"
+    teacher = teacher_dir / "model_ema.safetensors"
     if not teacher.exists():
         return None
     (s.out / "teacher.safetensors").write_bytes(teacher.read_bytes())

@@ -25,7 +25,7 @@ from vdistill.bench.harness import run_meta
 from vdistill.methods.train.checkpoint import list_checkpoints
 from vdistill.methods.train.logs import read_metrics
 
-EXPORTS = ("student.safetensors", "student_ema.safetensors")
+EXPORTS = ("model.safetensors", "model_ema.safetensors")
 
 
 def _command(out: Path, steps: int, *extra: str) -> list[str]:

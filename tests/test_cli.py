@@ -75,7 +75,7 @@ def tiny_model(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=4", "--out", str(out)]) == 0
     assert (out / "config.json").exists() and (out / "metrics.jsonl").exists()
-    return out / "student_ema.safetensors"
+    return out / "model_ema.safetensors"
 
 
 def test_sample_writes_clips_and_grids(tiny_model, tmp_path):

@@ -37,7 +37,7 @@ def teacher(tmp_path_factory):
     out = tmp_path_factory.mktemp("teacher")
     assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=2", "--set", "train.batch_size=2",
                  "--out", str(out)]) == 0
-    return out / "student_ema.safetensors"
+    return out / "model_ema.safetensors"
 
 
 @pytest.mark.parametrize("method", ["reflow", "progressive", "consistency"])

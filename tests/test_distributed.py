@@ -123,7 +123,7 @@ def test_pretrain_cli_undertorchrun(tmp_path):
     out = tmp_path / "run"
     done = _torchrun_pretrain(out, batch_size=4)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "student_ema.safetensors").is_file()
+    assert (out / "model_ema.safetensors").is_file()
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     state = torch.load(list_checkpoints(out)[-1], weights_only=False)
@@ -139,7 +139,7 @@ def test_pretrain_cli_undertorchrun(tmp_path):
 def test_reflow_pairs_under_torchrun_write_the_single_process_shards(tmp_path):
     """Two ranks share the shards (rank r writes r, r + 2, ...) and write the files one process writes."""
     assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=1", "--out", str(tmp_path / "teacher")]) == 0
-    args = ["reflow-pairs", "--teacher", str(tmp_path / "teacher" / "student_ema.safetensors"), "--num-pairs", "5",
+    args = ["reflow-pairs", "--teacher", str(tmp_path / "teacher" / "model_ema.safetensors"), "--num-pairs", "5",
             "--shard-size", "2", "--steps", "2", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     done = torchrun(*args, "--out", str(tmp_path / "ranks"))

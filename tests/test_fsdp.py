@@ -85,11 +85,11 @@ def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
     for name, extra in (("ddp", ()), ("fsdp", ("--set", "train.fsdp=true"))):
         done = torchrun(*args, "--out", str(tmp_path / name), *extra)
         assert done.returncode == 0, done.stderr[-3000:]
-    for file in ("student.safetensors", "student_ema.safetensors"):
+    for file in ("model.safetensors", "model_ema.safetensors"):
         assert_same(load_file(tmp_path / "fsdp" / file), load_file(tmp_path / "ddp" / file), rtol=1e-5, atol=1e-6)
     state = torch.load(list_checkpoints(tmp_path / "fsdp")[-1], weights_only=False)
     assert len(state["sharded_by_rank"]) == 2
-    assert_same(state["student"], load_file(tmp_path / "fsdp" / "student.safetensors"), rtol=0, atol=0)
+    assert_same(state["student"], load_file(tmp_path / "fsdp" / "model.safetensors"), rtol=0, atol=0)
     mixed = torchrun(*args, "--set", "train.steps=3", "--out", str(tmp_path / "fsdp"), "--resume")
     assert mixed.returncode != 0 and "train.fsdp: True -> False" in mixed.stderr
     mixed = torchrun(*args, "--set", "train.steps=3", "--out", str(tmp_path / "fsdp"), "--resume", "--allow-changes")
@@ -106,7 +106,7 @@ def test_sharded_rcm_runs_and_resumes_on_the_gpu(tmp_path):
     done = torchrun("pretrain", "--preset", "tiny", "--set", "train.steps=3", "--set", "train.device=auto",
                     "--out", str(teacher), "--set", "train.fsdp=true", ranks=1)
     assert done.returncode == 0, done.stderr[-3000:]
-    args = ("distill", "rcm", "--teacher", str(teacher / "student_ema.safetensors"), "--out", str(tmp_path / "rcm"),
+    args = ("distill", "rcm", "--teacher", str(teacher / "model_ema.safetensors"), "--out", str(tmp_path / "rcm"),
             "--set", "train.batch_size=4", "--set", "train.fsdp=true", "--set", "tangent_warmup=1",
             "--set", "target=ema")
     for steps, extra in (("2", ()), ("3", ("--resume",))):

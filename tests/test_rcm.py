@@ -227,7 +227,7 @@ def test_activation_checkpointing_trains_rcm_identically(tmp_path):
 def test_distill_rcm_cli_end_to_end(tmp_path):
     teacher_dir, out = tmp_path / "teacher", tmp_path / "rcm"
     assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=2", "--out", str(teacher_dir)]) == 0
-    args = ["distill", "rcm", "--teacher", str(teacher_dir / "student_ema.safetensors"), "--out", str(out),
+    args = ["distill", "rcm", "--teacher", str(teacher_dir / "model_ema.safetensors"), "--out", str(out),
             "--preset", "tiny", "--set", "train.steps=4", "--set", "tangent_warmup=2", "--set", "max_sim_steps=2"]
     assert main(args) == 0
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]

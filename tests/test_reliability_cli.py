@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def model(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=2", "--out", str(out)]) == 0
-    return out / "student_ema.safetensors"
+    return out / "model_ema.safetensors"
 
 
 def _rewrite(src, dst, tensors=None, config=None):

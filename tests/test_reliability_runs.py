@@ -109,7 +109,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, 
     assert "skipped the damaged checkpoint" in caplog.text and "step_00000004.pt" in caplog.text
     assert (out / "checkpoints" / "step_00000004.pt.bad").exists()
     assert json.loads((out / "resumes.jsonl").read_text())["checkpoint"] == "step_00000002.pt"
-    for name in ("student.safetensors", "student_ema.safetensors"):
+    for name in ("model.safetensors", "model_ema.safetensors"):
         full, resumed = load_file(tmp_path / "full" / name), load_file(out / name)
         assert all(torch.equal(full[k], resumed[k]) for k in full)
 
@@ -141,7 +141,7 @@ def test_checkpoint_checksum_is_sha256sum_format_and_missing_one_warns(tmp_path,
 
 def test_stale_temporaries_of_killed_writes_are_removed(tmp_path, caplog):
     assert _pretrain(tmp_path, 2) == 0
-    stale = [tmp_path / "checkpoints" / ".step_00000009.pt.k3j2.tmp", tmp_path / ".student.safetensors.a1.tmp",
+    stale = [tmp_path / "checkpoints" / ".step_00000009.pt.k3j2.tmp", tmp_path / ".model.safetensors.a1.tmp",
              tmp_path / "checkpoints" / "step_00000009.pt.sha256"]  # a checksum whose checkpoint never arrived
     for path in stale:
         path.write_bytes(b"partial")
@@ -157,5 +157,5 @@ def test_exports_and_checkpoints_respect_the_umask(tmp_path):
         assert _pretrain(tmp_path, 2) == 0
     finally:
         os.umask(old)
-    for path in (tmp_path / "student_ema.safetensors", ckpt.checkpoint_path(tmp_path, 2)):
+    for path in (tmp_path / "model_ema.safetensors", ckpt.checkpoint_path(tmp_path, 2)):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path

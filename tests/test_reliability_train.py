@@ -136,7 +136,7 @@ def test_checkpoint_and_export_refuse_non_finite_weights(tmp_path):
     t = _trainer(tmp_path, steps=3)
     t.fit()
     t.export()
-    files = [*ckpt.list_checkpoints(tmp_path), tmp_path / "student.safetensors", tmp_path / "student_ema.safetensors"]
+    files = [*ckpt.list_checkpoints(tmp_path), tmp_path / "model.safetensors", tmp_path / "model_ema.safetensors"]
     before = {p: p.read_bytes() for p in files}
     name, param = next(iter(t.recipe.student.named_parameters()))
     with torch.no_grad():
@@ -230,7 +230,7 @@ def test_diverging_rcm_run_stops_with_a_clear_error_and_exports_nothing(tmp_path
     teacher = tmp_path / "teacher"
     assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=2", "--out", str(teacher)]) == 0
     out = tmp_path / "rcm"
-    argv = ["distill", "rcm", "--teacher", str(teacher / "student_ema.safetensors"), "--out", str(out),
+    argv = ["distill", "rcm", "--teacher", str(teacher / "model_ema.safetensors"), "--out", str(out),
             "--preset", "tiny", "--set", "train.steps=8", "--set", "train.lr=1e6", "--set", "train.max_bad_steps=2",
             "--set", "method.tangent_warmup=0", "--set", "method.dmd_weight=0"]
     assert main(argv) == 2

@@ -22,7 +22,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("tune")
     tiny = ["--preset", "tiny", "--set", "train.steps=2", "--set", "train.batch_size=2"]
     assert main(["pretrain", *tiny, "--out", str(root / "t")]) == 0
-    teacher = root / "t" / "student_ema.safetensors"
+    teacher = root / "t" / "model_ema.safetensors"
     assert main(["distill", "consistency", "--teacher", str(teacher), "--out", str(root / "cd"), *tiny]) == 0
     return teacher, root / "cd" / "student_ema.safetensors"
 

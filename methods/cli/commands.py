@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
-import json
+import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from vdistill.methods.cli import checks
 from vdistill.methods.data.shapes import parse_prompt, prompt_for
-from vdistill.methods.eval.evaluate import evaluate_model, format_table, mean_over_seeds
+from vdistill.methods.eval.evaluate import (
+    METRIC_KEY,
+    evaluate_clips,
+    evaluate_model,
+    format_table,
+    mean_over_seeds,
+    reference_features,
+    to_json,
+)
 from vdistill.methods.eval.tune_times import plot_sweep, sweep, write_tuned
 from vdistill.methods.sampling.generate import ModelBundle, generate, spread_labels
-from vdistill.methods.sampling.media import save_annotated_grid, save_gif, save_grid_png, save_mp4
+from vdistill.methods.sampling.media import (
+    save_annotated_grid,
+    save_gif,
+    save_grid_png,
+    save_labelled_gif,
+    save_mp4,
+)
 from vdistill.methods.train import distributed
 
 SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "weights" / "shapes-teacher" / "model.safetensors"
@@ -27,11 +42,13 @@ def sample(args) -> int:
                      shift=args.shift)
     args.out.mkdir(parents=True, exist_ok=True)
     save = save_gif if args.format == "gif" else save_mp4
-    for i, (clip, prompt) in enumerate(zip(clips, prompts)):
-        save(clip, args.out / f"{i:03d}_{prompt.replace(' ', '_')}.{args.format}")
+    files = [save(clip, args.out / f"{i:03d}_{prompt.replace(' ', '_')}.{args.format}")
+             for i, (clip, prompt) in enumerate(zip(clips, prompts))]
     save_grid_png(clips, args.out / "grid.png")
     save_annotated_grid(clips, prompts, args.out / "grid_annotated.png")
-    print(f"wrote {len(clips)} clips and grid.png to {args.out}")
+    clip_files = files[0].name + (f" ... {files[-1].name}" if len(files) > 1 else "")
+    print(f"wrote {len(clips)} clip{'s' if len(clips) > 1 else ''} ({clip_files}), grid.png and grid_annotated.png "
+          f"to {args.out}")
     return 0
 
 
@@ -58,7 +75,8 @@ def evaluate(args) -> int:
         rows = per_seed[args.seed[0]]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({**result, "rows": rows}, indent=2))
+        args.out.write_text(to_json({**result, "rows": rows}))
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -67,23 +85,30 @@ def demo(args) -> int:
     checks.output_dir(args.out)
     device = distributed.resolve_device(args.device)
     bundle = ModelBundle.load(path, device)
-    args.out.mkdir(parents=True, exist_ok=True)
-    rows = evaluate_model(bundle, args.steps, args.num, labels=spread_labels(args.num))
-    labels = spread_labels(8)
+    shown = min(8, args.num)
+    what = "the shipped moving-shapes teacher" if args.model is None else str(path)
+    print(f"vdistill demo: sampling {what} at {' and '.join(map(str, args.steps))} Euler steps, {args.num} clips "
+          f"per step count from the same noise and prompts, scored by the benchmark's exact evaluator; the first "
+          f"{shown} as labelled grids and GIFs in {args.out}/")
+    labels = spread_labels(args.num)
     prompts = [prompt_for(lab) for lab in labels.tolist()]
-    for n in args.steps:
-        clips = generate(bundle, labels, n)
-        save_annotated_grid(clips, prompts, args.out / f"grid_{n}steps.png")
-        save_gif(_tile(clips), args.out / f"clips_{n}steps.gif")
-    (args.out / "metrics.json").write_text(json.dumps({"model": str(path), "rows": rows}, indent=2))
+    reference = reference_features(cfg=bundle.data)
+    rows, written = [], []
+    with tqdm(total=sum(args.steps) * args.num, desc="demo", unit="clip-step", dynamic_ncols=True) as bar:
+        for n in args.steps:
+            start = time.perf_counter()
+            clips = generate(bundle, labels, n, progress=lambda k, n=n: bar.update(k * n))
+            wall = time.perf_counter() - start
+            metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
+            rows.append({"steps": n, "num": args.num, **metrics, "wall_s": wall, "s_per_clip": wall / args.num})
+            written.append(save_annotated_grid(clips[:shown], prompts[:shown], args.out / f"grid_{n}steps.png"))
+            written.append(save_labelled_gif(clips[:shown], prompts[:shown], args.out / f"clips_{n}steps.gif"))
+    report = args.out / "metrics.json"
+    report.write_text(to_json({"model": str(path), "rows": rows, "key": METRIC_KEY}))
     print(format_table(rows))
-    print(f"grids, GIFs and metrics.json written to {args.out}")
+    print(f"key: {METRIC_KEY}")
+    print("wrote " + ", ".join(str(p) for p in [*written, report]))
     return 0
-
-
-def _tile(clips: torch.Tensor) -> torch.Tensor:
-    """[n, 3, T, H, W] -> one [3, T, H, n·W] clip, side by side."""
-    return torch.cat(list(clips), dim=-1)
 
 
 def tune_times(args) -> int:
@@ -95,7 +120,7 @@ def tune_times(args) -> int:
     rows = sweep(bundle, args.steps, args.shifts, args.num, args.seed)
     chosen = write_tuned(bundle, args.model, args.out, rows)
     report = args.out.with_suffix(".tuning.json")
-    report.write_text(json.dumps({"model": str(args.model), "chosen": chosen, "rows": rows}, indent=1))
+    report.write_text(to_json({"model": str(args.model), "chosen": chosen, "rows": rows}, indent=1))
     plot_sweep(rows, args.out.with_suffix(".tuning.png"))
     for n, times in chosen.items():
         print(f"{n} steps: times {', '.join(f'{t:.3f}' for t in times)}")

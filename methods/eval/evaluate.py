@@ -25,6 +25,7 @@ clips (rougher from the spread when there are only two or three seeds).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 import time
@@ -178,6 +179,25 @@ def evaluate_model(
             rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
             log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])
     return rows
+
+
+def to_json(value, indent: int = 2) -> str:
+    """JSON text of `value` with every NaN/inf float written as null (a bare NaN is not JSON: `diversity` is
+    NaN when no two clips share a prompt)."""
+
+    def clean(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        return [clean(v) for v in item] if isinstance(item, list | tuple) else item
+
+    return json.dumps(clean(value), indent=indent, allow_nan=False)
+
+
+METRIC_KEY = ("acc_all: share of clips whose shape, colour and direction all match the prompt; fd: Fréchet "
+              "distance to real clips (lower is better; real vs real 0.26); smoothness: px off a straight track; "
+              "diversity: spread among clips of one prompt (null with one clip per prompt)")
 
 
 def format_table(rows: list[dict]) -> str:

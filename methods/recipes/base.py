@@ -30,6 +30,7 @@ class Recipe(nn.Module):
     """Base class: subclasses set `name` and `student` and implement `loss`."""
 
     name: str = "recipe"
+    export_stem: str = "student"  # exports: <stem>.safetensors (raw) and <stem>_ema.safetensors
     student: nn.Module
 
     def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:

@@ -45,6 +45,7 @@ def drop_text(text: torch.Tensor, null_text: torch.Tensor, p: float) -> torch.Te
 
 class FlowMatching(Recipe):
     name = "pretrain"
+    export_stem = "model"  # a teacher, not a student
 
     def __init__(self, student: torch.nn.Module, cfg: FlowMatchingConfig | None = None):
         super().__init__()

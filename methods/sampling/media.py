@@ -7,6 +7,7 @@ round((x + 1) * 127.5) after clamping, and upscaled by nearest neighbour so pixe
 from __future__ import annotations
 
 import importlib.util
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,48 @@ def save_gif(video: torch.Tensor, path: str | Path, fps: int = 8, scale: int = 4
     if fps < 1:
         raise ValueError(f"fps must be >= 1, got {fps}")
     frames = [Image.fromarray(f) for f in to_uint8_frames(video, scale)]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
+    return path
+
+
+def labelled_frames(videos: torch.Tensor, titles: list[str], columns: int = 4, scale: int = 4,
+                    gap: int = 4) -> list[Image.Image]:
+    """Frames of ``videos`` [B, 3, T, H, W] tiled `columns` per row, each clip under a white strip with its whole
+    title (wrapped to the clip's width), tiles separated by `gap` grey pixels: one image per time step."""
+    from PIL import ImageDraw, ImageFont
+
+    if len(titles) != videos.shape[0]:
+        raise ValueError(f"titles: expected {videos.shape[0]} titles, got {len(titles)}")
+    b, _, t, h, w = videos.shape
+    columns = min(columns, b)
+    font = ImageFont.load_default()
+    titles = [textwrap.fill(title, max(8, w * scale // 5)) for title in titles]  # the default font: ~5 px a letter
+    line = font.getbbox("Ag")[3] + 2
+    strip = max(title.count("\n") + 1 for title in titles) * line + 6
+    tile_w, tile_h = w * scale, h * scale + strip
+    rows = -(-b // columns)
+    base = Image.new("RGB", (columns * (tile_w + gap) + gap, rows * (tile_h + gap) + gap), (96, 96, 96))
+    draw = ImageDraw.Draw(base)
+    corners = [(gap + (i % columns) * (tile_w + gap), gap + (i // columns) * (tile_h + gap)) for i in range(b)]
+    for (x, y), title in zip(corners, titles):
+        draw.rectangle((x, y, x + tile_w - 1, y + strip - 1), fill=(255, 255, 255))
+        draw.multiline_text((x + 3, y + 3), title, fill=(0, 0, 0), font=font, spacing=2)
+    clips = [to_uint8_frames(v, scale) for v in videos]
+    frames = []
+    for j in range(t):
+        frame = base.copy()
+        for (x, y), clip in zip(corners, clips):
+            frame.paste(Image.fromarray(clip[j]), (x, y + strip))
+        frames.append(frame)
+    return frames
+
+
+def save_labelled_gif(videos: torch.Tensor, titles: list[str], path: str | Path, fps: int = 8,
+                      columns: int = 4) -> Path:
+    """Write :func:`labelled_frames` of ``videos`` [B, 3, T, H, W] as one looping GIF; returns the path."""
+    frames = labelled_frames(videos, titles, columns)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)

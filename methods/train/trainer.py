@@ -66,6 +66,10 @@ def warn_if_emulated_bf16(device: torch.device, precision: str) -> None:
         )
 
 
+ESTIMATE_AFTER = 4  # steps of a fit() call timed before the duration estimate (the first one not counted)
+LONG_RUN_S = 1800  # a CPU run estimated longer than this without a time limit gets a warning
+
+
 class TrainingDiverged(RuntimeError):
     """`max_bad_steps` training steps in a row had a non-finite gradient norm."""
 
@@ -328,7 +332,8 @@ class Trainer:
     def export(self) -> dict[str, Path]:
         """Write the raw student and EMA profile 0 as safetensors next to the checkpoints (rank 0 writes)."""
         meta = {"recipe": self.recipe.name, "step": self.step, "run_config": self.run_config, **self.export_meta}
-        paths = {"raw": self.run_dir / "student.safetensors", "ema": self.run_dir / "student_ema.safetensors"}
+        stem = self.recipe.export_stem
+        paths = {"raw": self.run_dir / f"{stem}.safetensors", "ema": self.run_dir / f"{stem}_ema.safetensors"}
         student = self.recipe.student
         if self.cfg.fsdp:  # gather the whole weights to rank 0 (every rank takes part)
             raw = distributed.full_model_state(student)
@@ -424,6 +429,14 @@ class Trainer:
             "skipped_steps": float(self.skipped_steps), **logs,
         }
 
+    def _warn_if_long(self, seconds_per_step: float) -> None:
+        """On a CPU, warn when the remaining steps would take more than LONG_RUN_S and no time limit is set."""
+        remaining = seconds_per_step * (self.cfg.steps - self.step)
+        if self.device.type == "cpu" and self.cfg.time_limit_s is None and remaining > LONG_RUN_S:
+            log.warning("at %.1f s per step on this CPU the remaining %d steps take about %.1f h; "
+                        "--set train.time_limit_s=SECONDS stops earlier (checkpointed and exported), "
+                        "train.steps shortens the run", seconds_per_step, self.cfg.steps - self.step, remaining / 3600)
+
     def _evaluate(self, runlog: RunLog, bar: tqdm) -> None:
         """Rank 0 scores the EMA student while the other ranks wait; a sharded student's forwards need every
         rank, so then all ranks run the (deterministic) evaluation and rank 0 writes."""
@@ -457,6 +470,7 @@ class Trainer:
         window = CaptureWindow(self.cfg.profile_window)
         rows: list[dict] = []
         start_time = time.perf_counter()
+        first_step, after_first = self.step, 0.0
         bar = tqdm(
             total=self.cfg.steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True, disable=not main
         )
@@ -468,6 +482,10 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 elapsed = time.perf_counter() - start_time
+                if self.step == first_step + 1:
+                    after_first = elapsed  # the first step includes one-time costs (allocation, warm-up)
+                elif self.step == first_step + ESTIMATE_AFTER and main:
+                    self._warn_if_long((elapsed - after_first) / (ESTIMATE_AFTER - 1))
                 out_of_time = self.cfg.time_limit_s is not None and distributed.any_rank(
                     elapsed > self.cfg.time_limit_s, self.device
                 )
