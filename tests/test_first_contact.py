@@ -11,6 +11,7 @@ from PIL import Image
 from vdistill.methods.cli.main import main
 from vdistill.methods.eval.evaluate import to_json
 from vdistill.methods.train import trainer as trainer_module
+from vdistill.methods.train.logs import read_metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -71,3 +72,17 @@ def test_a_long_cpu_run_warns_with_an_estimate(tmp_path, caplog, monkeypatch):
     with caplog.at_level(logging.WARNING, logger="vdistill"):
         assert main([*args, "--set", "train.time_limit_s=600", "--out", str(tmp_path / "b")]) == 0
     assert "per step on this CPU" not in caplog.text
+
+
+def test_quickstart_distils_and_compares_at_tiny_size(model, tmp_path, capsys):
+    args = ["quickstart", "--teacher", str(model), "--set", "train.steps=2", "--set", "train.batch_size=2",
+            "--num", "4", "--device", "cpu", "--out", str(tmp_path)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    report = _strict_json((tmp_path / "metrics.json").read_text())
+    assert [(r["model"], r["steps"]) for r in report["rows"]] == [
+        (m, n) for m in ("teacher", "student") for n in (1, 2, 4)]
+    assert report["student"] == str(tmp_path / "student" / "student_ema.safetensors")
+    assert f"wrote {tmp_path / 'comparison.png'}" in printed and (tmp_path / "comparison.png").exists()
+    assert main(args) == 0  # a second quickstart replaces its student
+    assert [r["step"] for r in read_metrics(tmp_path / "student")] == [2]  # one run's log, not two

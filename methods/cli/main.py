@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vdistill.methods.cli import checks, commands
+from vdistill.methods.cli import checks, commands, quickstart
 from vdistill.methods.cli.checks import finite_float, positive_float, positive_int
 from vdistill.methods.train import distributed
 from vdistill.methods.train.trainer import TrainingDiverged
@@ -87,7 +87,8 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--model", type=Path, required=True, help="exported .safetensors")
     p.add_argument("--steps", type=positive_int, nargs="+", default=[1, 2, 4, 8, 16, 50],
                    help="step counts to evaluate")
-    p.add_argument("--num", type=positive_int, default=256, help="clips per step count (balanced over the 72 prompts)")
+    p.add_argument("--num", type=positive_int, default=256,
+                   help="clips per step count, cycling through the 72 prompts (a multiple of 72 weighs them equally)")
     p.add_argument("--solver", choices=["euler", "heun"], default="euler", help="ODE solver")
     p.add_argument("--cfg", type=finite_float, help="guidance scale (default: the model's)")
     p.add_argument("--shift", type=positive_float,
@@ -108,7 +109,8 @@ def _add_tune_times(sub) -> None:
     p.add_argument("--steps", type=positive_int, nargs="+", default=[2], help="step counts to tune (>= 2)")
     p.add_argument("--shifts", type=positive_float, nargs="+", default=list(DEFAULT_SHIFTS),
                    help="grid shifts to try (2 steps: middle RF time shift/(1+shift))")
-    p.add_argument("--num", type=positive_int, default=256, help="clips per point (balanced over the 72 prompts)")
+    p.add_argument("--num", type=positive_int, default=256,
+                   help="clips per point, cycling through the 72 prompts (a multiple of 72 weighs them equally)")
     p.add_argument("--seed", type=int, default=TUNING_SEED, help="tuning noise seed (report on another one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
 
@@ -120,6 +122,10 @@ def _add_demo(sub) -> None:
     p.add_argument("--steps", type=positive_int, nargs="+", default=[4, 16], help="step counts")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
+
+
+def _add_quickstart(sub) -> None:
+    quickstart.add_parser(sub, _add_parser, commands.SHIPPED_TEACHER)
 
 
 def _add_distill(sub) -> None:
@@ -252,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vdistill", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_pretrain, _add_distill, _add_sample, _add_evaluate, _add_tune_times, _add_demo, _add_reflow_pairs,
-                _add_bench, _add_plot_evals, _add_export):
+    for add in (_add_pretrain, _add_distill, _add_quickstart, _add_sample, _add_evaluate, _add_tune_times, _add_demo,
+                _add_reflow_pairs, _add_bench, _add_plot_evals, _add_export):
         add(sub)
     return parser
 
@@ -305,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "pretrain": _pretrain,
         "distill": _distill,
+        "quickstart": quickstart.quickstart,
         "sample": commands.sample,
         "evaluate": commands.evaluate,
         "tune-times": commands.tune_times,

@@ -157,6 +157,36 @@ def save_annotated_grid(videos: torch.Tensor, titles: list[str], path: str | Pat
     return save_figure(fig, path)
 
 
+def save_comparison(columns: dict[str, torch.Tensor], prompts: list[str], path: str | Path, frames: int = 4,
+                    scale: int = 2) -> Path:
+    """One figure comparing models from the same noise: a row per prompt, a column per entry of `columns`
+    ({title: clips [B, 3, T, H, W]}, e.g. "teacher, 2 steps"), each cell `frames` frames spread over the clip."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(columns.values()))
+    if any(clips.shape != first.shape for clips in columns.values()) or len(prompts) != first.shape[0]:
+        raise ValueError(f"columns: expected clips of one shape, one per prompt ({len(prompts)}), got "
+                         f"{[list(c.shape) for c in columns.values()]}")
+    picked = torch.linspace(0, first.shape[2] - 1, min(frames, first.shape[2])).round().long()
+    cells = {title: clips[:, :, picked] for title, clips in columns.items()}
+    height, width = grid_image(first[:1, :, picked], scale=scale).shape[:2]
+    fig, axes = plt.subplots(len(prompts), len(cells), squeeze=False,
+                             figsize=(len(cells) * (width / 80 + 0.1), len(prompts) * (height / 80 + 0.25) + 0.4))
+    for j, (title, clips) in enumerate(cells.items()):
+        axes[0, j].set_title(title, fontsize=9)
+        for i, prompt in enumerate(prompts):
+            axes[i, j].imshow(grid_image(clips[i:i + 1], scale=scale), interpolation="nearest")
+            axes[i, j].set_xticks([])
+            axes[i, j].set_yticks([])
+            if j == 0:
+                axes[i, j].set_ylabel(prompt.removeprefix("a ").replace(" moving", "\nmoving"), fontsize=7,
+                                      rotation=0, ha="right", va="center")
+    return save_figure(fig, path)
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write (PNG at 100 dpi, parent folders created) and close a matplotlib figure."""
     import matplotlib.pyplot as plt
