@@ -17,10 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    assert main(["pretrain", "--preset", "tiny", "--set", "train.steps=2", "--out", str(out)]) == 0
-    return out / "model_ema.safetensors"
+def model(tiny_teacher_file):
+    return tiny_teacher_file
 
 
 def _strict_json(text):
