@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vdistill.methods.cli import checks
 from vdistill.methods.data.shapes import parse_prompt, prompt_for
-from vdistill.methods.eval.evaluate import (
-    METRIC_KEY,
-    evaluate_clips,
-    evaluate_model,
-    format_table,
-    mean_over_seeds,
-    reference_features,
-    to_json,
-)
+from vdistill.methods.eval.evaluate import METRIC_KEY, evaluate_model, format_table, mean_over_seeds, to_json
 from vdistill.methods.eval.tune_times import plot_sweep, sweep, write_tuned
 from vdistill.methods.sampling.generate import ModelBundle, generate, spread_labels
 from vdistill.methods.sampling.media import (
@@ -91,18 +81,15 @@ def demo(args) -> int:
           f"per step count from the same noise and prompts, scored by the benchmark's exact evaluator; the first "
           f"{shown} as labelled grids and GIFs in {args.out}/")
     labels = spread_labels(args.num)
-    prompts = [prompt_for(lab) for lab in labels.tolist()]
-    reference = reference_features(cfg=bundle.data)
-    rows, written = [], []
-    with tqdm(total=sum(args.steps) * args.num, desc="demo", unit="clip-step", dynamic_ncols=True) as bar:
-        for n in args.steps:
-            start = time.perf_counter()
-            clips = generate(bundle, labels, n, progress=lambda k, n=n: bar.update(k * n))
-            wall = time.perf_counter() - start
-            metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
-            rows.append({"steps": n, "num": args.num, **metrics, "wall_s": wall, "s_per_clip": wall / args.num})
-            written.append(save_annotated_grid(clips[:shown], prompts[:shown], args.out / f"grid_{n}steps.png"))
-            written.append(save_labelled_gif(clips[:shown], prompts[:shown], args.out / f"clips_{n}steps.gif"))
+    prompts = [prompt_for(lab) for lab in labels.tolist()][:shown]
+    written = []
+
+    def draw(n: int, clips: torch.Tensor) -> None:
+        written.append(save_annotated_grid(clips[:shown], prompts, args.out / f"grid_{n}steps.png"))
+        written.append(save_labelled_gif(clips[:shown], prompts, args.out / f"clips_{n}steps.gif"))
+
+    rows = [{**row, "s_per_clip": row["wall_s"] / args.num}  # sampling and scoring
+            for row in evaluate_model(bundle, args.steps, args.num, labels=labels, on_clips=draw)]
     report = args.out / "metrics.json"
     report.write_text(to_json({"model": str(path), "rows": rows, "key": METRIC_KEY}))
     print(format_table(rows))

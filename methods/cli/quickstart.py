@@ -3,22 +3,21 @@ minutes by default; a 2-core CPU is enough), then sample teacher and student fro
 1, 2 and 4 steps and show them side by side: one labelled figure, a table and `metrics.json`.
 
 The recipe is consistency distillation at batch 16 with a short warm-up and an EMA target of decay 0.95: on a
-2-core CPU its first 28 steps (9 min) already beat the teacher's FD at every step count (docs/commands.md).
+2-core CPU its 26 steps in 7 min beat the teacher at every step count (README;
+bench/results/quickstart_cpu_20261204.json).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from vdistill.methods.cli import checks
 from vdistill.methods.data.shapes import prompt_for
-from vdistill.methods.eval.evaluate import METRIC_KEY, evaluate_clips, reference_features, to_json
+from vdistill.methods.eval.evaluate import METRIC_KEY, evaluate_model, to_json
 from vdistill.methods.recipes.consistency import ConsistencyConfig
-from vdistill.methods.sampling.generate import ModelBundle, generate, spread_labels
+from vdistill.methods.sampling.generate import ModelBundle, spread_labels
 from vdistill.methods.sampling.media import save_comparison
 from vdistill.methods.train import distributed
 from vdistill.methods.train.config import apply_overrides
@@ -31,7 +30,7 @@ SHOWN = 8  # prompts in the figure
 
 
 def quickstart_run(minutes: float, device: str) -> DistillRun:
-    """The quickstart's distillation: up to 60 steps of batch 16, as many as `minutes` allow (~28 on a 2-core CPU)."""
+    """The quickstart's distillation: up to 60 steps of batch 16, as many as `minutes` allow (26 on a 2-core CPU)."""
     train = TrainConfig(steps=60, batch_size=16, lr=1e-4, warmup_steps=20, log_every=5, ckpt_every=25,
                         time_limit_s=minutes * 60, device=device)
     return DistillRun(train, ConsistencyConfig(target_decay=0.95))
@@ -41,19 +40,15 @@ def compare(models: dict[str, ModelBundle], steps: tuple[int, ...], num: int, ou
     """Sample every model at every step count from the same noise and prompts; score `num` clips each and
     draw the first SHOWN side by side (OUT/comparison.png); returns the table rows."""
     labels = spread_labels(num)
-    prompts = [prompt_for(lab) for lab in labels.tolist()]
-    reference = reference_features(cfg=next(iter(models.values())).data)
-    rows, columns = [], {}
-    with tqdm(total=len(models) * sum(steps) * num, desc="compare", unit="clip-step", dynamic_ncols=True) as bar:
-        for name, bundle in models.items():
-            for n in steps:
-                start = time.perf_counter()
-                clips = generate(bundle, labels, n, progress=lambda k, n=n: bar.update(k * n))
-                wall = time.perf_counter() - start
-                metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
-                rows.append({"model": name, "steps": n, "num": num, **metrics, "s_per_clip": wall / num})
-                columns[f"{name}, {n} step{'s' if n > 1 else ''}"] = clips[:SHOWN]
-    save_comparison(columns, prompts[:SHOWN], out / "comparison.png")
+    columns = {}
+    rows = []
+    for name, bundle in models.items():
+        def keep(n: int, clips: torch.Tensor, name: str = name) -> None:
+            columns[f"{name}, {n} step{'s' if n > 1 else ''}"] = clips[:SHOWN]
+
+        rows += [{"model": name, **row, "s_per_clip": row["wall_s"] / num}  # sampling and scoring
+                 for row in evaluate_model(bundle, list(steps), num, labels=labels, on_clips=keep)]
+    save_comparison(columns, [prompt_for(lab) for lab in labels[:SHOWN].tolist()], out / "comparison.png")
     return rows
 
 
@@ -80,7 +75,7 @@ def quickstart(args) -> int:
     report.write_text(to_json({"teacher": str(args.teacher), "student": str(paths["ema"]), "rows": rows,
                                "key": METRIC_KEY}))
     print(_table(rows))
-    print(f"key: {METRIC_KEY}; s/clip: sampling seconds per clip")
+    print(f"key: {METRIC_KEY}; s/clip: seconds per clip, sampling and scoring")
     print(f"wrote {args.out / 'comparison.png'}, {report} and the student {paths['ema']}")
     return 0
 

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import torch
 from tqdm import tqdm
@@ -164,8 +165,10 @@ def evaluate_model(
     seed: int = 0,
     labels: torch.Tensor | None = None,
     shift: float | None = None,
+    on_clips: Callable[[int, torch.Tensor], object] | None = None,
 ) -> list[dict]:
-    """One metrics row per step count (`num` clips balanced over the prompts, or `labels` [num, 3])."""
+    """One metrics row per step count (`num` clips balanced over the prompts, or `labels` [num, 3]);
+    `on_clips(steps, clips)` sees each step count's clips (for figures)."""
     labels = balanced_labels(num) if labels is None else labels
     reference = reference_features(cfg=bundle.data)
     rows = []
@@ -177,6 +180,8 @@ def evaluate_model(
                              progress=lambda k, n=n: bar.update(k * n))
             metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
             rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
+            if on_clips is not None:
+                on_clips(n, clips)
             log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])
     return rows
 
