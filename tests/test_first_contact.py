@@ -3,12 +3,15 @@ files they wrote; a long CPU run warns with an estimate."""
 
 import json
 import logging
+from pathlib import Path
 
 import pytest
 from distill_helpers import one_thread  # noqa: F401
 from PIL import Image
 
+from vdistill.methods.cli.commands import named_paths
 from vdistill.methods.cli.main import main
+from vdistill.methods.cli.shipped import shipped_students
 from vdistill.methods.eval.evaluate import to_json
 from vdistill.methods.train import trainer as trainer_module
 from vdistill.methods.train.logs import read_metrics
@@ -33,22 +36,53 @@ def test_to_json_writes_non_finite_numbers_as_null():
         "a": None, "b": [1.0, None], "c": [2, "x"]}
 
 
-def test_demo_explains_itself_and_writes_valid_json_and_labelled_gifs(model, tmp_path, capsys):
+def test_demo_compares_teacher_and_students_with_valid_json_and_a_labelled_gif(model, tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--model", str(model), "--num", "6", "--steps", "1", "2", "--device", "cpu",
-                 "--out", str(out)]) == 0
+    args = ["demo", "--model", str(model), "--student", str(model), "--no-shipped", "--num", "3", "--teacher-steps",
+            "2", "1", "--student-steps", "1", "--device", "cpu", "--out", str(out)]
+    assert main(args) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("vdistill demo: sampling") and "key: acc_all" in printed
+    assert printed.startswith("vdistill demo: sampling the teacher") and "1 student (model_ema) at 1" in printed
+    assert "key: acc_all" in printed and "speed-up" in printed
     report = _strict_json((out / "metrics.json").read_text())  # diversity is NaN with one clip per prompt
-    assert [r["steps"] for r in report["rows"]] == [1, 2] and report["rows"][0]["diversity"] is None
-    assert all(r["s_per_clip"] > 0 for r in report["rows"]) and "acc_all" in report["key"]
-    for name in ("grid_1steps.png", "grid_2steps.png", "clips_1steps.gif", "clips_2steps.gif", "metrics.json"):
+    assert [(r["model"], r["steps"]) for r in report["rows"]] == [("teacher", 2), ("teacher", 1), ("model_ema", 1)]
+    assert report["students"] == {"model_ema": str(model)} and report["rows"][0]["diversity"] is None
+    assert report["rows"][0]["speedup"] == 1.0 and all(0 < r["sample_s"] < r["wall_s"] for r in report["rows"])
+    assert all(r["s_per_clip"] == r["sample_s"] / 3 for r in report["rows"]) and "speed-up" in report["key"]
+    for name in ("comparison.png", "comparison.gif", "metrics.json"):
         assert str(out / name) in printed, name
-    gif = Image.open(out / "clips_2steps.gif")
-    assert gif.size[0] == 4 * (16 * 4 + 4) + 4 and gif.size[1] > 2 * (16 * 4 + 4) + 4  # 6 clips, 4 a row, titles
+    gif = Image.open(out / "comparison.gif")
+    assert gif.size[0] == 3 * (16 * 4 + 4) + 4 and gif.size[1] > 3 * (16 * 4 + 4) + 4  # 3 columns, 3 prompts
     assert gif.n_frames >= 2
     rgb = gif.convert("RGB")
     assert rgb.getpixel((1, 1)) == (96, 96, 96) and rgb.getpixel((6, 6)) == (255, 255, 255)  # gap, title strip
+
+
+def test_demo_without_students_says_how_to_get_one(model, tmp_path, capsys):
+    assert main(["demo", "--model", str(model), "--no-shipped", "--num", "2", "--teacher-steps", "1", "--device",
+                 "cpu", "--out", str(tmp_path)]) == 0
+    assert "(no students: pass --student" in capsys.readouterr().out
+
+
+def test_students_from_the_command_line_are_named_by_file():
+    paths = [Path("a/student_ema.safetensors"), Path("b/student_ema.safetensors"), Path("c/tuned.safetensors"),
+             Path("d/teacher.safetensors")]
+    assert named_paths(paths, taken=("teacher",)) == {
+        "a/student_ema": paths[0], "b/student_ema": paths[1], "tuned": paths[2], "d/teacher": paths[3]}
+
+
+def test_shipped_students_are_the_folders_with_a_student_lineage(tmp_path):
+    for name, role in (("shapes-teacher", "teacher"), ("shapes-cd", "student"), ("shapes-rcm", "student")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lineage.json").write_text(json.dumps({"role": role}))
+        (tmp_path / name / "model.safetensors").write_bytes(b"")
+    assert shipped_students(tmp_path) == {n: tmp_path / f"shapes-{n}" / "model.safetensors" for n in ("cd", "rcm")}
+    (tmp_path / "shapes-rcm" / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match="shapes-rcm/model.safetensors is missing"):
+        shipped_students(tmp_path)
+    (tmp_path / "shapes-rcm" / "lineage.json").write_text("{")
+    with pytest.raises(ValueError, match="shapes-rcm/lineage.json: not a valid lineage file"):
+        shipped_students(tmp_path)
 
 
 def test_sample_names_the_files_it_wrote(model, tmp_path, capsys):
@@ -81,6 +115,7 @@ def test_quickstart_distils_and_compares_at_tiny_size(model, tmp_path, capsys):
     assert [(r["model"], r["steps"]) for r in report["rows"]] == [
         (m, n) for m in ("teacher", "student") for n in (1, 2, 4)]
     assert report["student"] == str(tmp_path / "student" / "student_ema.safetensors")
-    assert f"wrote {tmp_path / 'comparison.png'}" in printed and (tmp_path / "comparison.png").exists()
+    assert f"wrote {tmp_path / 'comparison.png'}, {tmp_path / 'comparison.gif'}" in printed
+    assert (tmp_path / "comparison.png").exists() and "vdistill demo --student" in printed
     assert main(args) == 0  # a second quickstart replaces its student
     assert [r["step"] for r in read_metrics(tmp_path / "student")] == [2]  # one run's log, not two

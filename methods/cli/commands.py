@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from vdistill.methods.cli import checks
+from vdistill.methods.cli.shipped import SHIPPED_TEACHER, shipped_students
 from vdistill.methods.data.shapes import parse_prompt, prompt_for
+from vdistill.methods.eval.compare import SPEED_KEY, compare, format_comparison, save_figures
 from vdistill.methods.eval.evaluate import METRIC_KEY, evaluate_model, format_table, mean_over_seeds, to_json
 from vdistill.methods.eval.tune_times import plot_sweep, sweep, write_tuned
 from vdistill.methods.sampling.generate import ModelBundle, generate, spread_labels
@@ -15,12 +17,9 @@ from vdistill.methods.sampling.media import (
     save_annotated_grid,
     save_gif,
     save_grid_png,
-    save_labelled_gif,
     save_mp4,
 )
 from vdistill.methods.train import distributed
-
-SHIPPED_TEACHER = Path(__file__).resolve().parents[2] / "models" / "weights" / "shapes-teacher" / "model.safetensors"
 
 
 def sample(args) -> int:
@@ -71,31 +70,38 @@ def evaluate(args) -> int:
 
 
 def demo(args) -> int:
-    path = args.model or SHIPPED_TEACHER
+    teacher = args.model or SHIPPED_TEACHER
     checks.output_dir(args.out)
     device = distributed.resolve_device(args.device)
-    bundle = ModelBundle.load(path, device)
-    shown = min(8, args.num)
-    what = "the shipped moving-shapes teacher" if args.model is None else str(path)
-    print(f"vdistill demo: sampling {what} at {' and '.join(map(str, args.steps))} Euler steps, {args.num} clips "
-          f"per step count from the same noise and prompts, scored by the benchmark's exact evaluator; the first "
-          f"{shown} as labelled grids and GIFs in {args.out}/")
-    labels = spread_labels(args.num)
-    prompts = [prompt_for(lab) for lab in labels.tolist()][:shown]
-    written = []
-
-    def draw(n: int, clips: torch.Tensor) -> None:
-        written.append(save_annotated_grid(clips[:shown], prompts, args.out / f"grid_{n}steps.png"))
-        written.append(save_labelled_gif(clips[:shown], prompts, args.out / f"clips_{n}steps.gif"))
-
-    rows = [{**row, "s_per_clip": row["wall_s"] / args.num}  # sampling and scoring
-            for row in evaluate_model(bundle, args.steps, args.num, labels=labels, on_clips=draw)]
+    shipped = {} if args.no_shipped else shipped_students()
+    students = shipped | named_paths(args.student, taken=("teacher", *shipped))
+    models = {"teacher": (ModelBundle.load(teacher, device), args.teacher_steps)}
+    models |= {name: (ModelBundle.load(path, device), args.student_steps) for name, path in students.items()}
+    what = "the shipped moving-shapes teacher" if args.model is None else f"the teacher {teacher}"
+    with_students = (f" and {len(students)} student{'s' if len(students) > 1 else ''} ({', '.join(students)}) at "
+                     f"{'/'.join(map(str, args.student_steps))}" if students else
+                     " (no students: pass --student, e.g. the one `vdistill quickstart` writes)")
+    print(f"vdistill demo: sampling {what} at {'/'.join(map(str, args.teacher_steps))} Euler steps{with_students}, "
+          f"{args.num} clips each from the same noise and prompts, scored by the benchmark's exact evaluator; "
+          f"side by side in {args.out}/")
+    with torch.no_grad():
+        rows, columns, prompts = compare(models, args.num)
+    written = save_figures(columns, prompts, args.out)
     report = args.out / "metrics.json"
-    report.write_text(to_json({"model": str(path), "rows": rows, "key": METRIC_KEY}))
-    print(format_table(rows))
-    print(f"key: {METRIC_KEY}")
+    report.write_text(to_json({"teacher": str(teacher), "students": {k: str(v) for k, v in students.items()},
+                               "rows": rows, "key": f"{METRIC_KEY}; {SPEED_KEY}"}))
+    print(format_comparison(rows))
+    print(f"key: {METRIC_KEY}; {SPEED_KEY}")
     print("wrote " + ", ".join(str(p) for p in [*written, report]))
     return 0
+
+
+def named_paths(paths: list[Path], taken: tuple[str, ...] = ()) -> dict[str, Path]:
+    """{name: path} for models given on the command line: the file stem, with its folder where the stem repeats or
+    is one of the `taken` names."""
+    stems = [p.stem for p in paths]
+    return {(stem if stems.count(stem) == 1 and stem not in taken else f"{p.parent.name}/{stem}"): p
+            for stem, p in zip(stems, paths)}
 
 
 def tune_times(args) -> int:

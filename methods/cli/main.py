@@ -17,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vdistill.methods.cli import checks, commands, quickstart
 from vdistill.methods.cli.checks import finite_float, positive_float, positive_int
+from vdistill.methods.cli.shipped import SHIPPED_TEACHER
 from vdistill.methods.train import distributed
 from vdistill.methods.train.trainer import TrainingDiverged
 
@@ -116,16 +117,22 @@ def _add_tune_times(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    p = _add_parser(sub, "demo", help="the default job: sample and score the shipped teacher at few and many steps")
-    p.add_argument("--model", type=Path, help="exported .safetensors (default: the shipped teacher)")
-    p.add_argument("--num", type=positive_int, default=16, help="clips per step count")
-    p.add_argument("--steps", type=positive_int, nargs="+", default=[4, 16], help="step counts")
+    p = _add_parser(sub, "demo", help="the default job: the shipped teacher at many and few steps beside the shipped "
+                    "students at few, from the same noise, in one figure and table")
+    p.add_argument("--model", type=Path, help="teacher .safetensors (default: the shipped teacher)")
+    p.add_argument("--student", type=Path, action="append", default=[],
+                   help="a student .safetensors to show too (repeatable; e.g. runs/quickstart/student/student_ema."
+                   "safetensors)")
+    p.add_argument("--no-shipped", action="store_true", help="leave out the students shipped in models/weights/")
+    p.add_argument("--num", type=positive_int, default=8, help="clips per model and step count (the figure shows 8)")
+    p.add_argument("--teacher-steps", type=positive_int, nargs="+", default=[50, 4, 2], help="teacher step counts")
+    p.add_argument("--student-steps", type=positive_int, nargs="+", default=[1, 2, 4], help="student step counts")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory")
 
 
 def _add_quickstart(sub) -> None:
-    quickstart.add_parser(sub, _add_parser, commands.SHIPPED_TEACHER)
+    quickstart.add_parser(sub, _add_parser, SHIPPED_TEACHER)
 
 
 def _add_distill(sub) -> None:

@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 
 from vdistill.methods.cli import checks
-from vdistill.methods.data.shapes import prompt_for
-from vdistill.methods.eval.evaluate import METRIC_KEY, evaluate_model, to_json
+from vdistill.methods.eval.compare import SPEED_KEY, compare, format_comparison, save_figures
+from vdistill.methods.eval.evaluate import METRIC_KEY, to_json
 from vdistill.methods.recipes.consistency import ConsistencyConfig
-from vdistill.methods.sampling.generate import ModelBundle, spread_labels
-from vdistill.methods.sampling.media import save_comparison
+from vdistill.methods.sampling.generate import ModelBundle
 from vdistill.methods.train import distributed
 from vdistill.methods.train.config import apply_overrides
 from vdistill.methods.train.presets import DistillRun
@@ -26,7 +25,6 @@ from vdistill.methods.train.runs import Start, distill
 from vdistill.methods.train.trainer import TrainConfig
 
 COMPARED_STEPS = (1, 2, 4)
-SHOWN = 8  # prompts in the figure
 
 
 def quickstart_run(minutes: float, device: str) -> DistillRun:
@@ -34,29 +32,6 @@ def quickstart_run(minutes: float, device: str) -> DistillRun:
     train = TrainConfig(steps=60, batch_size=16, lr=1e-4, warmup_steps=20, log_every=5, ckpt_every=25,
                         time_limit_s=minutes * 60, device=device)
     return DistillRun(train, ConsistencyConfig(target_decay=0.95))
-
-
-def compare(models: dict[str, ModelBundle], steps: tuple[int, ...], num: int, out: Path) -> list[dict]:
-    """Sample every model at every step count from the same noise and prompts; score `num` clips each and
-    draw the first SHOWN side by side (OUT/comparison.png); returns the table rows."""
-    labels = spread_labels(num)
-    columns = {}
-    rows = []
-    for name, bundle in models.items():
-        def keep(n: int, clips: torch.Tensor, name: str = name) -> None:
-            columns[f"{name}, {n} step{'s' if n > 1 else ''}"] = clips[:SHOWN]
-
-        rows += [{"model": name, **row, "s_per_clip": row["wall_s"] / num}  # sampling and scoring
-                 for row in evaluate_model(bundle, list(steps), num, labels=labels, on_clips=keep)]
-    save_comparison(columns, [prompt_for(lab) for lab in labels[:SHOWN].tolist()], out / "comparison.png")
-    return rows
-
-
-def _table(rows: list[dict]) -> str:
-    lines = [f"{'model':>8} | {'steps':>5} | {'acc_all':>7} | {'fd':>6} | {'s/clip':>6}"]
-    lines += [f"{r['model']:>8} | {r['steps']:>5} | {r['acc_all']:>7.3f} | {r['fd']:>6.2f} | {r['s_per_clip']:>6.3f}"
-              for r in rows]
-    return "\n".join(lines)
 
 
 def quickstart(args) -> int:
@@ -68,15 +43,18 @@ def quickstart(args) -> int:
           f"student at {', '.join(map(str, COMPARED_STEPS))} steps from the same noise ({args.num} clips each)")
     paths = distill("consistency", args.teacher, student_dir, run, Start(overwrite=True))
     device = distributed.resolve_device(args.device)
-    models = {"teacher": ModelBundle.load(args.teacher, device), "student": ModelBundle.load(paths["ema"], device)}
+    models = {name: (ModelBundle.load(path, device), COMPARED_STEPS)
+              for name, path in (("teacher", args.teacher), ("student", paths["ema"]))}
     with torch.no_grad():
-        rows = compare(models, COMPARED_STEPS, args.num, args.out)
+        rows, columns, prompts = compare(models, args.num)
+    written = save_figures(columns, prompts, args.out)
     report = args.out / "metrics.json"
     report.write_text(to_json({"teacher": str(args.teacher), "student": str(paths["ema"]), "rows": rows,
-                               "key": METRIC_KEY}))
-    print(_table(rows))
-    print(f"key: {METRIC_KEY}; s/clip: seconds per clip, sampling and scoring")
-    print(f"wrote {args.out / 'comparison.png'}, {report} and the student {paths['ema']}")
+                               "key": f"{METRIC_KEY}; {SPEED_KEY}"}))
+    print(format_comparison(rows))
+    print(f"key: {METRIC_KEY}; {SPEED_KEY}")
+    print(f"wrote {', '.join(map(str, written))}, {report} and the student {paths['ema']}; show it beside the teacher "
+          f"at 50 steps: vdistill demo --student {paths['ema']}")
     return 0
 
 

@@ -167,8 +167,8 @@ def evaluate_model(
     shift: float | None = None,
     on_clips: Callable[[int, torch.Tensor], object] | None = None,
 ) -> list[dict]:
-    """One metrics row per step count (`num` clips balanced over the prompts, or `labels` [num, 3]);
-    `on_clips(steps, clips)` sees each step count's clips (for figures)."""
+    """One metrics row per step count (`num` clips balanced over the prompts, or `labels` [num, 3]; `sample_s` the
+    sampling time, `wall_s` sampling and scoring); `on_clips(steps, clips)` sees each step count's clips."""
     labels = balanced_labels(num) if labels is None else labels
     reference = reference_features(cfg=bundle.data)
     rows = []
@@ -178,8 +178,10 @@ def evaluate_model(
             start = time.perf_counter()
             clips = generate(bundle, labels, n, cfg_scale=cfg_scale, solver=solver, seed=seed, shift=shift,
                              progress=lambda k, n=n: bar.update(k * n))
+            sampled = time.perf_counter()
             metrics = evaluate_clips(clips, labels, reference=reference, cfg=bundle.data)
-            rows.append({"steps": n, "num": num, "solver": solver, **metrics, "wall_s": time.perf_counter() - start})
+            rows.append({"steps": n, "num": num, "solver": solver, **metrics, "sample_s": sampled - start,
+                         "wall_s": time.perf_counter() - start})
             if on_clips is not None:
                 on_clips(n, clips)
             log.info("steps=%d acc_all=%.3f fd=%.3f", n, metrics["acc_all"], metrics["fd"])

@@ -34,13 +34,7 @@ def save_gif(video: torch.Tensor, path: str | Path, fps: int = 8, scale: int = 4
     Pillow merges identical consecutive frames (their durations add up), so a clip with frozen
     frames plays correctly but may store fewer than T frames.
     """
-    if fps < 1:
-        raise ValueError(f"fps must be >= 1, got {fps}")
-    frames = [Image.fromarray(f) for f in to_uint8_frames(video, scale)]
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
-    return path
+    return _save_animation([Image.fromarray(f) for f in to_uint8_frames(video, scale)], path, fps)
 
 
 def labelled_frames(videos: torch.Tensor, titles: list[str], columns: int = 4, scale: int = 4,
@@ -75,10 +69,19 @@ def labelled_frames(videos: torch.Tensor, titles: list[str], columns: int = 4, s
     return frames
 
 
-def save_labelled_gif(videos: torch.Tensor, titles: list[str], path: str | Path, fps: int = 8,
-                      columns: int = 4) -> Path:
-    """Write :func:`labelled_frames` of ``videos`` [B, 3, T, H, W] as one looping GIF; returns the path."""
-    frames = labelled_frames(videos, titles, columns)
+def save_comparison_gif(columns: dict[str, torch.Tensor], prompts: list[str], path: str | Path, fps: int = 8) -> Path:
+    """:func:`save_comparison` as one looping GIF: a row per prompt, a column per entry of `columns`, each clip
+    titled with its column and prompt; returns the path."""
+    _check_columns(columns, prompts)
+    videos = torch.stack([clips[i] for i in range(len(prompts)) for clips in columns.values()])
+    titles = [f"{title}: {prompt}" for prompt in prompts for title in columns]
+    return _save_animation(labelled_frames(videos, titles, len(columns)), path, fps)
+
+
+def _save_animation(frames: list[Image.Image], path: str | Path, fps: int) -> Path:
+    """Write `frames` as a looping GIF at `fps` frames per second."""
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
@@ -166,10 +169,7 @@ def save_comparison(columns: dict[str, torch.Tensor], prompts: list[str], path: 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = next(iter(columns.values()))
-    if any(clips.shape != first.shape for clips in columns.values()) or len(prompts) != first.shape[0]:
-        raise ValueError(f"columns: expected clips of one shape, one per prompt ({len(prompts)}), got "
-                         f"{[list(c.shape) for c in columns.values()]}")
+    first = _check_columns(columns, prompts)
     picked = torch.linspace(0, first.shape[2] - 1, min(frames, first.shape[2])).round().long()
     cells = {title: clips[:, :, picked] for title, clips in columns.items()}
     height, width = grid_image(first[:1, :, picked], scale=scale).shape[:2]
@@ -185,6 +185,15 @@ def save_comparison(columns: dict[str, torch.Tensor], prompts: list[str], path: 
                 axes[i, j].set_ylabel(prompt.removeprefix("a ").replace(" moving", "\nmoving"), fontsize=7,
                                       rotation=0, ha="right", va="center")
     return save_figure(fig, path)
+
+
+def _check_columns(columns: dict[str, torch.Tensor], prompts: list[str]) -> torch.Tensor:
+    """The first column's clips; ValueError unless every column holds clips of one shape, one per prompt."""
+    first = next(iter(columns.values()), None)
+    if first is None or any(c.shape != first.shape for c in columns.values()) or len(prompts) != first.shape[0]:
+        raise ValueError(f"columns: expected clips of one shape, one per prompt ({len(prompts)}), got "
+                         f"{[list(c.shape) for c in columns.values()]}")
+    return first
 
 
 def save_figure(fig, path: str | Path) -> Path:
