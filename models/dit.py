@@ -47,6 +47,9 @@ class DiTConfig:
     # has a gradient near 0); this path carries every word into every block's modulation with no
     # softmax in between (diagnosis: docs/results/first-teacher.md, "Third look").
     pooled_text: bool = False
+    # Pad text embeddings shorter than this with zero tokens (None: use them as given). Wan2.1 pads every prompt to
+    # 512 umT5 tokens and attends to the padding without a mask, so a Wan model needs 512 to match its release.
+    text_len: int | None = None
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -59,6 +62,8 @@ class DiTConfig:
             raise ValueError(f"DiTConfig: {', '.join(f'{n}={getattr(self, n)}' for n in small)} must be >= 1")
         if self.freq_dim % 2:
             raise ValueError(f"freq_dim must be even (sine and cosine halves), got {self.freq_dim}")
+        if self.text_len is not None and self.text_len < 1:
+            raise ValueError(f"text_len must be None or >= 1, got {self.text_len}")
         if min(self.time_scale, self.rope_theta, self.eps) <= 0:
             raise ValueError(f"time_scale, rope_theta and eps must be > 0, got {self.time_scale}, {self.rope_theta}, "
                              f"{self.eps}")
@@ -101,13 +106,13 @@ def dit_config(name: str, **overrides) -> DiTConfig:
     return DiTConfig(**{**DIT_CONFIGS[name].to_dict(), **overrides})
 
 
-def sinusoidal_embedding(x: torch.Tensor, dim: int) -> torch.Tensor:
-    """[B] -> [B, dim] with cos in the first half and sin in the second (at least float32)."""
+def sinusoidal_embedding(x: torch.Tensor, dim: int, scale: float = 1.0) -> torch.Tensor:
+    """[B] -> [B, dim] of scale·x with cos in the first half and sin in the second, computed in float64 as Wan2.1
+    does (at 1000·s a float32 argument is off by up to ~3e-5 rad); returned in float32 (float64 for float64 x)."""
     half = dim // 2
-    x = upcast(x)
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=x.dtype, device=x.device) / half)
-    args = x[:, None] * freqs[None]
-    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float64, device=x.device) / half)
+    args = (x.double() * scale)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(torch.promote_types(x.dtype, torch.float32))
 
 
 class VideoDiT(nn.Module):
@@ -178,12 +183,14 @@ class VideoDiT(nn.Module):
             raise ValueError(f"time must have shape [B]=[{b}], got {list(time.shape)}")
         if text.dim() != 3 or text.shape[0] != b or text.shape[2] != self.cfg.text_dim:
             raise ValueError(f"text must be [B={b}, L, text_dim={self.cfg.text_dim}], got {list(text.shape)}")
+        if self.cfg.text_len is not None:
+            text = self._pad_text(text)
 
         tokens = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim)
         if self.position_embed is not None:
             tokens = tokens + self.position_embed(self._position_code(grid, x.device).to(tokens.dtype))
         temb = self.time_embed(
-            sinusoidal_embedding(time * self.cfg.time_scale, self.cfg.freq_dim).to(x.dtype)
+            sinusoidal_embedding(time, self.cfg.freq_dim, self.cfg.time_scale).to(x.dtype)
         )
         if self.text_pool is not None:
             temb = temb + self.text_pool(text.to(x.dtype).mean(1))
@@ -201,6 +208,13 @@ class VideoDiT(nn.Module):
         shift, scale = (upcast(self.head_modulation) + upcast(temb)[:, None]).to(tokens.dtype).unbind(1)
         out = self.head(modulate(layer_norm(tokens, self.cfg.eps), shift[:, None], scale[:, None]))
         return self._unpatchify(out, grid)
+
+    def _pad_text(self, text: torch.Tensor) -> torch.Tensor:
+        """text [B, L, text_dim] with zero tokens appended up to cfg.text_len; ValueError if L is longer."""
+        missing = self.cfg.text_len - text.shape[1]
+        if missing < 0:
+            raise ValueError(f"text has {text.shape[1]} tokens, more than the model's text_len {self.cfg.text_len}")
+        return torch.cat([text, text.new_zeros(text.shape[0], missing, text.shape[2])], dim=1) if missing else text
 
     def _unpatchify(self, out: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """(B, N, C·pt·ph·pw) -> (B, C, T, H, W)."""

@@ -23,34 +23,18 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers", reason="the hf extra is not installed (pip install -e '.[hf]')")
-from diffusers import WanTransformer3DModel  # noqa: E402
 from diffusers.models import attention_dispatch  # noqa: E402
 from diffusers.models.transformers import transformer_wan  # noqa: E402
+from wan_helpers import CHANNELS, TEXT_DIM, tiny_wan  # noqa: E402
 
 from vdistill.kernels.attention import attention, attention_ref  # noqa: E402
 
 # torch's forward-AD decompositions still call torch.jit.script on first use: not ours, not actionable here
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 ROOT = Path(__file__).resolve().parents[1]
-LATENT = (1, 4, 3, 8, 8)  # [B, C, T, H, W] -> 3·4·4 = 48 tokens with patch (1, 2, 2)
-TEXT_TOKENS, TEXT_DIM = 7, 32  # cross-attention with Nq = 48 != Nk = 7
+LATENT = (1, CHANNELS, 3, 8, 8)  # [B, C, T, H, W] -> 3·4·4 = 48 tokens with patch (1, 2, 2)
+TEXT_TOKENS = 7  # cross-attention with Nq = 48 != Nk = 7
 ATOL = RTOL = 1e-5
-
-
-def tiny_wan() -> WanTransformer3DModel:
-    """2 layers, 2 heads x 24 (RoPE split 8/8/8), every parameter re-drawn: several start at zero."""
-    model = WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=4, out_channels=4,
-        text_dim=TEXT_DIM, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=32,
-    ).eval()
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1:].numel() ** 0.5)
-            else:  # biases, norm gains, modulation tables
-                p.copy_(0.1 * torch.randn(p.shape, generator=g) + (1.0 if "norm" in name else 0.0))
-    return model
 
 
 def wan_inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

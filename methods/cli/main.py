@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from vdistill.methods.cli import checks, commands, quickstart
+from vdistill.methods.cli import checks, commands, quickstart, wan_commands
 from vdistill.methods.cli.checks import finite_float, positive_float, positive_int
 from vdistill.methods.cli.shipped import SHIPPED_TEACHER
 from vdistill.methods.train import distributed
@@ -172,9 +172,14 @@ def _plot_evals(args) -> int:
 
 
 def _add_export(sub) -> None:
-    p = _add_parser(sub, "export", help="write a checkpoint's raw weights or any EMA profile as a model file")
-    p.add_argument("--checkpoint", type=Path, required=True, help="RUN/checkpoints/step_N.pt")
-    p.add_argument("--out", type=Path, required=True, help=".safetensors to write (atomically)")
+    p = _add_parser(sub, "export", help="write a checkpoint's raw weights or any EMA profile as a model file, or a "
+                    "model as a diffusers WanTransformer3DModel directory")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", type=Path, help="RUN/checkpoints/step_N.pt")
+    source.add_argument("--model", type=Path, help="a model file (or Wan2.1 directory), with --format diffusers")
+    p.add_argument("--format", choices=["vdistill", "diffusers"], default="vdistill",
+                   help="vdistill: one .safetensors (from --checkpoint); diffusers: a WanTransformer3DModel directory")
+    p.add_argument("--out", type=Path, required=True, help=".safetensors or directory to write (atomically)")
     which = p.add_mutually_exclusive_group()
     which.add_argument("--ema-profile", type=int, default=0,
                        help="index into the run's train.ema_sigma_rels (config.json); 0 is what the run exports")
@@ -184,11 +189,22 @@ def _add_export(sub) -> None:
 def _export(args) -> int:
     from vdistill.methods.train.export import export_checkpoint
 
+    if args.format == "diffusers":
+        if args.model is None:
+            raise ValueError("--format diffusers exports a --model file; for a checkpoint first run `vdistill export "
+                             "--checkpoint CKPT --out MODEL.safetensors`")
+        return wan_commands.export_diffusers(args)
+    if args.model is not None:
+        raise ValueError("--model is exported with --format diffusers (a model file is already a vdistill export)")
     checks.output_file(args.out, suffix=".safetensors")
     meta = export_checkpoint(args.checkpoint, args.out, None if args.raw else args.ema_profile)
     ema = ", ".join(f"{k} {v}" for k, v in meta.items() if k.startswith("ema_"))
     print(f"{args.out}: {meta['recipe']} step {meta['step']}, {'raw weights' if args.raw else ema}")
     return 0
+
+
+def _add_import_wan(sub) -> None:
+    wan_commands.add_import_parser(sub, _add_parser)
 
 
 def _add_reflow_pairs(sub) -> None:
@@ -211,7 +227,7 @@ def _reflow_pairs(args) -> int:
     from vdistill.methods.data.reflow_pairs import write_pairs
     from vdistill.methods.sampling.generate import ModelBundle
 
-    if not args.teacher.is_file():
+    if not args.teacher.exists():
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
     checks.output_dir(args.out)
     teacher = ModelBundle.load(args.teacher, distributed.resolve_device(args.device))
@@ -266,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_pretrain, _add_distill, _add_quickstart, _add_sample, _add_evaluate, _add_tune_times, _add_demo,
-                _add_reflow_pairs, _add_bench, _add_plot_evals, _add_export):
+                _add_reflow_pairs, _add_bench, _add_plot_evals, _add_export, _add_import_wan):
         add(sub)
     return parser
 
@@ -300,9 +316,9 @@ def _distill(args) -> int:
     if args.dry_run:
         print(json.dumps({"method": args.method, **run.to_dict()}, indent=2, default=str))
         return 0
-    if not args.teacher.is_file():
+    if not args.teacher.exists():
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
-    if args.init is not None and not args.init.is_file():
+    if args.init is not None and not args.init.exists():
         raise FileNotFoundError(f"--init {args.init} does not exist")
     checks.output_dir(args.out)
     distill(args.method, args.teacher, args.out, run, _start(args), init=args.init, teacher_cfg=args.teacher_cfg)
@@ -327,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": _bench,
         "plot-evals": _plot_evals,
         "export": _export,
+        "import-wan": wan_commands.import_wan,
     }
     try:
         ranks = distributed.launched_ranks()

@@ -49,7 +49,7 @@ class ToyVelocityNet(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, time: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
-        temb = sinusoidal_embedding(time * 100.0, self.freq_dim).to(x.dtype)
+        temb = sinusoidal_embedding(time, self.freq_dim, 100.0).to(x.dtype)
         return self.net(torch.cat([x, temb], dim=-1))
 
 

@@ -157,12 +157,13 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
         checksum_path(old).unlink(missing_ok=True)
 
 
-def save_weights(path: str | Path, model: VideoDiT, meta: dict | None = None, state: dict | None = None) -> None:
-    """Export a DiT as safetensors (float32) with its config (and `meta`) in the header, atomically.
-    `state`: the weights to write (default: the model's own state dict); refused when one is not finite."""
+def save_weights(path: str | Path, model: VideoDiT, meta: dict | None = None, state: dict | None = None,
+                 dtype: torch.dtype | None = torch.float32) -> None:
+    """Export a DiT as safetensors (in `dtype`; None keeps each tensor's) with its config (and `meta`) in the header,
+    atomically. `state`: the weights to write (default: the model's own state dict); refused when one is not finite."""
     state = model.state_dict() if state is None else state
     check_finite(state, path)
-    tensors = {k: v.detach().float().contiguous().cpu() for k, v in state.items()}
+    tensors = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in state.items()}
     header = {"format": "vdistill-dit", "version": "1", "config": json.dumps(model.cfg.to_dict())}
     header.update({k: json.dumps(v) for k, v in (meta or {}).items()})
     _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=header))
@@ -191,8 +192,13 @@ def read_weights_meta(path: str | Path) -> dict:
 
 
 def load_dit(path: str | Path, device: str | torch.device = "cpu") -> tuple[VideoDiT, dict]:
-    """Load an exported DiT: (model in eval mode, metadata). A config field of the wrong type and non-finite
-    weights are refused, naming the field or tensor."""
+    """Load an exported DiT, or a Wan2.1 transformer directory (models/wan_io.py): (model in eval mode, metadata).
+    A config field of the wrong type and non-finite weights are refused, naming the field or tensor."""
+    if Path(path).is_dir():
+        from vdistill.models.wan_io import read_wan, transformer_dir, wan_layout
+
+        model = read_wan(path, device=device)
+        return model, {"source": {"path": str(path), "layout": wan_layout(transformer_dir(Path(path)))}}
     meta = read_weights_meta(path)
     try:
         model = VideoDiT(DiTConfig.from_dict(meta.get("config")))

@@ -1,0 +1,63 @@
+"""`vdistill import-wan` and `vdistill export --model ... --format diffusers`: Wan2.1 checkpoints in and out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from vdistill.methods.cli import checks
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def import_wan(args) -> int:
+    from vdistill.methods.train.checkpoint import save_weights
+    from vdistill.models.loading import load_model, model_format
+
+    checks.output_file(args.out, suffix=".safetensors")
+    layout = model_format(args.model)
+    if layout == "vdistill":
+        raise ValueError(f"{args.model} is already a vdistill model file")
+    model = load_model(args.model, DTYPES.get(args.dtype))
+    save_weights(args.out, model, {"source": {"path": str(args.model), "layout": layout}}, dtype=None)
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
+    print(f"wrote {args.out}: a {model.cfg.layers}-layer, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M "
+          f"parameter Wan2.1 transformer ({layout} layout, {'/'.join(dtypes)}); text padded to {model.cfg.text_len} "
+          "tokens as Wan does")
+    return 0
+
+
+def export_diffusers(args) -> int:
+    """A vdistill model (or Wan directory) -> a diffusers WanTransformer3DModel directory with the sampling the
+    model needs in vdistill_sampling.json (docs/wan.md)."""
+    from vdistill.methods.train.checkpoint import load_dit
+    from vdistill.models.wan_io import write_diffusers
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; --format diffusers writes a directory")
+    model, meta = load_dit(args.model)
+    sampler = meta.get("sampler", {"kind": "ode"})
+    consistency = sampler["kind"] == "consistency"
+    sampling = {
+        "sampler": sampler,
+        "cfg_scale": meta.get("run_config", {}).get("cfg_scale", 1.0),
+        "scheduler": {"class": "FlowMatchEulerDiscreteScheduler", "shift": sampler.get("shift", 1.0),
+                      "stochastic_sampling": consistency},
+        "note": ("the transformer takes timestep 1000·s (RF time s = sigma); a consistency student samples at the "
+                 "sigmas in sampler.times[steps], an ODE model with Euler steps on the shifted grid"),
+    }
+    out = write_diffusers(model, args.out, extra={"vdistill_sampling.json": sampling})
+    print(f"wrote {out} (config.json, safetensors, vdistill_sampling.json): load it with "
+          f"WanTransformer3DModel.from_pretrained({str(out)!r}); sampling: docs/wan.md")
+    return 0
+
+
+def add_import_parser(sub, add_parser_fn) -> None:
+    p = add_parser_fn(sub, "import-wan", help="convert a Wan2.1 transformer directory (diffusers or original layout) "
+                      "into a vdistill model file")
+    p.add_argument("model", type=Path, help="Wan2.1 directory: diffusers WanTransformer3DModel (or its pipeline) or "
+                   "the original Wan-AI release")
+    p.add_argument("--out", type=Path, required=True, help=".safetensors to write (atomically)")
+    p.add_argument("--dtype", choices=[*DTYPES, "keep"], default="keep", help="weights dtype (default: the "
+                   "checkpoint's)")
