@@ -27,7 +27,7 @@ checked against the reference provider's on the same inputs (relative L2 error o
 where the reference does not fit (math attention at 32k: the N×N scores alone are ~51 GB in
 fp32 per head group), the triton pass is checked for finiteness and the failure is recorded.
 
-    python -m vdistill.bench.bench_rcm_step [--quick] [--out bench/results] [--iters 3] [--autotune]
+    python -m vdistill.bench.bench_rcm_step [--quick] [--out bench/results] [--iters 3] [--autotune] [--model DIR]
 
 Budget on an H200: ~60-90 s (autotuning off by default: each kernel's first config).
 CPU smoke run of the logic: `TRITON_INTERPRET=1 python -m vdistill.bench.bench_rcm_step --device cpu --tiny`.
@@ -109,11 +109,15 @@ class Setup:
         from vdistill.kernels.ema import EMA, EMAProfile
         from vdistill.methods.recipes.rcm import RCM, RCMConfig
         from vdistill.models.dit import build_dit
+        from vdistill.models.loading import load_model
 
         size, overrides, clip, batch, text_len = spec
         torch.manual_seed(0)
-        teacher = build_dit(size, device=device, **overrides)
-        torch.nn.init.normal_(teacher.head.weight, std=0.02)  # zero-initialised head: make F non-trivial
+        if isinstance(size, Path):  # --model: a model file or Wan2.1 directory, trained in float32 as the presets
+            teacher = load_model(size, dtype=torch.float32, device=device)
+        else:
+            teacher = build_dit(size, device=device, **overrides)
+            torch.nn.init.normal_(teacher.head.weight, std=0.02)  # zero-initialised head: make F non-trivial
         cfg = RCMConfig(tangent_warmup=0, dmd_start=0, max_sim_steps=SIM_STEPS)
         self.recipe = RCM(teacher, cfg, cfg_scale=CFG_SCALE).to(device)
         self.params = [p for p in self.recipe.student.parameters() if p.requires_grad]
@@ -276,6 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--providers", nargs="+", default=providers, choices=providers)
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: smoke test with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
+    p.add_argument("--model", type=Path, help="time this Wan-latent model (file or Wan2.1 directory) instead, at "
+                   "480p x 81 frames (16x21x60x104 latents, 512 text tokens) or, with --tiny, 16x3x8x8")
     p.add_argument("--out", type=Path, help="directory for the JSON result")
     args = p.parse_args(argv)
     if not args.autotune:
@@ -283,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     shapes = TINY if args.tiny else {n: SHAPES[n] for n in (QUICK if args.quick else SHAPES)}
+    if args.model is not None:  # a Wan-latent model at 480p x 81 frames, or with --tiny on a tiny grid
+        clip, batch, text_len = ((16, 3, 8, 8), 1, 5) if args.tiny else SHAPES["wan1.3b-2L-32k"][2:]
+        shapes = {args.model.name: (args.model, {}, clip, batch, text_len)}
     result = {**_meta(device, argv), "rows": []}
     for name, spec in shapes.items():
         try:
