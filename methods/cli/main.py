@@ -207,6 +207,10 @@ def _add_import_wan(sub) -> None:
     wan_commands.add_import_parser(sub, _add_parser)
 
 
+def _add_prepare(sub) -> None:
+    wan_commands.add_prepare_parser(sub, _add_parser)
+
+
 def _add_reflow_pairs(sub) -> None:
     p = _add_parser(sub, "reflow-pairs", help="write teacher ODE (noise, sample) pairs to shards for offline ReFlow")
     p.add_argument("--teacher", type=Path, required=True, help="teacher .safetensors")
@@ -282,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_pretrain, _add_distill, _add_quickstart, _add_sample, _add_evaluate, _add_tune_times, _add_demo,
-                _add_reflow_pairs, _add_bench, _add_plot_evals, _add_export, _add_import_wan):
+                _add_reflow_pairs, _add_bench, _add_plot_evals, _add_export, _add_import_wan, _add_prepare):
         add(sub)
     return parser
 
@@ -325,7 +329,8 @@ def _distill(args) -> int:
     return 0
 
 
-PARALLEL_COMMANDS = ("pretrain", "distill", "reflow-pairs")  # the commands that share their work under torchrun
+# the commands that share their work under torchrun
+PARALLEL_COMMANDS = ("pretrain", "distill", "reflow-pairs", "prepare")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         "plot-evals": _plot_evals,
         "export": _export,
         "import-wan": wan_commands.import_wan,
+        "prepare": wan_commands.prepare,
     }
     try:
         ranks = distributed.launched_ranks()

@@ -61,3 +61,48 @@ def add_import_parser(sub, add_parser_fn) -> None:
     p.add_argument("--out", type=Path, required=True, help=".safetensors to write (atomically)")
     p.add_argument("--dtype", choices=[*DTYPES, "keep"], default="keep", help="weights dtype (default: the "
                    "checkpoint's)")
+
+
+def prepare(args) -> int:
+    from vdistill.methods.data.prepare import Encoders, PrepareConfig
+    from vdistill.methods.data.prepare import prepare as run_prepare
+    from vdistill.methods.train import distributed
+
+    cfg = PrepareConfig(height=args.height, width=args.width, frames=args.frames, fps=args.fps,
+                        text_len=args.text_len, shard_size=args.shard_size, dtype=args.dtype)
+    for name in ("folder", "vae", "text_encoder"):
+        if not getattr(args, name).is_dir():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a directory")
+    checks.output_dir(args.out)
+    encoders = Encoders(args.vae, args.text_encoder, distributed.resolve_device(args.device), cfg.text_len)
+    counts = run_prepare(args.folder, args.out, encoders, cfg, args.captions, distributed.rank(),
+                         distributed.world_size())
+    print(f"rank {distributed.rank()}: {counts['clips']} clips in {counts['written']} new shards in {args.out} "
+          f"({counts['skipped_shards']} shards already there, {counts['bad']} videos skipped: "
+          f"{args.out}/skipped-rank{distributed.rank()}.jsonl)")
+    return 0
+
+
+def add_prepare_parser(sub, add_parser_fn) -> None:
+    from vdistill.methods.data.prepare import PrepareConfig
+
+    d = PrepareConfig()
+    p = add_parser_fn(sub, "prepare", help="videos + captions -> shards of Wan-VAE latents and umT5 embeddings "
+                      "(resumable; split over torchrun ranks)")
+    p.add_argument("folder", type=Path, help="folder of videos (mp4, webm, mov, mkv, gif), each with a sidecar .txt "
+                   "caption unless --captions")
+    p.add_argument("--out", type=Path, required=True, help="shard directory (a rerun skips finished shards)")
+    p.add_argument("--vae", type=Path, required=True, help="diffusers AutoencoderKLWan directory (e.g. a Wan2.1 "
+                   "pipeline's vae/)")
+    p.add_argument("--text-encoder", type=Path, required=True, help="directory with a UMT5EncoderModel and its "
+                   "tokenizer")
+    p.add_argument("--captions", type=Path, help="CSV (path,caption) or JSONL with those keys; paths relative to "
+                   "FOLDER")
+    p.add_argument("--height", type=checks.positive_int, default=d.height, help="frame height (multiple of 16)")
+    p.add_argument("--width", type=checks.positive_int, default=d.width, help="frame width (multiple of 16)")
+    p.add_argument("--frames", type=checks.positive_int, default=d.frames, help="frames per clip (1 + 4k)")
+    p.add_argument("--fps", type=checks.positive_float, default=d.fps, help="frames per second sampled")
+    p.add_argument("--text-len", type=checks.positive_int, default=d.text_len, help="tokens per caption (Wan: 512)")
+    p.add_argument("--shard-size", type=checks.positive_int, default=d.shard_size, help="clips per shard")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=d.dtype, help="stored dtype")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")

@@ -132,6 +132,9 @@ def evaluate_clips(videos: torch.Tensor, labels: torch.Tensor, reference: torch.
 
 
 
+TIMINGS = ("sample_s", "wall_s")  # seconds: summed over seeds, not averaged
+
+
 def mean_over_seeds(per_seed: list[list[dict]]) -> list[dict]:
     """Rows of one evaluation per seed (same step counts, same ``num``) -> one row per step count."""
     if len(per_seed) < 2:
@@ -144,14 +147,14 @@ def mean_over_seeds(per_seed: list[list[dict]]) -> list[dict]:
             raise ValueError("per_seed: the seeds' rows differ in steps or num")
         row = {key: value for key, value in first.items() if not isinstance(value, float)}
         for key, value in first.items():
-            if isinstance(value, float) and key != "wall_s":
+            if isinstance(value, float) and key not in TIMINGS:
                 values = torch.tensor([r[key] for r in same_steps], dtype=torch.float64)
                 row[key] = float(values.mean())
                 row[f"{key}_se"] = float(values.std() / math.sqrt(k))
         p = row["acc_all"]
         row["acc_all_binomial_se"] = math.sqrt(p * (1 - p) / (k * first["num"]))
         row["seeds"] = k
-        row["wall_s"] = sum(r["wall_s"] for r in same_steps)
+        row |= {key: sum(r[key] for r in same_steps) for key in TIMINGS if key in first}
         rows.append(row)
     return rows
 
