@@ -76,7 +76,7 @@ def prepare(args) -> int:
     checks.output_dir(args.out)
     encoders = Encoders(args.vae, args.text_encoder, distributed.resolve_device(args.device), cfg.text_len)
     counts = run_prepare(args.folder, args.out, encoders, cfg, args.captions, distributed.rank(),
-                         distributed.world_size())
+                         distributed.world_size(), args.negative_prompt)
     print(f"rank {distributed.rank()}: {counts['clips']} clips in {counts['written']} new shards in {args.out} "
           f"({counts['skipped_shards']} shards already there, {counts['bad']} videos skipped: "
           f"{args.out}/skipped-rank{distributed.rank()}.jsonl)")
@@ -84,7 +84,7 @@ def prepare(args) -> int:
 
 
 def add_prepare_parser(sub, add_parser_fn) -> None:
-    from vdistill.methods.data.prepare import PrepareConfig
+    from vdistill.methods.data.prepare import WAN_NEGATIVE_PROMPT, PrepareConfig
 
     d = PrepareConfig()
     p = add_parser_fn(sub, "prepare", help="videos + captions -> shards of Wan-VAE latents and umT5 embeddings "
@@ -105,4 +105,6 @@ def add_prepare_parser(sub, add_parser_fn) -> None:
     p.add_argument("--text-len", type=checks.positive_int, default=d.text_len, help="tokens per caption (Wan: 512)")
     p.add_argument("--shard-size", type=checks.positive_int, default=d.shard_size, help="clips per shard")
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default=d.dtype, help="stored dtype")
+    p.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="CFG's unconditional prompt, embedded to "
+                   "OUT/null_text.safetensors (default: Wan2.1's own negative prompt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")

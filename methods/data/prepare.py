@@ -5,7 +5,8 @@ Each clip is read at the target frame rate and size (`video.read_clip`), encoded
 pipeline expects: latents = (z - mean) / std) and its caption by transformers' `UMT5EncoderModel` (Wan's text
 handling: `text_len` tokens, embeddings zeroed past each caption's length). Shards of `shard_size` clips are written
 atomically with their sources listed in the metadata; a rerun skips finished shards; under torchrun each rank takes
-every world-th shard. A video that cannot be read (or is too short) is skipped, logged to
+every world-th shard; rank 0 writes the negative prompt's embedding (Wan's default) to OUT/null_text.safetensors
+for CFG. A video that cannot be read (or is too short) is skipped, logged to
 OUT/skipped-rank<R>.jsonl and counted; it never stops the job. `prompts_only` writes text-embedding shards (no
 latents) from a captions file.
 """
@@ -19,12 +20,21 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from vdistill.methods.data.shards import SUFFIX, shard_meta, write_shard
+from vdistill.methods.data.streaming import NULL_TEXT
 from vdistill.methods.data.video import VIDEO_SUFFIXES, UnreadableVideo, read_clip
 
 log = logging.getLogger("vdistill")
+# Wan2.1's default negative prompt (wan/configs/shared_config.py): CFG's unconditional branch, not an empty prompt
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，"
+                       "画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑"
+                       "陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸"
+                       "形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱"
+                       "的背景，三条腿，背景人很多，倒着走")
 
 
 @dataclass
@@ -112,11 +122,27 @@ class Encoders:
         return ((z - self.mean) / self.std)[0]
 
 
+def write_null_text(out: Path, encoders: Encoders, negative_prompt: str) -> Path:
+    """OUT/null_text.safetensors: the embedding [1, text_len, D] of the negative prompt (rewritten if it differs)."""
+    path = out / NULL_TEXT
+    if path.is_file() and safe_metadata(path).get("prompt") == negative_prompt:
+        return path
+    text, mask = encoders.encode_text([negative_prompt])
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({"text": text.float().cpu().contiguous(), "text_mask": mask.cpu()}, str(tmp),
+              metadata={"prompt": negative_prompt})
+    tmp.replace(path)
+    return path
+
+
 def prepare(folder: Path, out: Path, encoders: Encoders, cfg: PrepareConfig, captions: Path | None = None,
-            rank: int = 0, world: int = 1) -> dict:
-    """Write this rank's shards of `folder` to `out`; returns counts {written, skipped_shards, clips, bad}."""
+            rank: int = 0, world: int = 1, negative_prompt: str = WAN_NEGATIVE_PROMPT) -> dict:
+    """Write this rank's shards of `folder` to `out` (rank 0 also the negative prompt's embedding); returns counts
+    {written, skipped_shards, clips, bad}."""
     pairs = find_clips(folder, captions)
     out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        write_null_text(out, encoders, negative_prompt)
     groups = [pairs[i:i + cfg.shard_size] for i in range(0, len(pairs), cfg.shard_size)]
     mine = list(range(rank, len(groups), world))
     counts = {"written": 0, "skipped_shards": 0, "clips": 0, "bad": 0}
@@ -162,3 +188,8 @@ def _finished(path: Path, sources: list[str]) -> bool:
         return shard_meta(path)["extra"].get("sources") == sources
     except (ValueError, KeyError):
         return False
+
+
+def safe_metadata(path: Path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
