@@ -20,6 +20,7 @@ from vdistill.methods.cli.main import main  # noqa: E402
 from vdistill.methods.data.shards import read_shard  # noqa: E402
 from vdistill.methods.data.video import UnreadableVideo, read_clip  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 WORDS = ["<pad>", "</s>", "<unk>", "a", "red", "green", "blue", "circle", "square", "ball", "moving", "left", "right",
          "up", "down", "fast"]
 SIZE = ["--height", "32", "--width", "48", "--frames", "9", "--fps", "8", "--text-len", "12"]
@@ -136,3 +137,31 @@ def test_captions_file_and_missing_captions(videos, tmp_path):
     captions = tmp_path / "captions.jsonl"
     captions.write_text("\n".join(json.dumps({"path": f"clip{i}.mp4", "caption": f"c{i}"}) for i in range(3)))
     assert [(p.name, c) for p, c in find_clips(videos, captions)] == [(f"clip{i}.mp4", f"c{i}") for i in range(3)]
+
+
+def test_prepared_data_trains_a_teacher_and_distils_a_wan_teacher(encoders, videos, tmp_path, capsys):
+    """videos -> prepare -> pretrain --data and distill rcm --data from a (tiny, random) Wan2.1 directory."""
+    from diffusers import WanTransformer3DModel
+
+    from vdistill.methods.train.checkpoint import load_dit
+
+    vae_dir, text_dir = encoders
+    shards = tmp_path / "shards"
+    assert main(["prepare", str(videos), "--out", str(shards), "--vae", str(vae_dir), "--text-encoder",
+                 str(text_dir), "--dtype", "float32", "--device", "cpu", *SIZE]) == 0
+    assert (shards / "null_text.safetensors").is_file()
+    steps = ["--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "train.device=cpu"]
+    assert main(["pretrain", "--preset", "tiny", "--data", str(shards), "--set", "model.in_channels=16",
+                 "--set", "model.text_dim=32", *steps, "--out", str(tmp_path / "teacher")]) == 0
+    teacher = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24,
+                                    in_channels=16, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                                    num_layers=2)
+    teacher.save_pretrained(tmp_path / "wan")
+    assert main(["distill", "rcm", "--preset", "tiny", "--teacher", str(tmp_path / "wan"), "--data", str(shards),
+                 *steps, "--out", str(tmp_path / "rcm")]) == 0
+    student, meta = load_dit(tmp_path / "rcm" / "student_ema.safetensors")
+    assert student.cfg.in_channels == 16 and student.cfg.text_len == 512
+    assert meta["run_config"]["data_dir"] == str(shards) and meta["run_config"]["teacher_cfg_scale"] == 5.0
+    assert main(["distill", "rcm", "--preset", "tiny", "--teacher", str(tmp_path / "wan"), "--data", str(shards),
+                 *steps, "--set", "train.eval_every=1", "--out", str(tmp_path / "bad")]) == 2
+    assert "train.eval_every scores students on the moving-shapes benchmark" in capsys.readouterr().err

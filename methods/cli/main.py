@@ -48,6 +48,8 @@ def _add_run_options(p, presets: list[str]) -> None:
     p.add_argument("--preset", choices=presets, default="shapes", help="run preset (methods/train/presets.py)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--init", type=Path, help="start from this exported model's weights")
+    p.add_argument("--data", type=Path, help="train on the latent shards in this directory (`vdistill prepare`) "
+                   "instead of the moving-shapes benchmark")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue with settings other than the checkpoint's (recorded in "
@@ -307,7 +309,9 @@ def _pretrain(args) -> int:
         print(json.dumps(run.to_dict(), indent=2, default=str))
         return 0
     checks.output_dir(args.out)
-    pretrain(run, args.out, _start(args), init=args.init)
+    if args.data is not None and not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data} is not a directory")
+    pretrain(run, args.out, _start(args), init=args.init, data_dir=args.data)
     return 0
 
 
@@ -324,8 +328,11 @@ def _distill(args) -> int:
         raise FileNotFoundError(f"--teacher {args.teacher} does not exist")
     if args.init is not None and not args.init.exists():
         raise FileNotFoundError(f"--init {args.init} does not exist")
+    if args.data is not None and not args.data.is_dir():
+        raise FileNotFoundError(f"--data {args.data} is not a directory")
     checks.output_dir(args.out)
-    distill(args.method, args.teacher, args.out, run, _start(args), init=args.init, teacher_cfg=args.teacher_cfg)
+    distill(args.method, args.teacher, args.out, run, _start(args), init=args.init, teacher_cfg=args.teacher_cfg,
+            data_dir=args.data)
     return 0
 
 

@@ -17,16 +17,17 @@ from pathlib import Path
 import torch
 
 from vdistill.methods.data.batches import Prefetched, ShapesBatches
+from vdistill.methods.data.streaming import NULL_TEXT, LatentBatches
 from vdistill.methods.data.text import WordTextEncoder
 from vdistill.methods.eval.evaluate import evaluate_model
 from vdistill.methods.recipes.pretrain import FlowMatching
 from vdistill.methods.recipes.registry import recipe_class
 from vdistill.methods.sampling.generate import ModelBundle
 from vdistill.methods.train import distributed, run_folder
-from vdistill.methods.train.checkpoint import init_from
+from vdistill.methods.train.checkpoint import init_from, load_dit
 from vdistill.methods.train.presets import DistillRun, RunConfig, shapes_distill
-from vdistill.methods.train.trainer import Trainer
-from vdistill.models.dit import VideoDiT
+from vdistill.methods.train.trainer import TrainConfig, Trainer
+from vdistill.models.dit import DiTConfig, VideoDiT
 
 log = logging.getLogger("vdistill")
 
@@ -48,21 +49,42 @@ class Start:
         distributed.barrier()
 
 
-def pretrain(run: RunConfig, out: Path, start: Start = Start(), init: Path | None = None) -> dict[str, Path]:
-    """Flow-matching pretraining of `run.model` on moving shapes; returns the exported weight files.
+def pretrain(run: RunConfig, out: Path, start: Start = Start(), init: Path | None = None,
+             data_dir: Path | None = None) -> dict[str, Path]:
+    """Flow-matching pretraining of `run.model` on moving shapes, or on the latent shards in `data_dir`
+    (`vdistill prepare`); returns the exported weight files.
 
     `init`: start from an exported model's weights (continued training; its config must match).
     """
     start.prepare(out)
     torch.manual_seed(run.train.seed)
-    text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     device = str(run.train.resolved_device())
-    data = Prefetched(ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed, device=device))
+    if data_dir is None:
+        text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
+        data = Prefetched(ShapesBatches(run.data, text, run.train.batch_size, seed=run.train.seed, device=device))
+    else:
+        data = latent_data(data_dir, run.model, run.train, device)
     model = VideoDiT(run.model)
     if init is not None:
         init_from(model, init)
     recipe = FlowMatching(model, run.method)
-    return _fit_and_export(Trainer(recipe, data, run.train, out, run_config=run.to_dict()), data, start)
+    run_config = run.to_dict() | ({} if data_dir is None else {"data_dir": str(data_dir)})
+    return _fit_and_export(Trainer(recipe, data, run.train, out, run_config=run_config), data, start)
+
+
+def latent_data(data_dir: Path, model: DiTConfig, train: TrainConfig, device: str) -> Prefetched:
+    """Batches streamed from the shards in `data_dir`; ValueError naming what does not fit the model."""
+    batches = LatentBatches(data_dir, train.batch_size, seed=train.seed, device=device)
+    (c, *grid), (length, dim) = batches.dataset.latent_shape, batches.dataset.text_shape
+    if c != model.in_channels or dim != model.text_dim or any(n % p for n, p in zip(grid, model.patch)):
+        raise ValueError(f"--data {data_dir}: latents [{c}, {', '.join(map(str, grid))}] and text [{length}, {dim}] do "
+                         f"not fit the model (in_channels {model.in_channels}, text_dim {model.text_dim}, patch "
+                         f"{model.patch})")
+    if train.eval_every:
+        raise ValueError("train.eval_every scores students on the moving-shapes benchmark; with --data set it to 0")
+    if batches.null_is_zeros:
+        log.warning("--data %s has no %s: CFG's unconditional branch gets zeros", data_dir, NULL_TEXT)
+    return Prefetched(batches)
 
 
 def _fit_and_export(trainer: Trainer, data: Prefetched, start: Start) -> dict[str, Path]:
@@ -78,6 +100,15 @@ def _fit_and_export(trainer: Trainer, data: Prefetched, start: Start) -> dict[st
 
 
 EVAL_STEPS = (1, 2, 4)
+WAN_GUIDANCE = 5.0  # Wan2.1 T2V's default guidance scale
+
+
+def latent_teacher(path: str | Path, device: torch.device) -> ModelBundle:
+    """A teacher for latent data: the model in float32 (the student copies it and trains in float32), its guidance
+    from its own export or Wan's default; no benchmark text encoder or clip geometry."""
+    model, meta = load_dit(path, device)
+    scale = meta.get("run_config", {}).get("cfg_scale", WAN_GUIDANCE)
+    return ModelBundle(model.float(), None, None, float(scale), meta)
 
 
 def student_evaluator(teacher: ModelBundle, meta: dict, num: int):
@@ -100,8 +131,11 @@ def distill(
     start: Start = Start(),
     init: str | Path | None = None,
     teacher_cfg: float | None = None,
+    data_dir: str | Path | None = None,
 ) -> dict[str, Path]:
-    """Distil the teacher at `teacher_path` with `method`; returns the exported student files.
+    """Distil the teacher at `teacher_path` with `method` on moving shapes, or on the latent shards in `data_dir`
+    (a Wan2.1 teacher directory, or any model file; guidance `teacher_cfg`, else the file's, else Wan's 5.0);
+    returns the exported student files.
 
     `init`: start the student from an exported student's weights instead of the teacher's (e.g. a
     DMD/rCM fine-tune of a consistency student); the teacher, and rCM's critic, stay the teacher.
@@ -116,7 +150,7 @@ def distill(
     if not isinstance(cfg, recipe_cls.Config):
         raise TypeError(f"run.method must be a {recipe_cls.Config.__name__} for {method!r}, got {type(cfg).__name__}")
     device = train.resolved_device()
-    teacher = ModelBundle.load(teacher_path, device)
+    teacher = ModelBundle.load(teacher_path, device) if data_dir is None else latent_teacher(teacher_path, device)
     if teacher_cfg is not None:
         teacher = dataclasses.replace(teacher, cfg_scale=teacher_cfg)
     torch.manual_seed(train.seed)
@@ -130,13 +164,17 @@ def distill(
         "init": None if init is None else str(init),
         "method_config": dataclasses.asdict(cfg),
         "model": teacher.model.cfg.to_dict(),
-        "data": dataclasses.asdict(teacher.data),
-        "text_max_len": teacher.text.max_len,
         "teacher_cfg_scale": teacher.cfg_scale,
         "cfg_scale": 1.0,  # guidance is baked into the student
         "teacher_run": teacher_run.get("train"),
     }
-    data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed, device=str(device)))
+    if data_dir is None:
+        run_config |= {"data": dataclasses.asdict(teacher.data), "text_max_len": teacher.text.max_len}
+        data = Prefetched(ShapesBatches(teacher.data, teacher.text, train.batch_size, seed=train.seed,
+                                        device=str(device)))
+    else:
+        run_config["data_dir"] = str(data_dir)
+        data = latent_data(data_dir, teacher.model.cfg, train, str(device))
     trainer = Trainer(recipe, data, train, out, run_config=run_config)
     trainer.export_meta = {"sampler": recipe_cls.sampler_meta(cfg)}
     if train.eval_every:
