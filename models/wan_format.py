@@ -18,6 +18,8 @@ from vdistill.models.dit import DiTConfig, VideoDiT
 
 LAYOUTS = ("diffusers", "wan")
 CLASS_NAMES = {"WanTransformer3DModel": "diffusers", "WanModel": "wan"}
+WAN_GUIDANCE = 5.0  # Wan2.1 T2V's default guidance scale
+WAN_SHIFT = {480: 3.0, 720: 5.0}  # its flow shift by resolution (480p and 720p settings)
 WAN_TEXT_LEN = 512  # umT5 tokens; Wan pads every prompt's embeddings to this with zeros (original config: text_len)
 
 # VideoDiT module -> (diffusers name, original Wan name); each module's .weight / .bias follow it

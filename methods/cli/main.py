@@ -82,6 +82,12 @@ def _add_sample(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--format", choices=["gif", "mp4"], default="gif", help="clip file format")
     p.add_argument("--out", type=Path, default=Path("runs/samples"), help="output directory")
+    wan_commands.add_decode_options(p)
+
+
+def _sample(args) -> int:
+    """Benchmark clips, or with --vae a latent model's decoded videos."""
+    return (wan_commands.sample_latent_model if args.vae else commands.sample)(args)
 
 
 def _add_evaluate(sub) -> None:
@@ -347,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         "pretrain": _pretrain,
         "distill": _distill,
         "quickstart": quickstart.quickstart,
-        "sample": commands.sample,
+        "sample": _sample,
         "evaluate": commands.evaluate,
         "tune-times": commands.tune_times,
         "demo": commands.demo,

@@ -108,3 +108,40 @@ def add_prepare_parser(sub, add_parser_fn) -> None:
     p.add_argument("--negative-prompt", default=WAN_NEGATIVE_PROMPT, help="CFG's unconditional prompt, embedded to "
                    "OUT/null_text.safetensors (default: Wan2.1's own negative prompt)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+
+
+def sample_latent_model(args) -> int:
+    """`vdistill sample --vae DIR --text-encoder DIR`: prompts -> latents -> decoded mp4 and GIF per prompt."""
+    from vdistill.methods.data.prepare import Encoders
+    from vdistill.methods.sampling.decode import sample_videos, save_mp4_av
+    from vdistill.methods.sampling.media import save_gif
+    from vdistill.methods.train import distributed
+
+    if not args.prompt:
+        raise ValueError("--prompt is required with --vae (the benchmark's prompts are not captions)")
+    if args.text_encoder is None:
+        raise ValueError("--vae needs --text-encoder (the umT5 directory the data was prepared with)")
+    checks.output_dir(args.out)
+    encoders = Encoders(args.vae, args.text_encoder, distributed.resolve_device(args.device), args.text_len)
+    clips, used = sample_videos(args.model, encoders, args.prompt, args.steps, args.frames, args.height, args.width,
+                                args.seed, args.cfg, args.shift)
+    written = []
+    for i, (clip, prompt) in enumerate(zip(clips, args.prompt)):
+        stem = f"{i:03d}_{'_'.join(prompt.split())[:60]}"
+        written.append(save_mp4_av(clip, args.out / f"{stem}.mp4", args.fps).name)
+        written.append(save_gif(clip, args.out / f"{stem}.gif", fps=round(args.fps), scale=1).name)
+    print(f"wrote {', '.join(written)} to {args.out} ({used['sampler']} sampler, {used['steps']} steps, guidance "
+          f"{used['cfg_scale']}, shift {used['shift']}, seed {used['seed']})")
+    return 0
+
+
+def add_decode_options(p) -> None:
+    """`sample`'s options for latent models (Wan2.1 and students distilled on prepared data)."""
+    g = p.add_argument_group("latent models (Wan2.1; students of --data runs): decode to video")
+    g.add_argument("--vae", type=Path, help="diffusers AutoencoderKLWan directory: sample latents and decode them")
+    g.add_argument("--text-encoder", type=Path, help="UMT5EncoderModel + tokenizer directory (with --vae)")
+    g.add_argument("--frames", type=checks.positive_int, default=81, help="frames (1 + 4k)")
+    g.add_argument("--height", type=checks.positive_int, default=480, help="height (multiple of 16)")
+    g.add_argument("--width", type=checks.positive_int, default=832, help="width (multiple of 16)")
+    g.add_argument("--fps", type=checks.positive_float, default=16.0, help="frame rate of the written videos")
+    g.add_argument("--text-len", type=checks.positive_int, default=512, help="prompt tokens (Wan: 512)")

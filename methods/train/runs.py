@@ -28,6 +28,7 @@ from vdistill.methods.train.checkpoint import init_from, load_dit
 from vdistill.methods.train.presets import DistillRun, RunConfig, shapes_distill
 from vdistill.methods.train.trainer import TrainConfig, Trainer
 from vdistill.models.dit import DiTConfig, VideoDiT
+from vdistill.models.wan_format import WAN_GUIDANCE
 
 log = logging.getLogger("vdistill")
 
@@ -100,7 +101,6 @@ def _fit_and_export(trainer: Trainer, data: Prefetched, start: Start) -> dict[st
 
 
 EVAL_STEPS = (1, 2, 4)
-WAN_GUIDANCE = 5.0  # Wan2.1 T2V's default guidance scale
 
 
 def latent_teacher(path: str | Path, device: torch.device) -> ModelBundle:
