@@ -140,7 +140,8 @@ def test_captions_file_and_missing_captions(videos, tmp_path):
 
 
 def test_prepared_data_trains_a_teacher_and_distils_a_wan_teacher(encoders, videos, tmp_path, capsys):
-    """videos -> prepare -> pretrain --data and distill rcm --data from a (tiny, random) Wan2.1 directory."""
+    """videos -> prepare -> pretrain --data, and distill rcm --data from a (tiny, random) Wan2.1 directory ->
+    sample --vae of the student (its consistency sampler) -> an mp4 with the requested frames."""
     from diffusers import WanTransformer3DModel
 
     from vdistill.methods.train.checkpoint import load_dit
@@ -162,6 +163,13 @@ def test_prepared_data_trains_a_teacher_and_distils_a_wan_teacher(encoders, vide
     student, meta = load_dit(tmp_path / "rcm" / "student_ema.safetensors")
     assert student.cfg.in_channels == 16 and student.cfg.text_len == 512
     assert meta["run_config"]["data_dir"] == str(shards) and meta["run_config"]["teacher_cfg_scale"] == 5.0
+    student_file = tmp_path / "rcm" / "student_ema.safetensors"
+    assert main(["sample", "--model", str(student_file), "--vae", str(vae_dir), "--text-encoder", str(text_dir),
+                 "--prompt", "a red ball", "--steps", "2", "--frames", "9", "--height", "32", "--width", "48",
+                 "--text-len", "12", "--device", "cpu", "--out", str(tmp_path / "videos_out")]) == 0
+    assert "consistency sampler, 2 steps, guidance 1.0" in capsys.readouterr().out  # guidance baked in
+    with av.open(str(tmp_path / "videos_out" / "000_a_red_ball.mp4")) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 9
     assert main(["distill", "rcm", "--preset", "tiny", "--teacher", str(tmp_path / "wan"), "--data", str(shards),
                  *steps, "--set", "train.eval_every=1", "--out", str(tmp_path / "bad")]) == 2
     assert "train.eval_every scores students on the moving-shapes benchmark" in capsys.readouterr().err
@@ -192,3 +200,14 @@ def test_sample_with_vae_decodes_a_latent_model_to_videos(encoders, tmp_path, ca
     assert "--prompt is required with --vae" in capsys.readouterr().err
     assert main([*args[:5], "--prompt", "a ball", "--out", str(tmp_path / "x")]) == 2
     assert "--vae needs --text-encoder" in capsys.readouterr().err
+
+
+def test_the_tokenizer_is_found_beside_the_text_encoder_or_in_the_pipeline(tmp_path):
+    from vdistill.methods.data.prepare import tokenizer_dir
+
+    (tmp_path / "text_encoder").mkdir()
+    assert tokenizer_dir(tmp_path / "text_encoder") == tmp_path / "text_encoder"  # nothing else to try
+    (tmp_path / "tokenizer").mkdir()
+    assert tokenizer_dir(tmp_path / "text_encoder") == tmp_path / "tokenizer"  # a diffusers pipeline
+    (tmp_path / "text_encoder" / "tokenizer_config.json").write_text("{}")
+    assert tokenizer_dir(tmp_path / "text_encoder") == tmp_path / "text_encoder"

@@ -87,14 +87,20 @@ def _caption_rows(captions: Path) -> list[dict]:
     return rows
 
 
+def tokenizer_dir(text_dir: Path) -> Path:
+    """The tokenizer beside a text encoder: in its directory, or a diffusers pipeline's sibling tokenizer/."""
+    sibling = text_dir.parent / "tokenizer"
+    return sibling if not (text_dir / "tokenizer_config.json").is_file() and sibling.is_dir() else text_dir
+
+
 class Encoders:
-    """The Wan VAE and umT5 encoder from local directories (diffusers / transformers layouts)."""
+    """The Wan VAE and umT5 encoder (with its tokenizer, see `tokenizer_dir`) from local directories."""
 
     def __init__(self, vae_dir: Path | None, text_dir: Path, device: torch.device, text_len: int):
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         self.device, self.text_len = device, text_len
-        self.tokenizer = AutoTokenizer.from_pretrained(text_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(text_dir))
         self.text = UMT5EncoderModel.from_pretrained(text_dir).to(device).eval()
         self.vae = None
         if vae_dir is not None:
