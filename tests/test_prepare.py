@@ -211,3 +211,11 @@ def test_the_tokenizer_is_found_beside_the_text_encoder_or_in_the_pipeline(tmp_p
     assert tokenizer_dir(tmp_path / "text_encoder") == tmp_path / "tokenizer"  # a diffusers pipeline
     (tmp_path / "text_encoder" / "tokenizer_config.json").write_text("{}")
     assert tokenizer_dir(tmp_path / "text_encoder") == tmp_path / "text_encoder"
+
+
+def test_prepare_benchmark_runs_at_tiny_size(tmp_path):
+    from vdistill.bench import bench_prepare
+
+    result = bench_prepare.main(["--size", "tiny", "--device", "cpu", "--clips", "1", "--out", str(tmp_path)])
+    assert result["clips_per_s"] > 0 and set(result["s_per_clip"]) == {"decode", "vae", "text"}
+    assert len(list(tmp_path.glob("prepare_cpu_*.json"))) == 1

@@ -266,6 +266,7 @@ BENCHMARKS = {  # `vdistill bench NAME`: module whose main(argv) runs it
     "rcm-step": "vdistill.bench.bench_rcm_step",
     "train-step": "vdistill.bench.bench_train_step",
     "sass-count": "vdistill.bench.sass_count",
+    "prepare": "vdistill.bench.bench_prepare",
 }
 
 
@@ -274,7 +275,7 @@ def _add_bench(sub) -> None:
     p = _add_parser(
         sub,
         "bench",
-        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | sass-count)",
+        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | sass-count | prepare)",
         description=f"Run a benchmark; the remaining arguments go to its main(argv).\n\nbenchmarks:\n{names}",
         epilog="e.g. vdistill bench attention --quick --out bench/results; vdistill bench ema --help",
     )
