@@ -313,3 +313,10 @@ def test_the_gpu_check_script_runs_at_tiny_size_on_cpu(tmp_path):
     assert result["tokens"] == 48 and result["forward"]["median_ms"] > 0 and result["forward_jvp"]["median_ms"] > 0
     assert [r["provider"] for r in result["rcm_step"]] == ["triton", "triton-recompute"]
     assert all("error" not in r and r["step_ms"] > 0 for r in result["rcm_step"]), result["rcm_step"]
+
+
+def test_benchmark_commands_refuse_a_latent_model_by_name(saved, capsys):
+    """evaluate runs the moving-shapes benchmark: a Wan model (4 latent channels here) is refused with the way out."""
+    assert main(["evaluate", "--model", str(saved["diffusers"]), "--steps", "1", "--num", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "takes 4-channel latents, not the moving-shapes benchmark's 3-channel clips" in err and "--data" in err

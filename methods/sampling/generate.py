@@ -52,9 +52,9 @@ class ModelBundle:
         except (ValueError, AttributeError) as e:
             raise ValueError(f"weights file {path}: its metadata is not valid: {e}") from e
         if model.cfg.in_channels != data.clip_shape[0]:
-            raise ValueError(f"model {path} takes {model.cfg.in_channels}-channel latents; sample, evaluate and the "
-                             f"recipes here run on the moving-shapes benchmark's {data.clip_shape[0]}-channel clips "
-                             "(Wan2.1 models: load them with vdistill.models.loading.load_model; docs/wan.md)")
+            raise ValueError(f"model {path} takes {model.cfg.in_channels}-channel latents, not the moving-shapes "
+                             f"benchmark's {data.clip_shape[0]}-channel clips: train it with --data (prepared shards) "
+                             "and sample it with --vae (docs/data.md)")
         text = WordTextEncoder(dim=model.cfg.text_dim, max_len=max_len)
         return cls(model, text, data, float(scale), meta)
 
