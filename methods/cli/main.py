@@ -70,7 +70,8 @@ def _add_pretrain(sub) -> None:
 
 
 def _add_sample(sub) -> None:
-    p = _add_parser(sub, "sample", help="sample clips from an exported model (GIFs + a grid PNG)")
+    p = _add_parser(sub, "sample", help="sample clips from an exported model (GIFs + a grid PNG), or with --vae a "
+                    "latent model's videos (mp4 + GIF)")
     p.add_argument("--model", type=Path, required=True, help="exported .safetensors (e.g. student_ema.safetensors)")
     p.add_argument("--prompt", action="append", help="prompt, repeatable (default: 8 benchmark prompts)")
     p.add_argument("--steps", type=positive_int, default=50, help="sampler steps")
