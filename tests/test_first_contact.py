@@ -119,3 +119,25 @@ def test_quickstart_distils_and_compares_at_tiny_size(model, tmp_path, capsys):
     assert (tmp_path / "comparison.png").exists() and "vdistill demo --student" in printed
     assert main(args) == 0  # a second quickstart replaces its student
     assert [r["step"] for r in read_metrics(tmp_path / "student")] == [2]  # one run's log, not two
+
+
+def test_every_shipped_student_loads_and_says_where_it_came_from():
+    """Each models/weights student: loads with its sampler, names the shipped teacher by path and hash, the
+    commands that made it, and a 256-clip evaluation that the demo quotes."""
+    import hashlib
+
+    from vdistill.methods.cli.shipped import SHIPPED_TEACHER, stored_evaluation
+    from vdistill.methods.sampling.generate import ModelBundle
+
+    students = shipped_students()
+    assert students, "no student is shipped in models/weights/"
+    teacher_hash = hashlib.sha256(SHIPPED_TEACHER.read_bytes()).hexdigest()
+    for name, path in students.items():
+        lineage = json.loads((path.parent / "lineage.json").read_text())
+        assert lineage["teacher_sha256"] == teacher_hash and lineage["commands"], name
+        bundle = ModelBundle.load(path)
+        assert bundle.meta["sampler"] == lineage["sampler"] and bundle.cfg_scale == 1.0  # guidance baked in
+        rows = stored_evaluation(path)
+        assert [r["steps"] for r in rows] == [1, 2, 4] and all(r["num"] == 256 for r in rows), name
+    assert [r["steps"] for r in stored_evaluation(SHIPPED_TEACHER)][-1] == 50
+    assert stored_evaluation(Path("runs/x/student_ema.safetensors")) is None

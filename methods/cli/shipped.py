@@ -28,3 +28,16 @@ def shipped_students(weights: Path = WEIGHTS) -> dict[str, Path]:
                 raise ValueError(f"{lineage} describes a student but {model} is missing")
             students[lineage.parent.name.removeprefix("shapes-")] = model
     return students
+
+
+def stored_evaluation(model: Path) -> list[dict] | None:
+    """The 256-clip evaluation rows stored beside a shipped model (the teacher's eval_cpu.json, a student's
+    lineage.json), or None for a model that is not shipped."""
+    folder = model.resolve().parent
+    if folder.parent != WEIGHTS.resolve():
+        return None
+    for name, key in (("lineage.json", "evaluation"), ("eval_cpu.json", None)):
+        if (folder / name).is_file():
+            report = json.loads((folder / name).read_text())
+            return (report[key] if key else report)["rows"]
+    return None
