@@ -96,13 +96,19 @@ def demo(args) -> int:
                                "key": f"{METRIC_KEY}; {SPEED_KEY}"}))
     print(format_comparison(rows))
     if stored:  # a few clips are a picture, not a measurement: say what the shipped models score at 256
-        print(f"{args.num} clips are ±{0.5 / args.num ** 0.5:.2f} in accuracy; the shipped models' stored evaluations "
-              "(256 clips, seed 0), acc_all / fd: " + "; ".join(
-                  f"{name} " + ", ".join(f"{r['steps']} steps {r['acc_all']:.3f} / {r['fd']:.2f}" for r in rows_)
-                  for name, rows_ in stored.items()))
+        print(stored_summary(stored, args.num))
     print(f"key: {METRIC_KEY}; {SPEED_KEY}")
     print("wrote " + ", ".join(str(p) for p in [*written, report]))
     return 0
+
+
+def stored_summary(stored: dict[str, list[dict]], num: int) -> str:
+    """One line: the sampling error of `num` clips, and the stored 256-clip scores of the shipped models."""
+    def scores(rows: list[dict]) -> str:
+        return ", ".join(f"{r['steps']} step{'s' * (r['steps'] > 1)} {r['acc_all']:.3f} / {r['fd']:.2f}" for r in rows)
+
+    return (f"{num} clips are ±{0.5 / num ** 0.5:.2f} in accuracy; the shipped models' stored evaluations (256 clips, "
+            "seed 0), acc_all / fd: " + "; ".join(f"{name} {scores(rows)}" for name, rows in stored.items()))
 
 
 def named_paths(paths: list[Path], taken: tuple[str, ...] = ()) -> dict[str, Path]:
