@@ -114,6 +114,9 @@ def test_prepare_writes_vae_latents_and_padded_embeddings_and_skips_bad_videos(e
 
     assert main(args) == 0  # a rerun: every shard is already there
     assert "0 clips in 0 new shards in" in (printed := capsys.readouterr().out) and "(3 shards already there" in printed
+    assert main([*args, "--fps", "16"]) == 2  # other settings into the same directory
+    err = capsys.readouterr().err
+    assert "was prepared with" in err and "'fps': 16.0" in err and "use another --out" in err
 
 
 def test_two_ranks_split_the_shards(encoders, videos, tmp_path):

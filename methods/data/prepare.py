@@ -158,7 +158,7 @@ def prepare(folder: Path, out: Path, encoders: Encoders, cfg: PrepareConfig, cap
         for index in mine:
             path = out / f"shard-{index:06d}{SUFFIX}"
             sources = [str(p) for p, _ in groups[index]]
-            if _finished(path, sources):
+            if _finished(path, sources, asdict(cfg)):
                 counts["skipped_shards"] += 1
                 bar.update(len(groups[index]))
                 continue
@@ -186,14 +186,18 @@ def prepare(folder: Path, out: Path, encoders: Encoders, cfg: PrepareConfig, cap
     return counts
 
 
-def _finished(path: Path, sources: list[str]) -> bool:
-    """True when `path` is a complete shard made from exactly `sources` (a rerun skips it)."""
+def _finished(path: Path, sources: list[str], settings: dict) -> bool:
+    """True when `path` is a complete shard made from exactly `sources` (a rerun skips it); ValueError when it was
+    made with other settings (mixing clip geometries in one directory would only fail later, in training)."""
     if not path.is_file():
         return False
     try:
-        return shard_meta(path)["extra"].get("sources") == sources
+        extra = shard_meta(path)["extra"]
     except (ValueError, KeyError):
-        return False
+        return False  # torn or foreign: written again
+    if extra.get("prepare") != settings:
+        raise ValueError(f"{path} was prepared with {extra.get('prepare')}, not {settings}: use another --out")
+    return extra.get("sources") == sources
 
 
 def safe_metadata(path: Path) -> dict:
