@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from vdistill.methods.data.prepare import WAN_NEGATIVE_PROMPT, Encoders
-from vdistill.methods.sampling.generate import NonFiniteOutput, check_sampler
-from vdistill.methods.sampling.samplers import consistency_times, sample_consistency, sample_rf
+from vdistill.methods.sampling.generate import NonFiniteOutput, check_sampler, run_sampler
 from vdistill.methods.train.checkpoint import load_dit
 from vdistill.models.parameterization import guided
 from vdistill.models.wan_format import WAN_GUIDANCE, WAN_SHIFT
@@ -35,24 +34,21 @@ def sample_videos(model_path: Path, encoders: Encoders, prompts: list[str], step
     sampler = meta.get("sampler", {"kind": "ode"})
     check_sampler(sampler)
     scale = cfg if cfg is not None else meta.get("run_config", {}).get("cfg_scale", WAN_GUIDANCE)
-    shift = shift if shift is not None else sampler.get("shift", WAN_SHIFT[720 if height >= 720 else 480])
+    if shift is None and "shift" not in sampler:  # a Wan release: its flow shift for the resolution
+        shift = WAN_SHIFT[720 if height >= 720 else 480]
     text, _ = encoders.encode_text(prompts)
     null, _ = encoders.encode_text([negative_prompt])
     velocity = guided(model, text.float(), null.float(), scale)
-    g = torch.Generator().manual_seed(seed)
     shape = (len(prompts), encoders.vae.config.z_dim, 1 + (frames - 1) // 4, height // 8, width // 8)
-    noise = torch.randn(shape, generator=g).to(device)
-    if sampler["kind"] == "consistency":
-        times = sampler.get("times", {}).get(str(steps)) or consistency_times(steps, shift)
-        latents = sample_consistency(velocity, noise, times, g)
-    else:
-        latents = sample_rf(velocity, noise, steps, shift=shift)
+    noise = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    latents = run_sampler(sampler, velocity, noise, steps, "euler", seed, shift)
     if not torch.isfinite(latents).all():
         raise NonFiniteOutput(f"the model's latents have NaN/inf values ({steps} steps, guidance {scale}); nothing "
                               "was decoded or written")
     z = latents * encoders.std + encoders.mean
     clips = encoders.vae.decode(z).sample.float().clamp(-1, 1)
-    used = {"sampler": sampler["kind"], "steps": steps, "cfg_scale": scale, "shift": shift, "seed": seed}
+    used = {"sampler": sampler["kind"], "steps": steps, "cfg_scale": scale,
+            "shift": sampler.get("shift", 1.0) if shift is None else shift, "seed": seed}
     return clips[:, :, :frames].cpu(), used
 
 

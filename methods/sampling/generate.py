@@ -145,7 +145,8 @@ def generate(
         prompts = [prompt_for(lab) for lab in chunk.tolist()]
         text = bundle.text.encode(prompts, device)
         velocity = guided(bundle.model, text, bundle.text.null(1, device), scale)
-        clips = _run_sampler(bundle, velocity, noise, steps, solver, seed * 1_000_003 + start, shift).float()
+        spec = bundle.meta.get("sampler", {"kind": "ode"})
+        clips = run_sampler(spec, velocity, noise, steps, solver, seed * 1_000_003 + start, shift).float()
         bad = (~torch.isfinite(clips)).flatten(1).any(1)
         if bad.any():  # checked before the clamp, which would turn an inf into a plausible ±1
             raise NonFiniteOutput(f"the model's output has NaN/inf values in {int(bad.sum())} of {len(chunk)} clips "
@@ -157,9 +158,9 @@ def generate(
     return torch.cat(out)
 
 
-def _run_sampler(bundle: ModelBundle, velocity, noise: torch.Tensor, steps: int, solver: str, seed: int,
-                 shift: float | None):
-    spec = bundle.meta.get("sampler", {"kind": "ode"})
+def run_sampler(spec: dict, velocity, noise: torch.Tensor, steps: int, solver: str, seed: int, shift: float | None):
+    """Integrate `velocity` from `noise` with the sampler `spec` of a model's export (see `generate`); `shift`
+    replaces its grid (and a consistency model's stored times); `seed` seeds the re-noising."""
     grid_shift = float(spec.get("shift", 1.0)) if shift is None else shift
     if spec["kind"] == "ode":
         return sample_rf(velocity, noise, steps, solver, grid_shift)
