@@ -222,3 +222,36 @@ def test_prepare_benchmark_runs_at_tiny_size(tmp_path):
     result = bench_prepare.main(["--size", "tiny", "--device", "cpu", "--clips", "1", "--out", str(tmp_path)])
     assert result["clips_per_s"] > 0 and set(result["s_per_clip"]) == {"decode", "vae", "text"}
     assert len(list(tmp_path.glob("prepare_cpu_*.json"))) == 1
+
+
+def test_prompts_only_writes_embeddings_that_read_back_and_resume(encoders, tmp_path, capsys):
+    from vdistill.methods.data.prepare import Encoders
+    from vdistill.methods.data.prompts import PromptShards
+
+    _, text_dir = encoders
+    prompts = ["a red ball moving left", "a blue square", "a green circle moving up fast", "a ball", "a square"]
+    captions = tmp_path / "prompts.jsonl"
+    captions.write_text("\n".join(json.dumps({"caption": p}) for p in prompts))
+    args = ["prepare", "--prompts", str(captions), "--text-encoder", str(text_dir), "--out", str(tmp_path / "out"),
+            "--text-len", "12", "--shard-size", "2", "--dtype", "float32", "--device", "cpu"]
+    assert main(args) == 0
+    assert "5 prompts in 3 new files" in capsys.readouterr().out
+    assert (tmp_path / "out" / "null_text.safetensors").is_file()
+    data = PromptShards(tmp_path / "out")
+    assert len(data) == 5 and data.captions == prompts
+    text, mask = data.batch([4, 0, 2])
+    want, want_mask = Encoders(None, text_dir, torch.device("cpu"), 12).encode_text([prompts[i] for i in (4, 0, 2)])
+    torch.testing.assert_close(text, want)
+    assert torch.equal(mask, want_mask) and (text[~mask] == 0).all()
+
+    assert main(args) == 0  # a rerun from the same prompts writes nothing
+    out = capsys.readouterr().out
+    assert "0 prompts in 0 new files in" in out and "(3 already there)" in out
+    assert main([a if a != "12" else "10" for a in args]) == 2  # other settings into the same folder: refused
+    assert "written with" in capsys.readouterr().err
+    assert main(["prepare", "--text-encoder", str(text_dir), "--out", str(tmp_path / "o2")]) == 2
+    assert "FOLDER of videos or --prompts" in capsys.readouterr().err
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,caption\nx.mp4,\n")
+    assert main(["prepare", "--prompts", str(empty), "--text-encoder", str(text_dir), "--out", str(tmp_path)]) == 2
+    assert "--prompts" in capsys.readouterr().err and not (tmp_path / "prompts").exists()

@@ -70,6 +70,12 @@ def prepare(args) -> int:
 
     cfg = PrepareConfig(height=args.height, width=args.width, frames=args.frames, fps=args.fps,
                         text_len=args.text_len, shard_size=args.shard_size, dtype=args.dtype)
+    if (args.folder is None) == (args.prompts is None):
+        raise ValueError("give a FOLDER of videos or --prompts FILE (prompts only), not both or neither")
+    if args.prompts is not None:
+        return _prepare_prompts(args, cfg)
+    if args.vae is None:
+        raise ValueError("--vae is required with a FOLDER of videos (only --prompts needs no VAE)")
     for name in ("folder", "vae", "text_encoder"):
         if not getattr(args, name).is_dir():
             raise FileNotFoundError(f"--{name.replace('_', '-')} {getattr(args, name)} is not a directory")
@@ -83,16 +89,41 @@ def prepare(args) -> int:
     return 0
 
 
+def _prepare_prompts(args, cfg) -> int:
+    """`vdistill prepare --prompts FILE`: umT5 embeddings of captions alone, in OUT/prompts/."""
+    from vdistill.methods.data.prepare import Encoders, write_null_text
+    from vdistill.methods.data.prompts import PROMPTS, prepare_prompts, read_prompts
+    from vdistill.methods.train import distributed
+
+    if not args.prompts.is_file():
+        raise FileNotFoundError(f"--prompts {args.prompts} is not a file")
+    if not args.text_encoder.is_dir():
+        raise FileNotFoundError(f"--text-encoder {args.text_encoder} is not a directory")
+    prompts = read_prompts(args.prompts)
+    checks.output_dir(args.out)
+    encoders = Encoders(None, args.text_encoder, distributed.resolve_device(args.device), cfg.text_len)
+    if distributed.rank() == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_null_text(args.out, encoders, args.negative_prompt)
+    counts = prepare_prompts(prompts, args.out, encoders, cfg.text_len, cfg.shard_size, getattr(torch, cfg.dtype),
+                             distributed.rank(), distributed.world_size())
+    print(f"rank {distributed.rank()}: {counts['prompts']} prompts in {counts['written']} new files in "
+          f"{args.out / PROMPTS} ({counts['skipped_shards']} already there)")
+    return 0
+
+
 def add_prepare_parser(sub, add_parser_fn) -> None:
     from vdistill.methods.data.prepare import WAN_NEGATIVE_PROMPT, PrepareConfig
 
     d = PrepareConfig()
     p = add_parser_fn(sub, "prepare", help="videos + captions -> shards of Wan-VAE latents and umT5 embeddings "
                       "(resumable; split over torchrun ranks)")
-    p.add_argument("folder", type=Path, help="folder of videos (mp4, webm, mov, mkv, gif), each with a sidecar .txt "
-                   "caption unless --captions")
+    p.add_argument("folder", type=Path, nargs="?", help="folder of videos (mp4, webm, mov, mkv, gif), each with a "
+                   "sidecar .txt caption unless --captions")
+    p.add_argument("--prompts", type=Path, help="prompts only, no videos: captions (.txt one per line, or CSV/JSONL "
+                   "with a caption field) -> umT5 embeddings in OUT/prompts/ (no --vae needed)")
     p.add_argument("--out", type=Path, required=True, help="shard directory (a rerun skips finished shards)")
-    p.add_argument("--vae", type=Path, required=True, help="diffusers AutoencoderKLWan directory (e.g. a Wan2.1 "
+    p.add_argument("--vae", type=Path, help="diffusers AutoencoderKLWan directory (e.g. a Wan2.1 "
                    "pipeline's vae/)")
     p.add_argument("--text-encoder", type=Path, required=True, help="directory with a UMT5EncoderModel and its "
                    "tokenizer")

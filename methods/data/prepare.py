@@ -7,8 +7,7 @@ handling: `text_len` tokens, embeddings zeroed past each caption's length). Shar
 atomically with their sources listed in the metadata; a rerun skips finished shards; under torchrun each rank takes
 every world-th shard; rank 0 writes the negative prompt's embedding (Wan's default) to OUT/null_text.safetensors
 for CFG. A video that cannot be read (or is too short) is skipped, logged to
-OUT/skipped-rank<R>.jsonl and counted; it never stops the job. `prompts_only` writes text-embedding shards (no
-latents) from a captions file.
+OUT/skipped-rank<R>.jsonl and counted; it never stops the job. Prompts without videos: `methods/data/prompts.py`.
 """
 
 from __future__ import annotations
