@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from vdistill.models import context_parallel
 from vdistill.models.config_fields import check_fields, from_dict
 from vdistill.models.layers import DiTBlock, layer_norm, modulate, upcast
 from vdistill.models.rope import grid_position_code, rope_split, rope_tables
@@ -197,16 +198,22 @@ class VideoDiT(nn.Module):
         time_mod = self.time_proj(temb).unflatten(1, (6, self.cfg.dim))  # (B, 6, dim)
         context = self.text_embed(text.to(x.dtype))  # (B, L, dim)
         rope = self._rope(grid, x.device)
+        group = context_parallel.active_group()
+        shard = None if group is None else context_parallel.TokenShard.of(group, tokens.shape[1])
+        if shard is not None:  # this rank's tokens and their position codes
+            tokens, rope = shard.split(tokens), tuple(shard.split(table, dim=0) for table in rope)
         recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.blocks:
             if recompute:  # no RNG inside a block: nothing to preserve for the recomputation
-                args = (tokens, time_mod, context, rope)
+                args = (tokens, time_mod, context, rope, shard)
                 tokens = checkpoint(block, *args, use_reentrant=False, preserve_rng_state=False)
             else:
-                tokens = block(tokens, time_mod, context, rope)
+                tokens = block(tokens, time_mod, context, rope, shard)
 
         shift, scale = (upcast(self.head_modulation) + upcast(temb)[:, None]).to(tokens.dtype).unbind(1)
         out = self.head(modulate(layer_norm(tokens, self.cfg.eps), shift[:, None], scale[:, None]))
+        if shard is not None:
+            out = shard.gather(out)
         return self._unpatchify(out, grid)
 
     def _pad_text(self, text: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vdistill.kernels.attention import attention
+from vdistill.models.context_parallel import TokenShard
 from vdistill.models.rope import apply_rope
 
 
@@ -67,6 +68,7 @@ class Attention(nn.Module):
         x: torch.Tensor,  # (B, N, dim)
         context: torch.Tensor | None = None,  # (B, L, dim) for cross-attention
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos/sin (N, head_dim/2)
+        shard: TokenShard | None = None,  # context parallelism: x holds this rank's tokens (self-attention only)
     ) -> torch.Tensor:
         src = x if context is None else context
         b, n, _ = x.shape
@@ -75,8 +77,13 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         dtype = v.dtype
-        out = attention(q.to(dtype).transpose(1, 2), k.to(dtype).transpose(1, 2), v.transpose(1, 2))
-        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+        q, k = q.to(dtype), k.to(dtype)
+        if shard is not None:  # Ulysses: all tokens of H/C heads in, this rank's tokens of all heads out
+            q, k, v = (shard.heads_to_all_tokens(t) for t in (q, k, v))
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        if shard is not None:
+            out = shard.all_tokens_to_heads(out)
+        return self.o(out.reshape(b, n, -1))
 
     def _queries_keys(self, x: torch.Tensor, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.norm_q(self.q(x)).unflatten(-1, (self.heads, -1))  # (B, N, H, Dh)
@@ -125,11 +132,12 @@ class DiTBlock(nn.Module):
         time_mod: torch.Tensor,  # (B, 6, dim)
         context: torch.Tensor,  # (B, L, dim)
         rope: tuple[torch.Tensor, torch.Tensor],
+        shard: TokenShard | None = None,  # context parallelism (models/context_parallel.py)
     ) -> torch.Tensor:
         mod = (upcast(self.modulation) + upcast(time_mod)).to(x.dtype)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(1)
         h = modulate(layer_norm(x, self.eps), shift_a[:, None], scale_a[:, None])
-        x = x + gate_a[:, None] * self.self_attn(h, rope=rope)
+        x = x + gate_a[:, None] * self.self_attn(h, rope=rope, shard=shard)
         x = x + self.cross_attn(self.norm_cross(x), context=context)
         h = modulate(layer_norm(x, self.eps), shift_f[:, None], scale_f[:, None])
         return x + gate_f[:, None] * self.ffn(h)
