@@ -70,16 +70,18 @@ def tiny_dit() -> torch.nn.Module:
 
 
 def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accum: int = 1,
-            fsdp: bool = False) -> Trainer:
+            fsdp: bool = False, context_parallel: int = 1) -> Trainer:
     """A tiny-DiT trainer: `kind` "denoise" (deterministic loss; "denoise-nan-rank1": NaN on rank 1 at step 1)
     or a distillation method of a random tiny
     teacher (guidance 2). rCM with critic, adaptive weight, EMA target and activation checkpointing
     ("rcm-shardable": without the adaptive weight, "rcm-stopgrad": nor the EMA target); progressive with a
     new stage, so a new teacher copied from the student, at every step. `fsdp`: the student sharded over
-    the ranks."""
+    the ranks; `context_parallel`: each clip's tokens split over groups of that many ranks."""
     run = tiny()
     train = replace(run.train, steps=steps, ckpt_every=2, log_every=1, batch_size=batch_size, grad_clip=0.05,
-                    activation_checkpointing=kind.startswith("rcm"), grad_accum=grad_accum, fsdp=fsdp)
+                    activation_checkpointing=kind.startswith("rcm"), grad_accum=grad_accum, fsdp=fsdp,
+                    context_parallel=context_parallel)
+    distributed.set_context_parallel(context_parallel)
     text = WordTextEncoder(dim=run.model.text_dim, max_len=run.text_max_len)
     data = ShapesBatches(run.data, text, train.batch_size, seed=train.seed)
     if kind == "denoise":  # with an in-training evaluation every 2 steps (rank 0 scores, the others wait)
@@ -102,15 +104,15 @@ def trainer(kind: str, run_dir: Path, steps: int, batch_size: int = 4, grad_accu
 
 
 def final_state(t: Trainer) -> dict[str, torch.Tensor]:
-    """Every trained tensor of a finished run: the student, its EMA and (rCM) the critic and w_φ; a sharded
-    student's tensors whole (every rank must call)."""
+    """Every trained tensor of a finished run: the student, its EMA and (rCM) the critic and w_φ; sharded
+    tensors whole (every rank must call)."""
     state = {f"student.{k}": _whole(v) for k, v in t.recipe.student.state_dict().items()}
     with distributed.ema_weights(t.ema, t.recipe.student):
         state.update({f"ema.{k}": _whole(v).clone() for k, v in t.recipe.student.state_dict().items()})
     for name in ("critic", "weight"):
         module = getattr(t.recipe, name, None)
         if module is not None:
-            state.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+            state.update({f"{name}.{k}": _whole(v) for k, v in module.state_dict().items()})
     return state
 
 
@@ -120,17 +122,20 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def fit(
     rank: int, world: int, port: int, kind: str, run_dir: str, steps: int, resume: bool, batch_size: int = 4,
-    grad_accum: int = 1, fsdp: bool = False,
+    grad_accum: int = 1, fsdp: bool = False, context_parallel: int = 1,
 ) -> None:
     """Rank `rank` of `world`: train, then save this rank's final state as rank<r>.pt in `run_dir`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        t = trainer(kind, Path(run_dir), steps, batch_size, grad_accum, fsdp)
+        t = trainer(kind, Path(run_dir), steps, batch_size, grad_accum, fsdp, context_parallel)
         rows = t.fit(resume=resume)
         first_x0 = getattr(t.recipe, "first_x0", None)
-        torch.save({"state": final_state(t), "rows": rows, "first_x0": first_x0}, Path(run_dir) / f"rank{rank}.pt")
+        sharded = {name: isinstance(next(getattr(t.recipe, name).blocks.parameters()), DTensor)
+                   for name in ("student", "teacher", "critic") if getattr(t.recipe, name, None) is not None}
+        torch.save({"state": final_state(t), "rows": rows, "first_x0": first_x0, "sharded": sharded},
+                   Path(run_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -142,12 +147,12 @@ def free_port() -> int:
 
 
 def fit_on_two_ranks(kind: str, run_dir: Path, steps: int, resume: bool = False, batch_size: int = 4,
-                     grad_accum: int = 1, fsdp: bool = False) -> list[dict]:
-    """Train on ranks 0 and 1; [rank 0's {state, rows}, rank 1's]."""
+                     grad_accum: int = 1, fsdp: bool = False, context_parallel: int = 1, ranks: int = 2) -> list[dict]:
+    """Train on `ranks` ranks (2 unless told); [rank 0's {state, rows}, rank 1's, ...]."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    args = (2, free_port(), kind, str(run_dir), steps, resume, batch_size, grad_accum, fsdp)
-    mp.spawn(fit, args=args, nprocs=2, join=True)
-    return [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    args = (ranks, free_port(), kind, str(run_dir), steps, resume, batch_size, grad_accum, fsdp, context_parallel)
+    mp.spawn(fit, args=args, nprocs=ranks, join=True)
+    return [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in range(ranks)]
 
 
 def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], **tol) -> None:

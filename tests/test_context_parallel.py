@@ -9,7 +9,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from context_parallel_workers import model_and_inputs, results, run
-from distributed_workers import free_port
+from distributed_workers import assert_same, final_state, fit_on_two_ranks, free_port, torchrun, trainer
+from safetensors.torch import load_file
+
+from vdistill.methods.cli.main import main
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
@@ -25,3 +28,47 @@ def test_split_tokens_give_the_single_process_forward_jvp_and_gradients(tmp_path
         for key in want:  # float32 sums in another order: the largest error relative to the largest value
             error = (found[key] - want[key]).abs().max() / want[key].abs().max()
             assert error <= 1e-5, f"rank {rank} {key}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_rcm_with_split_tokens_trains_as_one_process(tmp_path, fsdp):
+    """rCM (teacher, JVP pass, DMD simulation, critic; activation checkpointing) with each clip's tokens over 2 ranks,
+    the student replicated (DDP) or sharded with the teacher and critic (FSDP2), ends on every rank where one
+    process does."""
+    kind = "rcm-shardable" if fsdp else "rcm"
+    single = trainer(kind, tmp_path / "single", steps=3)
+    single_rows = single.fit()
+    found = fit_on_two_ranks(kind, tmp_path / "cp", steps=3, fsdp=fsdp, context_parallel=2)
+    for rank in found:  # FSDP2: the frozen teacher and the critic sharded too
+        assert rank["sharded"] == dict.fromkeys(("student", "teacher", "critic"), fsdp)
+        assert_same(rank["state"], final_state(single), rtol=1e-4, atol=1e-5)
+    for row, want in zip(found[0]["rows"], single_rows, strict=True):  # losses, gradient norms, critic losses, ...
+        assert row.keys() == want.keys()
+        assert {k: v for k, v in row.items() if k != "wall_s"} == pytest.approx(
+            {k: v for k, v in want.items() if k != "wall_s"}, rel=1e-4, abs=1e-6)
+
+
+def test_data_parallel_times_context_parallel_ranks_share_clips_by_group(tmp_path):
+    """4 ranks = 2 data-parallel × 2 context-parallel (deterministic loss, an evaluation on every rank): the two
+    ranks of a group see the same clips, the groups disjoint halves of the batch, and training equals one process."""
+    single = trainer("denoise", tmp_path / "single", steps=2)
+    single.fit()
+    found = fit_on_two_ranks("denoise", tmp_path / "cp", steps=2, context_parallel=2, ranks=4)
+    first = [rank["first_x0"] for rank in found]
+    assert torch.equal(first[0], first[1]) and torch.equal(first[2], first[3])
+    torch.testing.assert_close(torch.cat([first[0], first[2]]), single.recipe.first_x0, rtol=0, atol=0)
+    for rank in found:
+        assert_same(rank["state"], final_state(single), rtol=1e-5, atol=1e-6)
+
+
+def test_pretrain_cli_with_context_parallel_exports_what_one_process_exports(tmp_path):
+    """`torchrun ... pretrain --context-parallel 2`: both ranks train on the whole batch with split tokens and export
+    what one process exports; a group size that does not divide the ranks is refused by name."""
+    args = ("pretrain", "--preset", "tiny", "--set", "train.steps=2", "--set", "train.batch_size=2")
+    done = torchrun(*args, "--out", str(tmp_path / "cp"), "--context-parallel", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main([*args, "--out", str(tmp_path / "one"), "--set", "train.device=cpu"]) == 0
+    for file in ("model.safetensors", "model_ema.safetensors"):
+        assert_same(load_file(tmp_path / "cp" / file), load_file(tmp_path / "one" / file), rtol=1e-5, atol=1e-6)
+    refused = torchrun(*args, "--out", str(tmp_path / "odd"), "--context-parallel", "3")
+    assert refused.returncode != 0 and "context_parallel 3 must be >= 1 and divide the 2 ranks" in refused.stderr

@@ -15,9 +15,7 @@ from vdistill.methods.recipes.registry import recipe_class
 from vdistill.methods.train.checkpoint import (
     checksum_path,
     list_checkpoints,
-    load_checkpoint,
     read_weights_meta,
-    save_checkpoint,
 )
 from vdistill.methods.train.logs import read_metrics
 
@@ -275,15 +273,11 @@ def test_export_writes_any_ema_profile_or_the_raw_weights_of_a_checkpoint(consis
     assert main([*args, "--out", str(result)]) == 0
 
 
-def test_export_refuses_bad_profiles_missing_and_sharded_checkpoints(consistency_run, tmp_path, capsys):
+def test_export_refuses_bad_profiles_and_missing_checkpoints(consistency_run, tmp_path, capsys):
     out = consistency_run
     ckpt, target = out / "checkpoints" / "step_00000003.pt", tmp_path / "x.safetensors"
     assert main(["export", "--checkpoint", str(ckpt), "--out", str(target), "--ema-profile", "2"]) == 2
     assert "--ema-profile must be in [0, 2)" in capsys.readouterr().err
     assert main(["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(target)]) == 2
     assert "does not exist" in capsys.readouterr().err
-    sharded = tmp_path / "sharded.pt"
-    save_checkpoint(sharded, {**load_checkpoint(ckpt), "sharded_by_rank": []})
-    assert main(["export", "--checkpoint", str(sharded), "--out", str(target)]) == 2
-    assert "train.fsdp" in capsys.readouterr().err
     assert not target.exists()

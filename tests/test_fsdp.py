@@ -10,6 +10,7 @@ import torch
 from distributed_workers import assert_same, final_state, fit_on_two_ranks, torchrun, trainer
 from safetensors.torch import load_file
 
+from vdistill.methods.cli.main import main
 from vdistill.methods.train.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
@@ -79,22 +80,28 @@ def test_what_cannot_be_sharded_is_refused(tmp_path, kind, message):
 
 @pytest.mark.slow
 def test_pretrain_cli_with_fsdp_exports_what_ddp_exports(tmp_path):
-    """`torchrun ... pretrain --set train.fsdp=true`: the whole weights gathered into the checkpoint and both
-    exports, equal to the DDP run's; a sharded checkpoint is not resumed without train.fsdp."""
+    """`torchrun ... pretrain --set train.fsdp=true`: both exports equal the DDP run's; `vdistill export` of its
+    distributed checkpoint gives them too; it is not resumed without train.fsdp, and is on one rank."""
     args = ("pretrain", "--preset", "tiny", "--set", "train.steps=2", "--set", "train.batch_size=4")
     for name, extra in (("ddp", ()), ("fsdp", ("--set", "train.fsdp=true"))):
         done = torchrun(*args, "--out", str(tmp_path / name), *extra)
         assert done.returncode == 0, done.stderr[-3000:]
     for file in ("model.safetensors", "model_ema.safetensors"):
         assert_same(load_file(tmp_path / "fsdp" / file), load_file(tmp_path / "ddp" / file), rtol=1e-5, atol=1e-6)
-    state = torch.load(list_checkpoints(tmp_path / "fsdp")[-1], weights_only=False)
-    assert len(state["sharded_by_rank"]) == 2
-    assert_same(state["student"], load_file(tmp_path / "fsdp" / "model.safetensors"), rtol=0, atol=0)
+    newest = list_checkpoints(tmp_path / "fsdp")[-1]
+    assert newest.is_dir()
+    for file, extra in (("model.safetensors", ["--raw"]), ("model_ema.safetensors", [])):
+        assert main(["export", "--checkpoint", str(newest), "--out", str(tmp_path / file), *extra]) == 0
+        assert_same(load_file(tmp_path / file), load_file(tmp_path / "fsdp" / file), rtol=0, atol=0)
     mixed = torchrun(*args, "--set", "train.steps=3", "--out", str(tmp_path / "fsdp"), "--resume")
     assert mixed.returncode != 0 and "train.fsdp: True -> False" in mixed.stderr
     mixed = torchrun(*args, "--set", "train.steps=3", "--out", str(tmp_path / "fsdp"), "--resume", "--allow-changes")
     assert mixed.returncode != 0
     assert "the checkpoint was written with train.fsdp; resume the same way" in mixed.stderr
+    one = torchrun(*args, "--set", "train.steps=3", "--set", "train.fsdp=true", "--out", str(tmp_path / "fsdp"),
+                   "--resume", ranks=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "checkpoint of 2 ranks on 1" in one.stderr and "re-seeded" in one.stderr
 
 
 @pytest.mark.gpu

@@ -50,6 +50,8 @@ def _add_run_options(p, presets: list[str]) -> None:
     p.add_argument("--init", type=Path, help="start from this exported model's weights")
     p.add_argument("--data", type=Path, help="train on the latent shards in this directory (`vdistill prepare`) "
                    "instead of the moving-shapes benchmark")
+    p.add_argument("--context-parallel", type=checks.positive_int, metavar="C", help="split each clip's tokens over "
+                   "groups of C ranks (torchrun; = --set train.context_parallel=C; docs/multi-gpu.md)")
     p.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in --out")
     p.add_argument("--allow-changes", action="store_true",
                    help="with --resume: continue with settings other than the checkpoint's (recorded in "
@@ -57,6 +59,12 @@ def _add_run_options(p, presets: list[str]) -> None:
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in --out (its checkpoints, logs and exports are deleted first)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+
+
+def _settings(args) -> list[str]:
+    """--set values, with --context-parallel as its train setting."""
+    extra = [] if args.context_parallel is None else [f"train.context_parallel={args.context_parallel}"]
+    return [*args.set, *extra]
 
 
 def _add_pretrain(sub) -> None:
@@ -184,7 +192,7 @@ def _add_export(sub) -> None:
     p = _add_parser(sub, "export", help="write a checkpoint's raw weights or any EMA profile as a model file, or a "
                     "model as a diffusers WanTransformer3DModel directory")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", type=Path, help="RUN/checkpoints/step_N.pt")
+    source.add_argument("--checkpoint", type=Path, help="RUN/checkpoints/step_N.pt (step_N/ of a train.fsdp run)")
     source.add_argument("--model", type=Path, help="a model file (or Wan2.1 directory), with --format diffusers")
     p.add_argument("--format", choices=["vdistill", "diffusers"], default="vdistill",
                    help="vdistill: one .safetensors (from --checkpoint); diffusers: a WanTransformer3DModel directory")
@@ -312,7 +320,7 @@ def _pretrain(args) -> int:
     from vdistill.methods.train.presets import preset
     from vdistill.methods.train.runs import pretrain
 
-    run = apply_overrides(preset(args.preset), args.set)
+    run = apply_overrides(preset(args.preset), _settings(args))
     if args.dry_run:
         print(json.dumps(run.to_dict(), indent=2, default=str))
         return 0
@@ -328,7 +336,7 @@ def _distill(args) -> int:
     from vdistill.methods.train.presets import distill_preset
     from vdistill.methods.train.runs import distill
 
-    run = apply_overrides(distill_preset(args.preset, args.method), args.set)
+    run = apply_overrides(distill_preset(args.preset, args.method), _settings(args))
     if args.dry_run:
         print(json.dumps({"method": args.method, **run.to_dict()}, indent=2, default=str))
         return 0

@@ -45,6 +45,14 @@ class Recipe(nn.Module):
         """ValueError when FSDP2 (`TrainConfig.fsdp`) cannot shard this recipe's student: e.g. a recipe that
         copies the student's weights into another network of its own."""
 
+    def shard_auxiliary(self, shard) -> None:
+        """Called once by the trainer under `TrainConfig.fsdp` with `shard(module) -> module` (FSDP2, in place), so
+        that no rank holds a whole network: shards the frozen `teacher`, if the recipe has one; recipes with
+        networks of their own (rCM's critic) shard those too."""
+        teacher = getattr(self, "teacher", None)
+        if isinstance(teacher, nn.Module):
+            shard(teacher)
+
     def replicate_auxiliary(self, wrap) -> None:
         """Called once by the trainer with `wrap(module) -> module` (DDP under torchrun, else identity):
         recipes that train networks of their own in `auxiliary_step` compute those losses through the

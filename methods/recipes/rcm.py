@@ -34,6 +34,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from vdistill.kernels.ema import EMA
 from vdistill.kernels.ema_schedule import EMAProfile
@@ -177,7 +178,8 @@ class RCM(DistillRecipe):
 
     def _critic_optimizer(self) -> torch.optim.Optimizer:
         if self._critic_opt is None:
-            fused = next(self.critic.parameters()).is_cuda
+            first = next(self.critic.parameters())
+            fused = first.is_cuda and not isinstance(first, DTensor)  # sharded (FSDP2): foreach AdamW
             self._critic_opt = torch.optim.AdamW(
                 self.critic.parameters(), lr=self.cfg.critic_lr, betas=self.cfg.critic_betas,
                 weight_decay=0.0, fused=fused, foreach=not fused,
@@ -286,6 +288,11 @@ class RCM(DistillRecipe):
             raise ValueError("fsdp: rCM's adaptive weight w_φ cannot be trained with a sharded student yet; "
                              "set adaptive_weight=false or use data parallelism (torchrun without train.fsdp)")
 
+    def shard_auxiliary(self, shard) -> None:
+        super().shard_auxiliary(shard)
+        if self.critic is not None:  # with its optimiser: created after this, on the shards
+            shard(self.critic)
+
     def replicate_auxiliary(self, wrap) -> None:
         if self.critic is not None:
             self._replicas["critic"] = wrap(self.critic)
@@ -309,6 +316,9 @@ class RCM(DistillRecipe):
 
     def critic_step(self, x_hat: torch.Tensor, text: torch.Tensor) -> float:
         """`critic_updates` flow-matching updates of the critic on student samples x̂ [B, ...]; last loss."""
+        # sharded: the DMD term's no-grad forward left the root unit's weights gathered, and an optimiser made now
+        # would hold those instead of the shards
+        distributed.reshard(self.critic)
         opt = self._critic_optimizer()
         self.critic.train()
         for _ in range(self.cfg.critic_updates):

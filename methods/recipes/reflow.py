@@ -102,7 +102,7 @@ class ReFlow(DistillRecipe):
     def offline_pairs(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, teacher sample, text) of the next shuffled batch of pair shards."""
         if self.loader is None:
-            self.loader = self._pair_loader(batch.x0.shape[0] * distributed.world_size())
+            self.loader = self._pair_loader(batch.x0.shape[0] * distributed.data_world())
         pairs = next(self.loader)
         noise, data = pairs.latents.to(batch.x0.device, torch.float32).chunk(2, dim=1)
         return noise, data, pairs.text.to(batch.text.device, batch.text.dtype)

@@ -5,7 +5,9 @@ renamed into place, so a crash never leaves a partial file under the final name;
 plain containers only and are read with `weights_only=True` (no code in a file runs). Each has a SHA-256
 beside it (`step_N.pt.sha256`, `sha256sum -c` format), checked on load. Exported weights
 are safetensors with the model config and provenance in the metadata, loadable without pickle. Neither
-is written when a tensor holds a NaN or inf.
+is written when a tensor holds a NaN or inf. Sharded (`train.fsdp`) runs write distributed checkpoint
+directories instead, `step_N/` with a `manifest.sha256` inside (`sharded_checkpoint.py`); the functions here
+list, prune, verify and load both forms.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import logging
 import os
 import pickle
 import re
+import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +32,8 @@ from vdistill.models.dit import DiTConfig, VideoDiT
 
 log = logging.getLogger("vdistill")
 
-CKPT_PATTERN = re.compile(r"step_(\d{8})\.pt$")
+CKPT_PATTERN = re.compile(r"step_(\d{8})(\.pt)?$")  # a file step_N.pt, or a distributed checkpoint step_N/
+MANIFEST = "manifest.sha256"  # in a distributed checkpoint: the SHA-256 of each of its files
 
 
 def _umask() -> int:
@@ -82,7 +86,9 @@ def _sha256(path: str | Path) -> str:
 
 
 def checksum_path(path: str | Path) -> Path:
-    return Path(f"{path}.sha256")
+    """The checksum file of a checkpoint: beside a file, the manifest inside a directory."""
+    path = Path(path)
+    return path / MANIFEST if path.is_dir() else Path(f"{path}.sha256")
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -116,11 +122,21 @@ def verify_checksum(path: Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """Load a training checkpoint without running code stored in it (`weights_only`: tensors and plain
     containers only), after checking its SHA-256; clear errors for a missing, damaged, corrupt, unsafe or
-    pre-`weights_only` file."""
+    pre-`weights_only` file. A distributed checkpoint (directory) gives its small state, on the CPU, the tensors
+    left where they are (`sharded_checkpoint.read_state`; under torchrun every rank must call)."""
     path = Path(path)
+    if path.is_dir():
+        from vdistill.methods.train.sharded_checkpoint import read_state
+
+        return read_state(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     verify_checksum(path)
+    return torch_load(path, map_location)
+
+
+def torch_load(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """`torch.load(weights_only=True)` of a training checkpoint's state, every failure a ValueError naming it."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -138,8 +154,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def checkpoint_path(run_dir: str | Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}.pt"
+def checkpoint_path(run_dir: str | Path, step: int, sharded: bool = False) -> Path:
+    """RUN/checkpoints/step_N.pt, or the distributed checkpoint directory step_N (`sharded`)."""
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}{'' if sharded else '.pt'}"
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
@@ -153,6 +170,9 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
 def prune_checkpoints(run_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints."""
     for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        if old.is_dir():
+            shutil.rmtree(old)
+            continue
         old.unlink()
         checksum_path(old).unlink(missing_ok=True)
 

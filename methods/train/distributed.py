@@ -1,4 +1,4 @@
-"""Data-parallel training through torchrun: `DistributedDataParallel`, or FSDP2 sharding of the student.
+"""Training on several ranks through torchrun: `DistributedDataParallel`, or FSDP2 sharding; context parallelism.
 
 `torchrun --nproc_per_node N -m vdistill.methods.cli pretrain|distill ...` sets RANK / WORLD_SIZE / LOCAL_RANK;
 the CLI then opens one process group (NCCL for CUDA tensors, gloo for CPU ones, so the same code is
@@ -8,9 +8,14 @@ backward); every rank keeps identical weights, optimiser and EMA states; rank 0 
 checkpoints, logs, evaluations and exports; each rank's RNG state goes into the checkpoint, so a run
 resumes exactly with the same number of ranks. The trainer's micro-batches (`grad_accum`) split each
 rank's share further; every part of a step's batch draws its kernel noise from its own stream
-(`Batch.part`). With `TrainConfig.fsdp` the student is sharded by FSDP2 (`shard`) instead of replicated:
-its forwards are then collectives, so every rank must run the same sequence of them (rCM draws its
-simulation steps from the step, not the rank's RNG; evaluations run on all ranks).
+(`Batch.part`). With `TrainConfig.fsdp` the student, the frozen teacher and rCM's critic are sharded by FSDP2
+(`shard`) instead of replicated, and checkpoints are distributed (`sharded_checkpoint.py`: every rank writes its
+shards; a resume may reshard onto another number of ranks): the forwards are then collectives, so every rank
+must run the same sequence of them (rCM draws its simulation steps from the step, not the rank's RNG;
+evaluations run on all ranks). With context parallelism
+(`set_context_parallel`, `TrainConfig.context_parallel` = C) consecutive groups of C ranks split each clip's tokens
+(`models/context_parallel.py`): the ranks of a group are one data-parallel rank (`data_rank`, `data_world`: same
+clips, same noise, same seed), and gradients averaged over all ranks are exactly the data-parallel ones.
 """
 
 from __future__ import annotations
@@ -36,6 +41,43 @@ def rank() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+_context = (None, 1)  # (process group of this rank's context-parallel group, its size C)
+
+
+def set_context_parallel(size: int) -> None:
+    """Split the ranks into consecutive groups of `size` that share each clip's tokens (every rank must call, before
+    the data is built); 1 = none. ValueError unless `size` divides the ranks."""
+    global _context
+    world = world_size()
+    if size < 1 or world % size:
+        raise ValueError(f"context_parallel {size} must be >= 1 and divide the {world} ranks (torchrun "
+                         "--nproc-per-node)")
+    group = None
+    if size > 1:
+        for first in range(0, world, size):  # new_group is collective: every rank creates every group
+            members = list(range(first, first + size))
+            created = dist.new_group(members)
+            group = created if rank() in members else group
+    _context = (group, size)
+
+
+def context_group() -> dist.ProcessGroup | None:
+    return _context[0]
+
+
+def context_size() -> int:
+    return _context[1]
+
+
+def data_rank() -> int:
+    """This rank's index among the data-parallel ranks (the ranks of a context-parallel group share one)."""
+    return rank() // context_size()
+
+
+def data_world() -> int:
+    return world_size() // context_size()
 
 
 def local_rank() -> int:
@@ -82,13 +124,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 def shard_of(global_batch: int) -> slice:
-    """This rank's part of a global batch of `global_batch` items; ValueError unless it divides evenly."""
-    world = world_size()
+    """This data-parallel rank's part of a global batch of `global_batch` items; ValueError unless it divides
+    evenly."""
+    world = data_world()
     if global_batch % world:
         raise ValueError(f"batch_size {global_batch} is the global batch and must be divisible by the "
-                         f"{world} ranks")
+                         f"{world} data-parallel ranks")
     per_rank = global_batch // world
-    return slice(rank() * per_rank, (rank() + 1) * per_rank)
+    return slice(data_rank() * per_rank, (data_rank() + 1) * per_rank)
 
 
 def replicate(module: nn.Module, device: torch.device) -> nn.Module:
@@ -102,8 +145,9 @@ def replicate(module: nn.Module, device: torch.device) -> nn.Module:
 
 
 def shard(module: nn.Module) -> nn.Module:
-    """`module` sharded over the ranks by FSDP2 (`fully_shard`), in place: each DiT block is its own unit
-    (its full weights exist only while it runs, all-gathered just before), then the rest of the module.
+    """`module` sharded over the ranks by FSDP2 (`fully_shard`), in place: each DiT block and each other child
+    (embeddings, head) is its own unit (its full weights exist only while it runs, all-gathered just before;
+    FSDP2 keeps the root unit's weights gathered after a forward without backward), then the rest of the module.
     Rank 0's weights are broadcast first, so every rank shards the same model. Returns `module`."""
     from torch.distributed.fsdp import fully_shard
 
@@ -114,6 +158,9 @@ def shard(module: nn.Module) -> nn.Module:
             dist.broadcast(tensor, src=0)
     for block in getattr(module, "blocks", ()):
         fully_shard(block)
+    for name, child in module.named_children():  # embeddings, head: their own units, so that forwards without a
+        if name != "blocks" and any(True for _ in child.parameters()):  # backward (a frozen teacher) free them
+            fully_shard(child)
     fully_shard(module)
     return module
 
@@ -123,15 +170,17 @@ def ema_weights(ema, module: nn.Module, profile: int = 0) -> Iterator[nn.Module]
     """`ema.swapped(module, profile)` that also holds for a sharded module: FSDP2 keeps the root's all-gathered
     weights after a forward without backward (and reuses them at the next forward), so the swap frees them
     on entry and on exit; the forwards inside then all-gather the swapped-in shards."""
-    _reshard(module)
+    reshard(module)
     with ema.swapped(module, profile):
         try:
             yield module
         finally:
-            _reshard(module)
+            reshard(module)
 
 
-def _reshard(module: nn.Module) -> None:
+def reshard(module: nn.Module) -> None:
+    """Free the all-gathered weights FSDP2 keeps after a forward without backward (no-op for an unsharded module),
+    so that `module.parameters()` are the shards again."""
     from torch.distributed.fsdp import FSDPModule
 
     for unit in module.modules():
@@ -139,31 +188,12 @@ def _reshard(module: nn.Module) -> None:
             unit.reshard()
 
 
-_FULL = {"full_state_dict": True, "cpu_offload": True}
-
-
 def full_model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) state dict of a sharded module on rank 0, on CPU; {} on the other ranks.
     All ranks must call."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(module, options=StateDictOptions(**_FULL))
-
-
-def full_optimizer_state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    """`optimizer`'s whole state (keyed by parameter name) on rank 0, on CPU; {} elsewhere. All ranks must call."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    return get_optimizer_state_dict(module, optimizer, options=StateDictOptions(**_FULL))
-
-
-def load_full_state(module: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict) -> None:
-    """Each rank takes its shards of whole states written by `full_model_state` / `full_optimizer_state`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(module, model_state, options=options)
-    set_optimizer_state_dict(module, optimizer, optim_state, options=options)
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def mean_over_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:

@@ -10,12 +10,13 @@ import dataclasses
 from pathlib import Path
 
 from vdistill.methods.train.checkpoint import load_checkpoint, save_weights
+from vdistill.methods.train.sharded_checkpoint import read_whole
 from vdistill.models.dit import DiTConfig, VideoDiT
 
 
 def _sampler_meta(run_config: dict) -> dict:
     """A distillation's sampler, rebuilt from its method config as `distill` writes it; {} for a teacher."""
-    if "method" not in run_config:
+    if not _distilled(run_config):
         return {}
     from vdistill.methods.recipes.registry import recipe_class
 
@@ -28,18 +29,24 @@ def _sampler_meta(run_config: dict) -> dict:
     return {"sampler": recipe.sampler_meta(recipe.Config(**run_config["method_config"]))}
 
 
+def _distilled(run_config: dict) -> bool:
+    """A distillation names its recipe in "method"; a pretraining run keeps its loss settings there."""
+    return isinstance(run_config.get("method"), str)
+
+
 def export_checkpoint(checkpoint: str | Path, out: str | Path, ema_profile: int | None = 0) -> dict:
     """Write `checkpoint`'s EMA profile `ema_profile` (None: the raw student) to `out`; returns the metadata."""
     checkpoint = Path(checkpoint)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint} does not exist")
     state = load_checkpoint(checkpoint)
-    if "sharded_by_rank" in state:
-        raise ValueError(f"--checkpoint {checkpoint} was written with train.fsdp: its EMA is kept as each rank's "
-                         "shards, which this command does not gather (profile 0 is in the run's own export)")
+    if "sharded" in state:  # a distributed checkpoint (train.fsdp): read the whole tensors this export needs
+        wanted = ("student/",) if ema_profile is None else ("student/", f"ema/ema/{ema_profile}/")
+        state.update(read_whole(state["sharded"], wanted))
     run_config = state["config"]
     weights = dict(state["student"])
-    meta = {"recipe": run_config.get("method", "pretrain"), "step": state["step"], "run_config": run_config}
+    recipe = run_config["method"] if _distilled(run_config) else "pretrain"
+    meta = {"recipe": recipe, "step": state["step"], "run_config": run_config}
     if ema_profile is not None:
         profiles = state["ema"]["profiles"]
         if not 0 <= ema_profile < len(profiles):

@@ -32,7 +32,8 @@ FIXED = ("model", "data", "text_max_len", "method")  # network, data geometry, r
 
 
 def _is_stale_temporary(path: Path) -> bool:
-    """A temporary file of an atomic write that was killed before its rename (see checkpoint._atomic_write)."""
+    """A temporary file (or distributed checkpoint directory) of an atomic write that was killed before its rename
+    (see checkpoint._atomic_write, sharded_checkpoint.save_sharded)."""
     return path.name.startswith(".") and path.name.endswith(".tmp")
 
 
@@ -79,7 +80,10 @@ def remove_stale_temporaries(run_dir: str | Path) -> None:
              for p in folder.iterdir() if _is_stale_temporary(p)]
     stale += [p for p in (run_dir / "checkpoints").glob("*.pt.sha256") if not p.with_suffix("").exists()]
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
     if stale:
         log.warning("removed %d stale temporary file(s) of interrupted writes in %s: %s", len(stale), run_dir,
                     ", ".join(p.name for p in stale))

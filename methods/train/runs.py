@@ -58,6 +58,7 @@ def pretrain(run: RunConfig, out: Path, start: Start = Start(), init: Path | Non
     `init`: start from an exported model's weights (continued training; its config must match).
     """
     start.prepare(out)
+    distributed.set_context_parallel(run.train.context_parallel)
     torch.manual_seed(run.train.seed)
     device = str(run.train.resolved_device())
     if data_dir is None:
@@ -147,6 +148,7 @@ def distill(
     run = run or shapes_distill(method)
     train, cfg = run.train, run.method
     start.prepare(out)
+    distributed.set_context_parallel(train.context_parallel)
     if not isinstance(cfg, recipe_cls.Config):
         raise TypeError(f"run.method must be a {recipe_cls.Config.__name__} for {method!r}, got {type(cfg).__name__}")
     device = train.resolved_device()

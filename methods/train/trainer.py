@@ -7,7 +7,9 @@ update) and `max_bad_steps` such steps in a row stop the run. Every phase sits i
 `nsys --capture-range=cudaProfilerApi`. Checkpoints hold the student, optimiser, EMA, recipe
 extra state, data position and all RNG states, written atomically, so a resumed run reproduces
 the uninterrupted one exactly (on CPU bit for bit). Under torchrun the loss goes through DDP (or the
-student is sharded by FSDP2, `fsdp`) and rank 0 alone writes (`methods/train/distributed.py` has the conventions).
+student, teacher and critic are sharded by FSDP2, `fsdp`, and checkpoints are distributed: each rank writes its
+shards), each clip's tokens may be split over ranks (`context_parallel`), and rank 0 alone writes logs and exports
+(`methods/train/distributed.py` has the conventions).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils._pytree import tree_map
 from tqdm import tqdm
 
 from vdistill.kernels.ema import EMA, EMAProfile
@@ -44,6 +45,9 @@ from vdistill.methods.train.checkpoint import (
 )
 from vdistill.methods.train.logs import RunLog
 from vdistill.methods.train.profiling import CaptureWindow, nvtx_range
+from vdistill.methods.train.sharded_checkpoint import read_sharded, save_sharded
+from vdistill.methods.train.sharded_state import load_sharded_state, reseed, sharded_state
+from vdistill.models import context_parallel
 from vdistill.models.config_fields import check_fields
 from vdistill.models.dit import VideoDiT
 
@@ -102,6 +106,9 @@ class TrainConfig:
     # shard the student over the ranks with FSDP2 (torchrun only; docs/multi-gpu.md); refused by the recipes
     # that copy the student's weights into networks of their own (progressive, consistency with an EMA target)
     fsdp: bool = False
+    # split each clip's tokens over groups of this many ranks (Ulysses; docs/multi-gpu.md): each group is one
+    # data-parallel rank, so batch_size must divide over ranks / context_parallel
+    context_parallel: int = 1
     tensorboard: bool = False  # also log to TensorBoard (RUN/tb)
     time_limit_s: float | None = None  # stop early (checkpointed and exported) once this much wall time has passed
     # every `eval_every` steps (0 = never) score EMA profile 0 with the trainer's `evaluator` (distillation:
@@ -112,7 +119,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        for name in ("steps", "batch_size", "grad_accum", "eval_num", "max_bad_steps"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_num", "max_bad_steps", "context_parallel"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size % self.grad_accum:
@@ -154,10 +161,6 @@ def _rng_state() -> dict:
     return state
 
 
-def _to_cpu(value):
-    return value.detach().cpu() if isinstance(value, torch.Tensor) else value
-
-
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
@@ -175,6 +178,25 @@ def _checkpoint_dit_blocks(recipe: Recipe) -> None:
                          "recomputed")
     for dit in dits:
         dit.checkpoint_blocks = True
+
+
+def autocast(device: torch.device, precision: str, sharded: bool):
+    """The trainer's autocast (bf16 for "bf16", and for "auto" on CUDA). Sharded: without autocast's weight cache,
+    which would keep a bf16 copy of each all-gathered trainable weight to the end of the region, so a whole bf16
+    student and critic on every rank (docs/multi-gpu.md, "Memory per GPU"); each use casts again instead."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not sharded)
+    return contextlib.nullcontext()
+
+
+def _check_context_parallel(recipe: Recipe, size: int) -> None:
+    """ValueError unless the ranks were split for `size` (before the data was built) and every DiT's heads divide."""
+    if distributed.context_size() != size:
+        raise ValueError(f"train.context_parallel={size}: call distributed.set_context_parallel({size}) before "
+                         f"building the data (now {distributed.context_size()})")
+    for module in recipe.modules():
+        if isinstance(module, VideoDiT) and module.cfg.heads % size:
+            raise ValueError(f"train.context_parallel={size} must divide the model's {module.cfg.heads} heads")
 
 
 class _RecipeLoss(torch.nn.Module):
@@ -202,16 +224,18 @@ class Trainer:
         self.recipe.to(self.device)
         if cfg.activation_checkpointing:
             _checkpoint_dit_blocks(recipe)
-        if distributed.world_size() > 1:  # weights come from rank 0 (DDP broadcasts); noise differs per rank
-            torch.manual_seed(cfg.seed * 1_000_003 + distributed.rank() + 1)
+        _check_context_parallel(recipe, cfg.context_parallel)
+        if distributed.data_world() > 1:  # weights come from rank 0 (DDP broadcasts); noise differs per data rank
+            torch.manual_seed(cfg.seed * 1_000_003 + distributed.data_rank() + 1)
         self._sharded: list[torch.nn.Module] = []
         if cfg.fsdp:
             recipe.check_shardable()
             self._sharded = [distributed.shard(module) for module in recipe.trained_by_loss()]
             self.recipe_loss = _RecipeLoss(recipe)
+            recipe.shard_auxiliary(distributed.shard)  # the frozen teacher and rCM's critic too
         else:
             self.recipe_loss = distributed.replicate(_RecipeLoss(recipe), self.device)
-        self.recipe.replicate_auxiliary(lambda module: distributed.replicate(module, self.device))
+            recipe.replicate_auxiliary(lambda module: distributed.replicate(module, self.device))
         params = [p for p in recipe.student.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the recipe's student has no trainable parameters")
@@ -237,8 +261,8 @@ class Trainer:
     # ---- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The run's state (every rank must call: it gathers each rank's RNG state). Sharded (`fsdp`): the
-        whole student and optimiser states, gathered to rank 0, and each rank's EMA and recipe state (the
-        EMA of its shards), as "sharded_by_rank"."""
+        student, optimiser, EMA and recipe states as this rank's shards under "sharded" (`sharded_state.py`),
+        which `save` writes as a distributed checkpoint."""
         rng_by_rank = distributed.gather_objects(_rng_state())
         state = {
             "step": self.step,
@@ -258,44 +282,54 @@ class Trainer:
                 "ema": self.ema.state_dict(),
                 "recipe": self.recipe.extra_state(),
             }
-        local = {"ema": self.ema.state_dict(), "recipe": self.recipe.extra_state()}
-        return {
-            **state,
-            "student": distributed.full_model_state(self.recipe.student),
-            "optimizer": distributed.full_optimizer_state(self.recipe.student, self.optimizer),
-            "sharded_by_rank": distributed.gather_objects(tree_map(_to_cpu, local)),
-        }
+        return {**state, "rng_by_rank": rng_by_rank, "sharded": self._sharded_state()}
+
+    def _sharded_state(self) -> dict:
+        return sharded_state(self.recipe.student, self.optimizer, self.ema.state_dict(), self.recipe.extra_state())
 
     def load_state_dict(self, state: dict) -> None:
-        world = distributed.world_size()
-        if state.get("world_size", 1) != world:
+        """Continue from `state`. A distributed checkpoint's (`fsdp`; from `load_checkpoint`) may come from another
+        number of ranks: its shards are resharded, and the RNG streams, which are per rank, re-seeded."""
+        world, written = distributed.world_size(), state.get("world_size", 1)
+        if ("sharded" in state) != self.cfg.fsdp:
+            how = "with" if "sharded" in state else "without"
+            raise ValueError(f"cannot resume: the checkpoint was written {how} train.fsdp; resume the same way")
+        if written != world and not self.cfg.fsdp:
             raise ValueError(
-                f"cannot resume: the checkpoint was written by {state.get('world_size', 1)} ranks and this run has "
+                f"cannot resume: the checkpoint was written by {written} ranks and this run has "
                 f"{world}; each rank's noise stream is part of the state, so resume with the same number of ranks"
             )
-        if ("sharded_by_rank" in state) != self.cfg.fsdp:
-            written = "with" if "sharded_by_rank" in state else "without"
-            raise ValueError(f"cannot resume: the checkpoint was written {written} train.fsdp; resume the same way")
         if self.cfg.fsdp:
-            distributed.load_full_state(self.recipe.student, self.optimizer, state["student"], state["optimizer"])
-            local = state["sharded_by_rank"][distributed.rank()]
+            loaded = read_sharded(state["sharded"], self._sharded_state())
+            local = load_sharded_state(self.recipe.student, self.optimizer, loaded)
         else:
             self.recipe.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
             local = state
         self.ema.load_state_dict(local["ema"])
         self.recipe.load_extra_state(local["recipe"])
-        self.data.load_state_dict(state["data"])
-        _set_rng_state(state["rng_by_rank"][distributed.rank()] if world > 1 else state["rng"])
+        self.data.load_state_dict(state["data"])  # the global stream's position: the same on every rank
+        if written == world:
+            _set_rng_state(state["rng_by_rank"][distributed.rank()] if "rng_by_rank" in state else state["rng"])
+        else:
+            reseed(self.cfg.seed, state["step"])
+            if distributed.is_main():
+                log.warning("resuming a checkpoint of %d ranks on %d: the student, optimiser and EMA are resharded "
+                            "exactly, but each rank's RNG streams cannot carry over and are re-seeded from (seed, "
+                            "step, rank), and the recipe's per-rank counters are rank 0's; the run continues, not as "
+                            "it would have on %d ranks", written, world, written)
         self.step = state["step"]
         self.skipped_steps, self.bad_streak = state["skipped_steps"], state["bad_streak"]
 
     def save(self) -> Path:
-        path = checkpoint_path(self.run_dir, self.step)
+        path = checkpoint_path(self.run_dir, self.step, sharded=self.cfg.fsdp)
         with nvtx_range("checkpoint"):
             state = self.state_dict()
-            if distributed.is_main():
+            if self.cfg.fsdp:  # every rank writes its shards
+                save_sharded(path, state)
+            elif distributed.is_main():
                 save_checkpoint(path, state)
+            if distributed.is_main():
                 prune_checkpoints(self.run_dir, self.cfg.keep_checkpoints)
         return path
 
@@ -352,10 +386,7 @@ class Trainer:
 
     # ---- training ----------------------------------------------------------------------------
     def _autocast(self):
-        precision = self.cfg.precision
-        if precision == "bf16" or (precision == "auto" and self.device.type == "cuda"):
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.cfg.precision, sharded=self.cfg.fsdp)
 
     def _lr(self, step: int) -> float:
         warm = self.cfg.warmup_steps
@@ -373,8 +404,8 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         with nvtx_range("data"):
             batch = next(self.data).to(self.device)
-        accum, world = self.cfg.grad_accum, distributed.world_size()
-        micro_batches = batch.split(accum, first_part=distributed.rank() * accum, count=world * accum)
+        accum, world = self.cfg.grad_accum, distributed.data_world()
+        micro_batches = batch.split(accum, first_part=distributed.data_rank() * accum, count=world * accum)
         self.recipe.student.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses, micro_logs = [], []
@@ -438,9 +469,9 @@ class Trainer:
                         "train.steps shortens the run", seconds_per_step, self.cfg.steps - self.step, remaining / 3600)
 
     def _evaluate(self, runlog: RunLog, bar: tqdm) -> None:
-        """Rank 0 scores the EMA student while the other ranks wait; a sharded student's forwards need every
-        rank, so then all ranks run the (deterministic) evaluation and rank 0 writes."""
-        together = self.cfg.fsdp
+        """Rank 0 scores the EMA student while the other ranks wait; a sharded student's (or a context-parallel
+        one's) forwards need every rank, so then all ranks run the (deterministic) evaluation and rank 0 writes."""
+        together = self.cfg.fsdp or self.cfg.context_parallel > 1
         if not together and not distributed.is_main():
             distributed.barrier()
             return
@@ -475,33 +506,35 @@ class Trainer:
             total=self.cfg.steps, initial=self.step, desc=self.recipe.name, dynamic_ncols=True, disable=not main
         )
         try:
-            while self.step < self.cfg.steps:
-                window.at_step(self.step)
-                with nvtx_range(f"step {self.step}"):
-                    metrics = self.train_step(self.step)
-                self.step += 1
-                bar.update(1)
-                elapsed = time.perf_counter() - start_time
-                if self.step == first_step + 1:
-                    after_first = elapsed  # the first step includes one-time costs (allocation, warm-up)
-                elif self.step == first_step + ESTIMATE_AFTER and main:
-                    self._warn_if_long((elapsed - after_first) / (ESTIMATE_AFTER - 1))
-                out_of_time = self.cfg.time_limit_s is not None and distributed.any_rank(
-                    elapsed > self.cfg.time_limit_s, self.device
-                )
-                last = self.step == self.cfg.steps or out_of_time
-                if self.step % self.cfg.log_every == 0 or last:
-                    metrics = distributed.mean_over_ranks(metrics, self.device)
-                    runlog.write(self.step, {**metrics, "wall_s": elapsed})
-                    rows.append({"step": self.step, **metrics, "wall_s": elapsed})
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-                if self.evaluator is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
-                    self._evaluate(runlog, bar)
-                if self.step % self.cfg.ckpt_every == 0 or last:
-                    self.save()
-                if out_of_time:
-                    log.warning("time limit of %.0f s reached at step %d; stopping", self.cfg.time_limit_s, self.step)
-                    break
+            with context_parallel.use(distributed.context_group()):  # DiT forwards split tokens (if set)
+                while self.step < self.cfg.steps:
+                    window.at_step(self.step)
+                    with nvtx_range(f"step {self.step}"):
+                        metrics = self.train_step(self.step)
+                    self.step += 1
+                    bar.update(1)
+                    elapsed = time.perf_counter() - start_time
+                    if self.step == first_step + 1:
+                        after_first = elapsed  # the first step includes one-time costs (allocation, warm-up)
+                    elif self.step == first_step + ESTIMATE_AFTER and main:
+                        self._warn_if_long((elapsed - after_first) / (ESTIMATE_AFTER - 1))
+                    out_of_time = self.cfg.time_limit_s is not None and distributed.any_rank(
+                        elapsed > self.cfg.time_limit_s, self.device
+                    )
+                    last = self.step == self.cfg.steps or out_of_time
+                    if self.step % self.cfg.log_every == 0 or last:
+                        metrics = distributed.mean_over_ranks(metrics, self.device)
+                        runlog.write(self.step, {**metrics, "wall_s": elapsed})
+                        rows.append({"step": self.step, **metrics, "wall_s": elapsed})
+                        bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+                    if self.evaluator is not None and self.cfg.eval_every and self.step % self.cfg.eval_every == 0:
+                        self._evaluate(runlog, bar)
+                    if self.step % self.cfg.ckpt_every == 0 or last:
+                        self.save()
+                    if out_of_time:
+                        log.warning("time limit of %.0f s reached at step %d; stopping", self.cfg.time_limit_s,
+                                    self.step)
+                        break
         finally:
             window.close()
             bar.close()
