@@ -132,7 +132,7 @@ def test_pretrain_cli_undertorchrun(tmp_path):
 
     odd = _torchrun_pretrain(tmp_path / "odd", batch_size=3)
     assert odd.returncode != 0
-    assert "batch_size 3 is the global batch and must be divisible by the 2 ranks" in odd.stderr
+    assert "batch_size 3 is the global batch and must be divisible by the 2 data-parallel ranks" in odd.stderr
 
 
 @pytest.mark.slow
