@@ -4,6 +4,7 @@ the ranks (gloo), saved per rank for the test to compare with one process."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,10 +20,10 @@ CONFIG = DiTConfig(in_channels=4, dim=48, heads=4, layers=2, ffn_dim=64, text_di
 X_SHAPE = (2, 4, 3, 6, 10)
 
 
-def model_and_inputs() -> tuple[VideoDiT, tuple, tuple, torch.Tensor]:
+def model_and_inputs(layers: int = CONFIG.layers) -> tuple[VideoDiT, tuple, tuple, torch.Tensor]:
     """A DiT with random weights (the head too), inputs (x, time, text), tangents (dx, dtime), an output weight."""
     torch.manual_seed(0)
-    model = VideoDiT(CONFIG)
+    model = VideoDiT(replace(CONFIG, layers=layers))
     for p in model.parameters():
         p.data.normal_(0, 0.2)
     x = torch.randn(X_SHAPE)
@@ -52,12 +53,13 @@ def results(model: VideoDiT, inputs: tuple, tangents: tuple, weight: torch.Tenso
     return found
 
 
-def run(rank: int, world: int, port: int, out_dir: str, every_variant: bool = True) -> None:
+def run(rank: int, world: int, port: int, out_dir: str, every_variant: bool = True,
+        layers: int = CONFIG.layers) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        model, inputs, tangents, weight = model_and_inputs()
+        model, inputs, tangents, weight = model_and_inputs(layers)
         with context_parallel.use(dist.group.WORLD):
             found = results(model, inputs, tangents, weight, world, every_variant)
             odd = VideoDiT(DiTConfig(in_channels=4, dim=48, heads=3, layers=1, ffn_dim=64, text_dim=16, freq_dim=32))

@@ -57,11 +57,12 @@ def test_rcm_with_split_tokens_trains_as_one_process(one_process_rcm, tmp_path, 
 
 
 def test_data_parallel_times_context_parallel_ranks_share_clips_by_group(tmp_path):
-    """4 ranks = 2 data-parallel × 2 context-parallel (deterministic loss, an evaluation on every rank): the two
-    ranks of a group see the same clips, the groups disjoint halves of the batch, and training equals one process."""
+    """4 ranks = 2 data-parallel × 2 context-parallel, the student sharded by FSDP2 over all 4 (deterministic loss,
+    an evaluation on every rank, a distributed checkpoint): the two ranks of a group see the same clips, the groups
+    disjoint halves of the batch, and training equals one process."""
     single = trainer("denoise", tmp_path / "single", steps=2)
     single.fit()
-    found = fit_on_two_ranks("denoise", tmp_path / "cp", steps=2, context_parallel=2, ranks=4)
+    found = fit_on_two_ranks("denoise", tmp_path / "cp", steps=2, fsdp=True, context_parallel=2, ranks=4)
     first = [rank["first_x0"] for rank in found]
     assert torch.equal(first[0], first[1]) and torch.equal(first[2], first[3])
     torch.testing.assert_close(torch.cat([first[0], first[2]]), single.recipe.first_x0, rtol=0, atol=0)
