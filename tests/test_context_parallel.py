@@ -18,6 +18,7 @@ from vdistill.methods.train import distributed
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not built")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_split_tokens_give_the_single_process_forward_jvp_and_gradients(tmp_path, world):
     every_variant = world == 2  # torch.func and activation checkpointing on 2 ranks only (time)
@@ -40,6 +41,7 @@ def one_process_rcm(tmp_path_factory) -> tuple[dict, list[dict]]:
     return final_state(t), rows
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fsdp", [False, True])
 def test_rcm_with_split_tokens_trains_as_one_process(one_process_rcm, tmp_path, fsdp):
     """rCM (teacher, JVP pass, DMD simulation, critic, EMA target; activation checkpointing) with each clip's tokens
@@ -56,6 +58,7 @@ def test_rcm_with_split_tokens_trains_as_one_process(one_process_rcm, tmp_path, 
             {k: v for k, v in want.items() if k != "wall_s"}, rel=1e-4, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_data_parallel_times_context_parallel_ranks_share_clips_by_group(tmp_path):
     """4 ranks = 2 data-parallel × 2 context-parallel, the student sharded by FSDP2 over all 4 (deterministic loss,
     an evaluation on every rank, a distributed checkpoint): the two ranks of a group see the same clips, the groups
@@ -70,6 +73,7 @@ def test_data_parallel_times_context_parallel_ranks_share_clips_by_group(tmp_pat
         assert_same(rank["state"], final_state(single), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_pretrain_cli_with_context_parallel_exports_what_one_process_exports(tmp_path):
     """`torchrun ... pretrain --context-parallel 2`: both ranks train on the whole batch with split tokens and export
     what one process exports."""
