@@ -22,10 +22,13 @@ Shapes: the `small` preset (3×8×32×32 clips, 512 tokens, batch 32) and a Wan2
 with 2 layers at 32,760 tokens (latent 16×21×60×104, patch (1,2,2), batch 1, 512 text tokens).
 Per phase: CUDA events around each phase, synchronised once per iteration; median (p20, p80)
 over the timed iterations; step = sum of phases; peak memory = max_memory_allocated over the
-provider's iterations; tokens/s = B·N / step. Before timing, the triton provider's JVP pass is
-checked against the reference provider's on the same inputs (relative L2 error of dF/dt, bf16);
-where the reference does not fit (math attention at 32k: the N×N scores alone are ~51 GB in
-fp32 per head group), the triton pass is checked for finiteness and the failure is recorded.
+provider's iterations; tokens/s = B·N / step. Host side: the host clock per phase (`host_ms`: the time
+to issue it, which equals the device time when the host is the bottleneck) and, over one more untimed
+iteration under `OpCounter`, ATen operators (≈ kernel launches) and host synchronisations per phase.
+Before timing, the triton provider's JVP pass is checked against the reference provider's on the same
+inputs (relative L2 error of dF/dt, bf16); where the reference does not fit (math attention at 32k: the
+N×N scores alone are ~51 GB in fp32 per head group), the triton pass is checked for finiteness and the
+failure is recorded.
 
     python -m vdistill.bench.bench_rcm_step [--quick] [--out bench/results] [--iters 3] [--autotune] [--model DIR]
 
@@ -48,6 +51,8 @@ from pathlib import Path
 import torch
 
 from vdistill.bench.harness import device_label, result_name, run_meta, write_json
+from vdistill.methods.train.op_counter import OpCounter
+from vdistill.methods.train.profiling import nvtx_range
 
 SHAPES = {  # name: (DiT size, overrides, clip (C, T, H, W), batch, text tokens)
     "small": ("small", {}, (3, 8, 32, 32), 32, 8),
@@ -68,33 +73,35 @@ def noise_eager(x0: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 class PhaseTimer:
-    """Marks phase boundaries with CUDA events (perf_counter on CPU); `collect()` after a sync."""
+    """Marks phase boundaries with CUDA events and the host clock, inside an `nvtx_range` per phase (so
+    Nsight and `OpCounter` see the phases); `collect()` after a sync."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, object, object]] = []
+        self.marks: list[tuple[str, tuple, tuple]] = []
 
-    def _mark(self):
+    def _mark(self) -> tuple:
+        event = None
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
-            ev.record()
-            return ev
-        return time.perf_counter()
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+        return time.perf_counter(), event
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        start = self._mark()
-        yield
-        self.marks.append((name, start, self._mark()))
+        with nvtx_range(name):
+            start = self._mark()
+            yield
+            self.marks.append((name, start, self._mark()))
 
-    def collect(self) -> dict[str, float]:
+    def collect(self) -> tuple[dict[str, float], dict[str, float]]:
+        """({phase: device ms}, {phase: host ms}); without CUDA both are the host clock."""
         if self.cuda:
             torch.cuda.synchronize()
-            out = {n: a.elapsed_time(b) for n, a, b in self.marks}
-        else:
-            out = {n: (b - a) * 1e3 for n, a, b in self.marks}
+        host = {n: (b[0] - a[0]) * 1e3 for n, a, b in self.marks}
+        device = {n: a[1].elapsed_time(b[1]) for n, a, b in self.marks} if self.cuda else host
         self.marks = []
-        return out
+        return device, host
 
 
 def _meta(device: torch.device, argv: list[str]) -> dict:
@@ -219,7 +226,7 @@ def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
     setup.recompute(provider == "triton-recompute")
     timer = PhaseTimer(setup.device)
     cuda = setup.device.type == "cuda"
-    per_iter: list[dict[str, float]] = []
+    per_iter: list[tuple[dict[str, float], dict[str, float]]] = []
     try:
         with reference_kernels(enabled=not fused):
             if cuda:
@@ -230,6 +237,9 @@ def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
                 times = timer.collect()
                 if i >= warmup:
                     per_iter.append(times)
+            with OpCounter() as counter:  # one more iteration, untimed: the dispatcher's view of it
+                setup.iteration(timer, fused, warmup + iters)
+            timer.collect()
     except torch.cuda.OutOfMemoryError as exc:
         done = [n for n, _, _ in timer.marks]
         phase = PHASES[len(done)] if len(done) < len(PHASES) else "?"
@@ -241,13 +251,17 @@ def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
         setup.opt.zero_grad(set_to_none=True)
         if cuda:
             torch.cuda.synchronize()
-    row: dict = {"phases_ms": {}}
+    row: dict = {"phases_ms": {}, "host_ms": {}}
     for name in PHASES:
-        med, p20, p80 = _summary([it[name] for it in per_iter])
+        med, p20, p80 = _summary([device[name] for device, _ in per_iter])
         row["phases_ms"][name] = {"median": med, "p20": p20, "p80": p80}
-    step_med, step_p20, step_p80 = _summary([sum(it.values()) for it in per_iter])
+        row["host_ms"][name] = _summary([host[name] for _, host in per_iter])[0]
+    step_med, step_p20, step_p80 = _summary([sum(device.values()) for device, _ in per_iter])
+    ops, syncs = counter.total()
     row.update(step_ms=step_med, step_p20_ms=step_p20, step_p80_ms=step_p80,
-               tokens_per_s=setup.tokens / (step_med / 1e3), iters=len(per_iter))
+               host_step_ms=_summary([sum(host.values()) for _, host in per_iter])[0],
+               tokens_per_s=setup.tokens / (step_med / 1e3), iters=len(per_iter),
+               ops_per_step=ops, host_syncs_per_step=syncs, ops=dict(counter.ops), host_syncs=dict(counter.syncs))
     if cuda:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -273,6 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="the Wan 32k shape only")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="these shapes only")
     p.add_argument("--iters", type=int, default=3, help="timed iterations per provider")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per provider (compilation)")
     p.add_argument("--autotune", action="store_true", help="autotune the attention kernels (slower start)")
@@ -288,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault("VDISTILL_ATTN_AUTOTUNE", "0")  # read when kernels is first imported
 
     device = torch.device(args.device)
-    shapes = TINY if args.tiny else {n: SHAPES[n] for n in (QUICK if args.quick else SHAPES)}
+    shapes = TINY if args.tiny else {n: SHAPES[n] for n in (args.shapes or (QUICK if args.quick else SHAPES))}
     if args.model is not None:  # a Wan-latent model at 480p x 81 frames, or with --tiny on a tiny grid
         clip, batch, text_len = ((16, 3, 8, 8), 1, 5) if args.tiny else SHAPES["wan1.3b-2L-32k"][2:]
         shapes = {args.model.name: (args.model, {}, clip, batch, text_len)}
@@ -316,15 +331,16 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = f"{'shape':<16}{'provider':<18}{'step ms':>10}{'tok/s':>11}{'peak GiB':>9}  " + " ".join(
-        f"{ph[:8]:>8}" for ph in PHASES)
+    head = f"{'shape':<16}{'provider':<18}{'step ms':>10}{'host ms':>9}{'ops':>7}{'syncs':>6}{'tok/s':>11}" \
+        f"{'peak GiB':>9}  " + " ".join(f"{ph[:8]:>8}" for ph in PHASES)
     print(head)
     for r in rows:
         if "error" in r:
             print(f"{r['shape']:<16}{r.get('provider', ''):<18}  {r['error']}")
             continue
         phases = " ".join(f"{r['phases_ms'][ph]['median']:>8.2f}" for ph in PHASES)
-        print(f"{r['shape']:<16}{r['provider']:<18}{r['step_ms']:>10.2f}{r['tokens_per_s']:>11.0f}"
+        print(f"{r['shape']:<16}{r['provider']:<18}{r['step_ms']:>10.2f}{r['host_step_ms']:>9.2f}"
+              f"{r['ops_per_step']:>7}{r['host_syncs_per_step']:>6}{r['tokens_per_s']:>11.0f}"
               f"{r.get('peak_mem_gib', float('nan')):>9.2f}  {phases}  {r.get('check', '')}")
 
 

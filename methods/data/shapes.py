@@ -41,7 +41,8 @@ PALETTE = torch.tensor(
     ]
 )
 # Unit step per direction in image coordinates (x right, y down).
-DIRECTION_STEPS = torch.tensor([[-1.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.0, 1.0]])
+DIRECTION_STEPS_XY = ((-1.0, 0.0), (1.0, 0.0), (0.0, -1.0), (0.0, 1.0))  # (x, y) unit step per direction
+DIRECTION_STEPS = torch.tensor(DIRECTION_STEPS_XY)
 MARGIN = 1.0  # pixels kept free between the shape and the frame border
 
 
@@ -191,7 +192,7 @@ class MovingShapes:
         speed = float(rng.uniform(cfg.speed_min, cfg.speed_max))
         travel = speed * (cfg.frames - 1)
         half = size / 2
-        step = DIRECTION_STEPS[labels[2]].tolist()
+        step = DIRECTION_STEPS_XY[labels[2]]
         start = []
         for axis, extent in ((0, cfg.width), (1, cfg.height)):
             lo, hi = half + MARGIN, extent - half - MARGIN  # centre range keeping the shape inside
@@ -218,7 +219,7 @@ class MovingShapes:
         start = torch.tensor([d[1] for d in drawn], dtype=torch.float32)
         speed = torch.tensor([d[2] for d in drawn], dtype=torch.float32)
         size = torch.tensor([d[3] for d in drawn], dtype=torch.float32)
-        prompts = [prompt_for(lab) for lab in labels.tolist()]
+        prompts = [prompt_for(d[0]) for d in drawn]
         dev = torch.device(device)
         videos = render(self.cfg, labels.to(dev), start.to(dev), speed.to(dev), size.to(dev))
         return videos, prompts, labels.to(dev)

@@ -25,6 +25,10 @@ from vdistill.methods.sampling.generate import require_ode_sampler
 if TYPE_CHECKING:
     from vdistill.methods.sampling.generate import ModelBundle
 
+# scalars to log: Python numbers, or 0-d tensors left on the device, which the trainer reads on the host only
+# at the steps it logs (reading one waits for the GPU to finish all queued work)
+Logs = dict[str, "torch.Tensor | float"]
+
 
 class Recipe(nn.Module):
     """Base class: subclasses set `name` and `student` and implement `loss`."""
@@ -33,8 +37,9 @@ class Recipe(nn.Module):
     export_stem: str = "student"  # exports: <stem>.safetensors (raw) and <stem>_ema.safetensors
     student: nn.Module
 
-    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar loss for the student at training step `step`, and scalars to log."""
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, Logs]:
+        """Scalar loss for the student at training step `step`, and scalars to log (no host reads of device
+        values: a step that never waits for the GPU lets the host queue the next kernels while it runs)."""
         raise NotImplementedError
 
     def trained_by_loss(self) -> list[nn.Module]:
@@ -58,7 +63,7 @@ class Recipe(nn.Module):
         recipes that train networks of their own in `auxiliary_step` compute those losses through the
         wrapped modules so that every rank applies the same update."""
 
-    def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def auxiliary_step(self, batch: Batch, step: int) -> Logs:
         """Optional extra update after the student's (e.g. a critic); returns scalars to log."""
         return {}
 

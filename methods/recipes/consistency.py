@@ -44,7 +44,7 @@ from torch import nn
 
 from vdistill.kernels.ema import ema_update_ref
 from vdistill.methods.data.batch import Batch
-from vdistill.methods.recipes.base import DistillRecipe
+from vdistill.methods.recipes.base import DistillRecipe, Logs
 from vdistill.methods.recipes.losses import check_loss, regression_loss
 from vdistill.methods.recipes.shared import frozen, student_from
 from vdistill.methods.sampling.samplers import SOLVERS, consistency_times, ode_step, rf_time_grid
@@ -112,7 +112,7 @@ class Consistency(DistillRecipe):
         self.teacher = frozen(teacher)
         self.target = frozen(copy.deepcopy(self.student)) if cfg.target_decay > 0 else None
 
-    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, Logs]:
         x0 = batch.x0
         grid = rf_time_grid(self.cfg.intervals, self.cfg.shift, x0.device)
         n = torch.randint(self.cfg.intervals, (x0.shape[0],), device=x0.device)
@@ -135,7 +135,7 @@ class Consistency(DistillRecipe):
                 "a whole copy updated from the student's weights); use data parallelism (torchrun without train.fsdp)"
             )
 
-    def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def auxiliary_step(self, batch: Batch, step: int) -> Logs:
         if self.target is not None:
             ema_update_ref(list(self.target.parameters()), list(self.student.parameters()), self.cfg.target_decay)
         return {}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from vdistill.methods.data.batch import Batch
-from vdistill.methods.recipes.base import Recipe
+from vdistill.methods.recipes.base import Logs, Recipe
 from vdistill.methods.recipes.shared import check_time_sampling, sample_rf_time
 from vdistill.models.config_fields import check_fields
 from vdistill.models.parameterization import rf_interpolate
@@ -52,7 +52,7 @@ class FlowMatching(Recipe):
         self.student = student
         self.cfg = cfg or FlowMatchingConfig()
 
-    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, Logs]:
         x0 = batch.x0
         eps = torch.randn_like(x0)
         cfg = self.cfg

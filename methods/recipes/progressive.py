@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from vdistill.methods.data.batch import Batch
-from vdistill.methods.recipes.base import DistillRecipe
+from vdistill.methods.recipes.base import DistillRecipe, Logs
 from vdistill.methods.recipes.losses import check_loss, regression_loss
 from vdistill.methods.recipes.shared import frozen, student_from
 from vdistill.methods.sampling.samplers import ode_step, rf_time_grid
@@ -111,7 +111,7 @@ class Progressive(DistillRecipe):
         self.teacher = frozen(copy.deepcopy(self.student))
         self.stage += 1
 
-    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, Logs]:
         while self.stage < self.cfg.stage_at(step):
             self._new_teacher()
             log.info("progressive: stage %d at step %d, %d-step student", self.stage, step, self._steps())

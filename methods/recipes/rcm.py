@@ -31,6 +31,7 @@ that ratio. The trainer keeps the power EMA of the student (`kernels.ema`).
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +42,7 @@ from vdistill.kernels.ema_schedule import EMAProfile
 from vdistill.kernels.scm_tangent import scm_tangent
 from vdistill.kernels.trigflow import trigflow_noise
 from vdistill.methods.data.batch import Batch
-from vdistill.methods.recipes.base import DistillRecipe
+from vdistill.methods.recipes.base import DistillRecipe, Logs
 from vdistill.methods.recipes.rcm_dmd import critic_loss, dmd_loss, simulate_to_last_step
 from vdistill.methods.recipes.shared import frozen, student_from
 from vdistill.methods.recipes.trigflow_student import (
@@ -218,7 +219,7 @@ class RCM(DistillRecipe):
         return f.float(), scaled.float() / cs_x
 
     # ---- the recipe ------------------------------------------------------------------------------
-    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, Logs]:
         cfg, x0, text = self.cfg, batch.x0, batch.text
         b, dev = x0.shape[0], x0.device
         t = sample_trig_time(b, cfg.p_mean, cfg.p_std, dev)
@@ -233,11 +234,10 @@ class RCM(DistillRecipe):
         x_in = torch.where(per_sample(ok_in, x_t), x_t, 0.0)
 
         dmd = self.dmd_active(step)
-        logs: dict[str, float] = {"tangent_r": self.tangent_ratio(step)}
+        logs: Logs = {"tangent_r": self.tangent_ratio(step)}
         if dmd:  # the last simulation step shares the student's forward with F_θ
             # the same on every rank (a sharded student's forwards are collectives): drawn from the step
-            steps_rng = torch.Generator().manual_seed(cfg.noise_seed * 1_000_003 + step)
-            sim_steps = int(torch.randint(1, cfg.max_sim_steps + 1, (), generator=steps_rng))
+            sim_steps = random.Random(cfg.noise_seed * 1_000_003 + step).randint(1, cfg.max_sim_steps)
             with nvtx_range("simulate"):
                 g_x, g_t = simulate_to_last_step(
                     trig_velocity(self.student, text), torch.randn_like(x0), sim_steps, cfg.dmd_time, cfg.sim_mid_times
@@ -258,14 +258,14 @@ class RCM(DistillRecipe):
         ok_x = per_sample(ok, x_t)
         residual = torch.where(ok_x, f_theta.float() - f_minus - g_hat.float(), 0.0)
         sample_loss = residual.square().flatten(1).mean(1)
-        logs["scm_loss"] = float(sample_loss.detach().mean())
+        logs["scm_loss"] = sample_loss.detach().mean()
         if self.weight is not None:
             w = self.weight(t)
             sample_loss = torch.where(ok, torch.exp(-w) * sample_loss + w, 0.0)
         loss = sample_loss.mean()
-        nan_samples = int((~ok).sum())
-        self.nan_total += nan_samples
-        logs.update(nan_samples=float(nan_samples), g_norm=float(g_norm.float().mean()))
+        nan_samples = (~ok).sum()
+        self.nan_total = self.nan_total + nan_samples  # a device tensor: read only when saved
+        logs.update(nan_samples=nan_samples.float(), g_norm=g_norm.float().mean())
 
         if dmd:
             t_d = cfg.dmd_time(b, dev)
@@ -276,7 +276,7 @@ class RCM(DistillRecipe):
                 )
             per_dmd = torch.where(torch.isfinite(per_dmd.detach()), per_dmd, 0.0)
             loss = loss + cfg.dmd_weight * per_dmd.mean()
-            logs["dmd_loss"] = float(per_dmd.detach().mean())
+            logs["dmd_loss"] = per_dmd.detach().mean()
             self._samples = (step, x_hat.detach(), text)
         return loss, logs
 
@@ -297,9 +297,9 @@ class RCM(DistillRecipe):
         if self.critic is not None:
             self._replicas["critic"] = wrap(self.critic)
 
-    def auxiliary_step(self, batch: Batch, step: int) -> dict[str, float]:
+    def auxiliary_step(self, batch: Batch, step: int) -> Logs:
         """Step w_φ's optimiser, the target EMA and (on DMD steps) the critic."""
-        logs: dict[str, float] = {}
+        logs: Logs = {}
         if self.weight is not None:
             opt = self._weight_optimizer()
             opt.step()
@@ -314,8 +314,9 @@ class RCM(DistillRecipe):
             logs["critic_loss"] = self.critic_step(x_hat, text)
         return logs
 
-    def critic_step(self, x_hat: torch.Tensor, text: torch.Tensor) -> float:
-        """`critic_updates` flow-matching updates of the critic on student samples x̂ [B, ...]; last loss."""
+    def critic_step(self, x_hat: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """`critic_updates` flow-matching updates of the critic on student samples x̂ [B, ...]; last loss (0-d,
+        on the device)."""
         # sharded: the DMD term's no-grad forward left the root unit's weights gathered, and an optimiser made now
         # would hold those instead of the shards
         distributed.reshard(self.critic)
@@ -329,11 +330,11 @@ class RCM(DistillRecipe):
             if self.cfg.critic_grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.critic.parameters(), self.cfg.critic_grad_clip)
             opt.step()
-        return float(loss.detach())
+        return loss.detach()
 
     # ---- state -----------------------------------------------------------------------------------
     def extra_state(self) -> dict:
-        state: dict = {"nan_total": self.nan_total}
+        state: dict = {"nan_total": int(self.nan_total)}
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
             state["critic_opt"] = self._critic_optimizer().state_dict()

@@ -28,7 +28,7 @@ from torch import nn
 
 from vdistill.methods.data.batch import Batch
 from vdistill.methods.data.shards import ShardDataset, ShardLoader, shard_meta, shard_paths
-from vdistill.methods.recipes.base import DistillRecipe
+from vdistill.methods.recipes.base import DistillRecipe, Logs
 from vdistill.methods.recipes.losses import check_loss, regression_loss
 from vdistill.methods.recipes.shared import check_time_sampling, frozen, sample_rf_time, student_from
 from vdistill.methods.sampling.generate import ModelBundle
@@ -107,7 +107,7 @@ class ReFlow(DistillRecipe):
         noise, data = pairs.latents.to(batch.x0.device, torch.float32).chunk(2, dim=1)
         return noise, data, pairs.text.to(batch.text.device, batch.text.dtype)
 
-    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, batch: Batch, step: int) -> tuple[torch.Tensor, Logs]:
         noise, data, text = self.offline_pairs(batch) if self.cfg.pairs else self.online_pairs(batch)
         s = sample_rf_time(data.shape[0], self.cfg.time_sampling, data.device)
         x_s, target = rf_interpolate(data, noise, s)

@@ -6,6 +6,8 @@ import json
 import logging
 from pathlib import Path
 
+import torch
+
 log = logging.getLogger("vdistill")
 
 
@@ -67,6 +69,15 @@ class RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def host_values(metrics: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """The scalars as Python floats; those still on the device are read in one transfer (one wait for the GPU)."""
+    on_device = [k for k, v in metrics.items() if isinstance(v, torch.Tensor)]
+    if not on_device:
+        return dict(metrics)
+    values = torch.stack([metrics[k].detach().float().reshape(()) for k in on_device]).tolist()
+    return {**metrics, **dict(zip(on_device, values))}
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -38,10 +38,18 @@ def _attributes(name: str):
     return DOMAIN.get_event_attributes(message=name, color=PHASE_COLORS.get(name.split(" ")[0], "grey"))
 
 
+_OPEN_RANGES: list[str] = []  # names of the ranges open now, innermost last (read by `current_phase`)
+
+
+def current_phase() -> str:
+    """The innermost open range's name ("" outside any)."""
+    return _OPEN_RANGES[-1] if _OPEN_RANGES else ""
+
+
 @contextlib.contextmanager
 def nvtx_range(name: str) -> Iterator[None]:
     """Push/pop an NVTX range: in the "vdistill" domain with the nvtx package, else through
-    `torch.cuda.nvtx` when CUDA is available; otherwise do nothing."""
+    `torch.cuda.nvtx` when CUDA is available; with neither only `current_phase` sees it."""
     if DOMAIN is not None:
         DOMAIN.push_range(_attributes(name))
         pop = DOMAIN.pop_range
@@ -49,12 +57,14 @@ def nvtx_range(name: str) -> Iterator[None]:
         torch.cuda.nvtx.range_push(name)
         pop = torch.cuda.nvtx.range_pop
     else:
-        yield
-        return
+        pop = None
+    _OPEN_RANGES.append(name)
     try:
         yield
     finally:
-        pop()
+        _OPEN_RANGES.pop()
+        if pop is not None:
+            pop()
 
 
 class CaptureWindow:

@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from vdistill.kernels.ema import EMA, EMAProfile
-from vdistill.methods.recipes.base import Recipe
+from vdistill.methods.recipes.base import Logs, Recipe
 from vdistill.methods.train import distributed, run_folder
 from vdistill.methods.train.checkpoint import (
     check_finite,
@@ -43,7 +43,7 @@ from vdistill.methods.train.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from vdistill.methods.train.logs import RunLog
+from vdistill.methods.train.logs import RunLog, host_values
 from vdistill.methods.train.profiling import CaptureWindow, nvtx_range
 from vdistill.methods.train.sharded_checkpoint import read_sharded, save_sharded
 from vdistill.methods.train.sharded_state import load_sharded_state, reseed, sharded_state
@@ -401,7 +401,9 @@ class Trainer:
             return contextlib.nullcontext()
         return self.recipe_loss.no_sync()
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def train_step(self, step: int) -> Logs:
+        """One optimiser step; its scalars to log, some left on the device (`logs.host_values` reads them). Its one
+        host synchronisation is the finiteness of the gradient norm, which decides whether the step is taken."""
         with nvtx_range("data"):
             batch = next(self.data).to(self.device)
         accum, world = self.cfg.grad_accum, distributed.data_world()
@@ -415,7 +417,7 @@ class Trainer:
                     loss, logs = self.recipe_loss(micro, step)
                 with nvtx_range("student_backward"):
                     (loss / accum).backward()
-            losses.append(loss.item())
+            losses.append(loss.detach())
             micro_logs.append(logs)
         logs = {key: sum(m[key] for m in micro_logs) / accum for key in micro_logs[0]}
         with nvtx_range("optimizer"):
@@ -425,8 +427,9 @@ class Trainer:
                 grad_norm = grad_norm.full_tensor()
             # the norm of the all-reduced (DDP) or fully reduced (FSDP) gradients: the same on every rank, so
             # every rank takes the same decision without a collective of its own
-            if not math.isfinite(float(grad_norm)):
-                return self._skip_step(step, losses, logs, float(grad_norm))
+            norm = float(grad_norm)
+            if not math.isfinite(norm):
+                return self._skip_step(step, sum(losses) / accum, logs, norm)
             self.bad_streak = 0
             for group in self.optimizer.param_groups:
                 group["lr"] = self._lr(step)
@@ -436,11 +439,11 @@ class Trainer:
         with nvtx_range("auxiliary"), self._autocast():
             aux = self.recipe.auxiliary_step(batch, step)
         return {
-            "loss": sum(losses) / accum, "grad_norm": float(grad_norm), "lr": self._lr(step),
+            "loss": sum(losses) / accum, "grad_norm": norm, "lr": self._lr(step),
             "skipped_steps": float(self.skipped_steps), **logs, **aux,
         }
 
-    def _skip_step(self, step: int, losses: list[float], logs: dict[str, float], grad_norm: float) -> dict:
+    def _skip_step(self, step: int, loss: torch.Tensor, logs: Logs, grad_norm: float) -> Logs:
         """Drop a step whose gradient norm is not finite: no optimiser, EMA or auxiliary update; its gradients
         are discarded. Raises once `max_bad_steps` steps in a row were skipped."""
         for module in self.recipe.trained_by_loss():
@@ -456,7 +459,7 @@ class Trainer:
                 "Lower train.lr or lengthen train.warmup_steps"
             )
         return {
-            "loss": sum(losses) / len(losses), "grad_norm": grad_norm, "lr": self._lr(step),
+            "loss": loss, "grad_norm": grad_norm, "lr": self._lr(step),
             "skipped_steps": float(self.skipped_steps), **logs,
         }
 
@@ -523,7 +526,7 @@ class Trainer:
                     )
                     last = self.step == self.cfg.steps or out_of_time
                     if self.step % self.cfg.log_every == 0 or last:
-                        metrics = distributed.mean_over_ranks(metrics, self.device)
+                        metrics = distributed.mean_over_ranks(host_values(metrics), self.device)
                         runlog.write(self.step, {**metrics, "wall_s": elapsed})
                         rows.append({"step": self.step, **metrics, "wall_s": elapsed})
                         bar.set_postfix(loss=f"{metrics['loss']:.4g}")
