@@ -24,7 +24,8 @@ Per phase: CUDA events around each phase, synchronised once per iteration; media
 over the timed iterations; step = sum of phases; peak memory = max_memory_allocated over the
 provider's iterations; tokens/s = B·N / step. Host side: the host clock per phase (`host_ms`: the time
 to issue it, which equals the device time when the host is the bottleneck) and, over one more untimed
-iteration under `OpCounter`, ATen operators (≈ kernel launches) and host synchronisations per phase.
+iteration under `OpCounter`, ATen operators, kernel launches and host synchronisations per phase (with
+the code line of each synchronisation).
 Before timing, the triton provider's JVP pass is checked against the reference provider's on the same
 inputs (relative L2 error of dF/dt, bf16); where the reference does not fit (math attention at 32k: the
 N×N scores alone are ~51 GB in fp32 per head group), the triton pass is checked for finiteness and the
@@ -46,6 +47,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -257,11 +259,13 @@ def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
         row["phases_ms"][name] = {"median": med, "p20": p20, "p80": p80}
         row["host_ms"][name] = _summary([host[name] for _, host in per_iter])[0]
     step_med, step_p20, step_p80 = _summary([sum(device.values()) for device, _ in per_iter])
-    ops, syncs = counter.total()
+    ops, launches, syncs = counter.total()
+    sites = Counter(f"{s.site} {s.op}" + (f" via {s.via}" if s.via else "") for s in counter.sync_sites)
     row.update(step_ms=step_med, step_p20_ms=step_p20, step_p80_ms=step_p80,
                host_step_ms=_summary([sum(host.values()) for _, host in per_iter])[0],
                tokens_per_s=setup.tokens / (step_med / 1e3), iters=len(per_iter),
-               ops_per_step=ops, host_syncs_per_step=syncs, ops=dict(counter.ops), host_syncs=dict(counter.syncs))
+               ops_per_step=ops, launches_per_step=launches, host_syncs_per_step=syncs, ops=dict(counter.ops),
+               launches=dict(counter.launches), host_syncs=dict(counter.syncs), host_sync_sites=dict(sites))
     if cuda:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -331,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _print_table(rows: list[dict]) -> None:
-    head = f"{'shape':<16}{'provider':<18}{'step ms':>10}{'host ms':>9}{'ops':>7}{'syncs':>6}{'tok/s':>11}" \
+    head = f"{'shape':<16}{'provider':<18}{'step ms':>10}{'host ms':>9}{'launch':>7}{'syncs':>6}{'tok/s':>11}" \
         f"{'peak GiB':>9}  " + " ".join(f"{ph[:8]:>8}" for ph in PHASES)
     print(head)
     for r in rows:
@@ -340,7 +344,7 @@ def _print_table(rows: list[dict]) -> None:
             continue
         phases = " ".join(f"{r['phases_ms'][ph]['median']:>8.2f}" for ph in PHASES)
         print(f"{r['shape']:<16}{r['provider']:<18}{r['step_ms']:>10.2f}{r['host_step_ms']:>9.2f}"
-              f"{r['ops_per_step']:>7}{r['host_syncs_per_step']:>6}{r['tokens_per_s']:>11.0f}"
+              f"{r['launches_per_step']:>7}{r['host_syncs_per_step']:>6}{r['tokens_per_s']:>11.0f}"
               f"{r.get('peak_mem_gib', float('nan')):>9.2f}  {phases}  {r.get('check', '')}")
 
 

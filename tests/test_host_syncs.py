@@ -23,8 +23,11 @@ def test_counter_sees_each_kind_of_host_read_in_its_phase():
             x.nonzero(), x[x > 1]
         with nvtx_range("quiet"):
             (x * 2 + 1).exp().sum()
+        with nvtx_range("views"):
+            x.view(2, 2).t().unsqueeze(0)
     assert c.syncs["reads"] == 5 and c.syncs["shapes"] == 2 and c.syncs["quiet"] == 0
-    assert c.ops["quiet"] == 4 and c.total() == (sum(c.ops.values()), 7)
+    assert c.ops["quiet"] == c.launches["quiet"] == 4 and c.ops["views"] == 3 and c.launches["views"] == 0
+    assert c.total() == (sum(c.ops.values()), sum(c.launches.values()), 7)
     assert all(s.site.startswith("tests/test_host_syncs.py:") for s in c.sync_sites)
     assert torch.Tensor.tolist(x) == [0.0, 1.0, 2.0, 3.0] and "tolist" not in vars(torch.Tensor)  # unpatched
 

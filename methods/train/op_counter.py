@@ -1,11 +1,12 @@
 """Count the operators a piece of training runs, and the host synchronisations among them, per phase.
 
 A step is host-bound when the CPU cannot queue kernels as fast as the GPU runs them: then what matters is
-how many operators it dispatches (each one at least one kernel launch, a few µs of Python and dispatcher
-time) and every point where the host waits for the device (reading a device value: `.item()`, `float()`,
-`bool()`, `.tolist()`; data-dependent shapes such as `nonzero`; copies between host and device without
-`non_blocking`), after which the queue runs empty. `OpCounter` sees every ATen operator below autograd
-(backward included) and charges it to the innermost `nvtx_range` open at the time (`current_phase`).
+how many operators it dispatches (each a few µs of Python and dispatcher time; most launch a kernel, views
+and forward AD's shape checks do not) and every point where the host waits for the device (reading a device
+value: `.item()`, `float()`, `bool()`, `.tolist()`; data-dependent shapes such as `nonzero` or a boolean
+mask; copies between host and device without `non_blocking`), after which the queue runs empty. `OpCounter`
+sees every ATen operator below autograd (backward included) and charges it to the innermost `nvtx_range`
+open at the time (`current_phase`).
 
 Reads of a CPU tensor are counted as well: on a CPU run they are what would synchronise on a GPU, which is
 how tests on CPU check that a step does not synchronise (`tests/test_host_syncs.py`).
@@ -32,6 +33,9 @@ SYNCING = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.equa
            aten._unique2}
 COPIES = {aten._to_copy, aten.copy_}
 MASKED = {aten.index, aten.index_put, aten.index_put_}  # with a boolean mask: its nonzero() sets the shape
+# operators that launch no kernel besides the views: shape checks of forward AD, lazily zero tangents, reshapes
+NO_KERNEL = {aten.is_same_size, aten._has_same_storage_numel, aten._efficientzerotensor, aten._unsafe_view,
+             aten.lift_fresh}
 # Tensor methods that read values on the host without dispatching an operator for a CPU tensor
 HOST_READS = ("tolist", "numpy")
 
@@ -49,12 +53,14 @@ def _devices(args, kwargs) -> set[str]:
 
 
 class OpCounter(TorchDispatchMode):
-    """`with OpCounter() as c: ...` → `c.ops[phase]` operators and `c.syncs[phase]` host synchronisations,
-    `c.sync_sites` where each synchronisation came from (`Sync`)."""
+    """`with OpCounter() as c: ...` → `c.ops[phase]` operators dispatched, `c.launches[phase]` those of them that
+    run a kernel (not views or shape checks; a fused kernel counts once), `c.syncs[phase]` host synchronisations
+    and `c.sync_sites` where each came from (`Sync`)."""
 
     def __init__(self):
         super().__init__()
         self.ops: Counter[str] = Counter()
+        self.launches: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
         self.sync_sites: list[Sync] = []
         self._patched: list[str] = []
@@ -70,8 +76,10 @@ class OpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.ops[current_phase()] += 1
-        packet = func.overloadpacket
+        phase, packet = current_phase(), func.overloadpacket
+        self.ops[phase] += 1
+        if not func.is_view and packet not in NO_KERNEL:
+            self.launches[phase] += 1
         if packet in SYNCING:
             self._sync(str(packet))
         elif packet in MASKED and any(i is not None and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
@@ -104,6 +112,6 @@ class OpCounter(TorchDispatchMode):
         self._patched.clear()
         return super().__exit__(*exc)
 
-    def total(self) -> tuple[int, int]:
-        """(operators, synchronisations) over all phases."""
-        return sum(self.ops.values()), sum(self.syncs.values())
+    def total(self) -> tuple[int, int, int]:
+        """(operators, kernel launches, synchronisations) over all phases."""
+        return sum(self.ops.values()), sum(self.launches.values()), sum(self.syncs.values())
