@@ -67,7 +67,7 @@ class Attention(nn.Module):
         self,
         x: torch.Tensor,  # (B, N, dim)
         context: torch.Tensor | None = None,  # (B, L, dim) for cross-attention
-        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # cos/sin (N, head_dim/2)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # rope_tables' cos/sin (N, head_dim)
         shard: TokenShard | None = None,  # context parallelism: x holds this rank's tokens (self-attention only)
     ) -> torch.Tensor:
         src = x if context is None else context

@@ -4,7 +4,8 @@ absolute sinusoidal code of the same grid (optional, see DiTConfig.absolute_posi
 The head dim D is split into three even parts: rows and columns get 2·(D // 6) channels each and
 frames the rest (for D = 128: 44 / 42 / 42). Each part rotates pairs of channels by
 angle = position · θ^(-2i/d_part). Implemented with real cos/sin tables (no complex tensors) so
-that forward- and reverse-mode AD pass through unchanged.
+that forward- and reverse-mode AD pass through unchanged; the tables are full-width and signed so that a
+rotation is x·cos + swap(x)·sin, four kernels (their forward-mode tangents four more) instead of eight.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def _axis_angles(length: int, dim: int, theta: float, device: torch.device) -> t
 def rope_tables(
     grid: tuple[int, int, int], head_dim: int, theta: float = 10000.0, device: torch.device | str = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [N, D/2] for the tokens of a (T, H, W) grid in row-major order."""
+    """cos/sin tables [N, D] for the tokens of a (T, H, W) grid in row-major order: channel pair (2i, 2i+1) holds
+    (cos a_i, cos a_i) and (-sin a_i, sin a_i), a_i the pair's angle."""
     t, h, w = grid
     dt, dh, dw = rope_split(head_dim)
     device = torch.device(device)
@@ -38,7 +40,8 @@ def rope_tables(
     ah = _axis_angles(h, dh, theta, device)[None, :, None, :].expand(t, h, w, dh // 2)
     aw = _axis_angles(w, dw, theta, device)[None, None, :, :].expand(t, h, w, dw // 2)
     angles = torch.cat([at, ah, aw], dim=-1).reshape(t * h * w, head_dim // 2)
-    return angles.cos().float(), angles.sin().float()
+    sin = angles.sin()
+    return angles.cos().repeat_interleave(2, dim=-1).float(), torch.stack([-sin, sin], dim=-1).flatten(-2).float()
 
 
 def sinusoidal_positions(length: int, dim: int) -> torch.Tensor:
@@ -64,9 +67,7 @@ def grid_position_code(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) of x [B, N, H, D] by the angles in cos/sin [N, D/2]."""
-    x_pairs = x.unflatten(-1, (-1, 2))  # (B, N, H, D/2, 2)
-    x1, x2 = x_pairs[..., 0], x_pairs[..., 1]
-    c = cos[None, :, None, :].to(x.dtype)
-    s = sin[None, :, None, :].to(x.dtype)
-    return torch.stack([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1).flatten(-2)
+    """Rotate channel pairs (2i, 2i+1) of x [B, N, H, D] by the angles of the `rope_tables` cos/sin [N, D]:
+    (x₁ cos − x₂ sin, x₂ cos + x₁ sin), rounded as the two products and their sum."""
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x₂, x₁) per pair
+    return x * cos[None, :, None, :].to(x.dtype) + swapped * sin[None, :, None, :].to(x.dtype)

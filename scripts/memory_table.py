@@ -91,7 +91,7 @@ def block_bytes_per_token(
     norms compute in float32, 4 B, whose input is an upcast copy under autocast, x itself in float32):
     - self-attention: layer_norm's float32 input 4d + mean and rstd 8; the modulated LN output a·d; the
       q/k/v linears' shared input a·d; RMS q- and k-norm: float32 input 4d, rsqrt 4, normalised 4d, each;
-      RoPE: cos and sin cast to a for q and for k, 4·(head_dim/2)·a (none in float32: shared tables);
+      RoPE: the [N, head_dim] cos and sin tables cast to a for q and for k, 4·head_dim·a (none in float32);
       flash attention: q, k, v, O (a·d each; the o projection reads a view of O) and LSE 4·heads; the
       gate's product saves the o projection's output a·d. Context parallelism (Ulysses): the same bytes per
       local token (all tokens of heads/C), plus the o projection's input, a copy exchanged back: a·d.
@@ -104,7 +104,7 @@ def block_bytes_per_token(
     is shared by all blocks. Per-sample tensors (modulation) and weight casts do not scale with tokens.
     """
     d, f, a = cfg.dim, FP32, act_bytes
-    rope = 4 * (cfg.head_dim // 2) * a if a != FP32 else 0
+    rope = 4 * cfg.head_dim * a if a != FP32 else 0
     self_attn = (f + a + a + 2 * 2 * f + 4 * a + a + a * context_parallel) * d + 2 * f + 2 * f + rope + f * cfg.heads
     cross_attn = (f + a + 2 * f + 2 * a) * d + 2 * f + f + f * cfg.heads
     ffn = (f + 3 * a) * d + 2 * f + 2 * a * cfg.ffn_dim

@@ -78,9 +78,15 @@ def test_big_configs_on_meta(name, expected):
 
 def test_rope_is_a_rotation_and_relative():
     cos, sin = rope_tables((3, 4, 5), 24)
-    assert rope_split(24) == (8, 8, 8) and cos.shape == (60, 12)
+    assert rope_split(24) == (8, 8, 8) and cos.shape == sin.shape == (60, 24)
     q = torch.randn(2, 60, 3, 24, dtype=torch.float64)
     assert torch.allclose(apply_rope(q, cos.double(), sin.double()).norm(dim=-1), q.norm(dim=-1))
+    for dtype in (torch.float32, torch.bfloat16):  # the pairwise rotation, rounded the same way
+        x = q.to(dtype)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        c, s = cos[None, :, None, 0::2].to(dtype), sin[None, :, None, 1::2].to(dtype)
+        pairwise = torch.stack([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).flatten(-2)
+        assert torch.equal(apply_rope(x, cos, sin), pairwise)
     # along one axis the score <R_i q, R_j k> depends only on i - j
     cos, sin = (c.double() for c in rope_tables((6, 1, 1), 24))
     qv, kv = torch.randn(24, dtype=torch.float64), torch.randn(24, dtype=torch.float64)
