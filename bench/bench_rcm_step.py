@@ -16,7 +16,9 @@ TrigFlow noising and tangent, fused multi-tensor EMA) and "reference" (math atte
 `attention_ref` and forward AD through it, eager noising with torch.randn, `scm_tangent_ref`,
 foreach-lerp EMA), switched with `kernels.dispatch.reference_kernels()`; "triton-recompute" is "triton" with
 activation checkpointing in the student and the critic (`--activation-checkpointing`: each DiT block
-recomputed in the backward), for the memory it saves and the time it costs.
+recomputed in the backward), for the memory it saves and the time it costs; "triton-compiled" is "triton"
+with every DiT's blocks through torch.compile (`train.compile`; the JVP pass stays eager), compiled during
+the warm-up iterations.
 
 Shapes: the `small` preset (3×8×32×32 clips, 512 tokens, batch 32) and a Wan2.1-1.3B-width DiT
 with 2 layers at 32,760 tokens (latent 16×21×60×104, patch (1,2,2), batch 1, 512 text tokens).
@@ -25,7 +27,8 @@ over the timed iterations; step = sum of phases; peak memory = max_memory_alloca
 provider's iterations; tokens/s = B·N / step. Host side: the host clock per phase (`host_ms`: the time
 to issue it, which equals the device time when the host is the bottleneck) and, over one more untimed
 iteration under `OpCounter`, ATen operators, kernel launches and host synchronisations per phase (with
-the code line of each synchronisation).
+the code line of each synchronisation; not for "triton-compiled", whose programs a dispatch mode turns back
+into eager code) and, on CUDA, the kernels the profiler sees the GPU run in one more.
 Before timing, the triton provider's JVP pass is checked against the reference provider's on the same
 inputs (relative L2 error of dF/dt, bf16); where the reference does not fit (math attention at 32k: the
 N×N scores alone are ~51 GB in fp32 per head group), the triton pass is checked for finiteness and the
@@ -145,6 +148,11 @@ class Setup:
         """Activation checkpointing of the trained DiTs (student, critic) on or off."""
         self.recipe.student.checkpoint_blocks = self.recipe.critic.checkpoint_blocks = on
 
+    def compile(self, on: bool) -> None:
+        """torch.compile of every DiT's blocks (student, teacher, critic; `train.compile`) on or off."""
+        for dit in (self.recipe.student, self.recipe.teacher, self.recipe.critic):
+            dit.compile_blocks = on
+
     def autocast(self):
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
@@ -221,11 +229,34 @@ def _summary(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), q[1], q[7]
 
 
+def _dispatch_counts(setup: Setup, timer: PhaseTimer, fused: bool, step: int) -> dict:
+    """One untimed iteration under `OpCounter`: operators, kernel launches and host syncs per phase."""
+    with OpCounter() as counter:
+        setup.iteration(timer, fused, step)
+    timer.collect()
+    ops, launches, syncs = counter.total()
+    sites = Counter(f"{s.site} {s.op}" + (f" via {s.via}" if s.via else "") for s in counter.sync_sites)
+    return dict(ops_per_step=ops, launches_per_step=launches, host_syncs_per_step=syncs, ops=dict(counter.ops),
+                launches=dict(counter.launches), host_syncs=dict(counter.syncs), host_sync_sites=dict(sites))
+
+
+def _cuda_kernels(setup: Setup, timer: PhaseTimer, fused: bool, step: int) -> int:
+    """GPU kernels one untimed iteration runs, from the profiler's device activity (compiled programs too)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        setup.iteration(timer, fused, step)
+        torch.cuda.synchronize()
+    timer.collect()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
 def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
     from vdistill.kernels.dispatch import reference_kernels
 
     fused = provider != "reference"
     setup.recompute(provider == "triton-recompute")
+    setup.compile(provider == "triton-compiled")
     timer = PhaseTimer(setup.device)
     cuda = setup.device.type == "cuda"
     per_iter: list[tuple[dict[str, float], dict[str, float]]] = []
@@ -239,9 +270,11 @@ def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
                 times = timer.collect()
                 if i >= warmup:
                     per_iter.append(times)
-            with OpCounter() as counter:  # one more iteration, untimed: the dispatcher's view of it
-                setup.iteration(timer, fused, warmup + iters)
-            timer.collect()
+            counts = {}
+            if provider != "triton-compiled":  # under a dispatch mode compiled programs fall back to eager
+                counts.update(_dispatch_counts(setup, timer, fused, warmup + iters))
+            if cuda:
+                counts["cuda_kernels_per_step"] = _cuda_kernels(setup, timer, fused, warmup + iters + 1)
     except torch.cuda.OutOfMemoryError as exc:
         done = [n for n, _, _ in timer.marks]
         phase = PHASES[len(done)] if len(done) < len(PHASES) else "?"
@@ -259,13 +292,9 @@ def _run_provider(setup: Setup, provider: str, iters: int, warmup: int) -> dict:
         row["phases_ms"][name] = {"median": med, "p20": p20, "p80": p80}
         row["host_ms"][name] = _summary([host[name] for _, host in per_iter])[0]
     step_med, step_p20, step_p80 = _summary([sum(device.values()) for device, _ in per_iter])
-    ops, launches, syncs = counter.total()
-    sites = Counter(f"{s.site} {s.op}" + (f" via {s.via}" if s.via else "") for s in counter.sync_sites)
     row.update(step_ms=step_med, step_p20_ms=step_p20, step_p80_ms=step_p80,
                host_step_ms=_summary([sum(host.values()) for _, host in per_iter])[0],
-               tokens_per_s=setup.tokens / (step_med / 1e3), iters=len(per_iter),
-               ops_per_step=ops, launches_per_step=launches, host_syncs_per_step=syncs, ops=dict(counter.ops),
-               launches=dict(counter.launches), host_syncs=dict(counter.syncs), host_sync_sites=dict(sites))
+               tokens_per_s=setup.tokens / (step_med / 1e3), iters=len(per_iter), **counts)
     if cuda:
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return row
@@ -295,7 +324,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--iters", type=int, default=3, help="timed iterations per provider")
     p.add_argument("--warmup", type=int, default=1, help="untimed iterations per provider (compilation)")
     p.add_argument("--autotune", action="store_true", help="autotune the attention kernels (slower start)")
-    providers = ["triton", "triton-recompute", "reference"]
+    providers = ["triton", "triton-recompute", "triton-compiled", "reference"]
     p.add_argument("--providers", nargs="+", default=providers, choices=providers)
     p.add_argument("--device", default="cuda", help="cuda or cpu (cpu: smoke test with --tiny)")
     p.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
@@ -343,8 +372,9 @@ def _print_table(rows: list[dict]) -> None:
             print(f"{r['shape']:<16}{r.get('provider', ''):<18}  {r['error']}")
             continue
         phases = " ".join(f"{r['phases_ms'][ph]['median']:>8.2f}" for ph in PHASES)
+        launches = r.get("cuda_kernels_per_step", r.get("launches_per_step", "-"))
         print(f"{r['shape']:<16}{r['provider']:<18}{r['step_ms']:>10.2f}{r['host_step_ms']:>9.2f}"
-              f"{r['launches_per_step']:>7}{r['host_syncs_per_step']:>6}{r['tokens_per_s']:>11.0f}"
+              f"{launches:>7}{r.get('host_syncs_per_step', '-'):>6}{r['tokens_per_s']:>11.0f}"
               f"{r.get('peak_mem_gib', float('nan')):>9.2f}  {phases}  {r.get('check', '')}")
 
 

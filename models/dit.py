@@ -154,6 +154,17 @@ class VideoDiT(nn.Module):
         # keeps only its input and recomputes its activations in the backward; no_grad and JVP passes unchanged
         self.checkpoint_blocks = False
 
+    @property
+    def compile_blocks(self) -> bool:
+        """Whether the blocks run through torch.compile (a speed switch: the same function, fewer kernel launches);
+        forward-mode AD passes and context-parallel shards run them eagerly."""
+        return all(block.compiled for block in self.blocks)
+
+    @compile_blocks.setter
+    def compile_blocks(self, on: bool) -> None:
+        for block in self.blocks:
+            block.compiled = on
+
     def token_grid(self, x_shape: torch.Size | tuple[int, ...]) -> tuple[int, int, int]:
         """(T', H', W') token grid for an input of shape [B, C, T, H, W]; ValueError if it does not tile."""
         if len(x_shape) != 5:

@@ -8,7 +8,10 @@ under autocast.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
@@ -125,6 +128,7 @@ class DiTBlock(nn.Module):
         self.cross_attn = Attention(dim, heads, eps=eps)
         self.ffn = FeedForward(dim, ffn_dim)
         self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.compiled = False  # run through torch.compile where it can (`VideoDiT.compile_blocks`)
 
     def forward(
         self,
@@ -134,6 +138,11 @@ class DiTBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         shard: TokenShard | None = None,  # context parallelism (models/context_parallel.py)
     ) -> torch.Tensor:
+        if self.compiled and shard is None and not _forward_ad(x, time_mod, context):
+            return _compiled_block_forward()(self, x, time_mod, context, rope)
+        return self._forward(x, time_mod, context, rope, shard)
+
+    def _forward(self, x, time_mod, context, rope, shard=None) -> torch.Tensor:
         mod = (upcast(self.modulation) + upcast(time_mod)).to(x.dtype)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mod.unbind(1)
         h = modulate(layer_norm(x, self.eps), shift_a[:, None], scale_a[:, None])
@@ -141,3 +150,18 @@ class DiTBlock(nn.Module):
         x = x + self.cross_attn(self.norm_cross(x), context=context)
         h = modulate(layer_norm(x, self.eps), shift_f[:, None], scale_f[:, None])
         return x + gate_f[:, None] * self.ffn(h)
+
+
+def _forward_ad(*tensors: torch.Tensor) -> bool:
+    """Whether a forward-mode AD pass is running on these inputs (dual tensors, or inside torch.func): Dynamo
+    cannot trace those (pytorch/pytorch#160508), so blocks run eagerly there (docs/profiling.md)."""
+    if torch._C._functorch.maybe_current_level() is not None:
+        return True
+    return any(fwAD.unpack_dual(t).tangent is not None for t in tensors)
+
+
+@functools.cache
+def _compiled_block_forward():
+    """`DiTBlock._forward` through torch.compile: one compiled program shared by every block (their weights
+    are its inputs), compiled on first use for each shape and grad mode."""
+    return torch.compile(DiTBlock._forward)

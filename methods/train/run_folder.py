@@ -23,9 +23,10 @@ log = logging.getLogger("vdistill")
 # what a run writes into its folder (`overwrite` removes these and nothing else)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.json", "resumes.jsonl", "method_config.json", "tb",
              "student.safetensors", "student_ema.safetensors", "model.safetensors", "model_ema.safetensors")
-# settings a resume may change freely: when to stop, log, checkpoint and evaluate (the trajectory is the same)
+# settings a resume may change freely: when to stop, log, checkpoint and evaluate (the trajectory is the same),
+# and compiling (the same up to rounding)
 FREE_ON_RESUME = frozenset(f"train.{name}" for name in (
-    "steps", "time_limit_s", "log_every", "ckpt_every", "keep_checkpoints", "tensorboard", "profile_window",
+    "steps", "time_limit_s", "log_every", "ckpt_every", "keep_checkpoints", "tensorboard", "profile_window", "compile",
     "eval_every", "eval_num", "max_bad_steps",
 ))
 FIXED = ("model", "data", "text_max_len", "method")  # network, data geometry, recipe (dotted prefixes; see _fixed)

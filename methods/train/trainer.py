@@ -103,6 +103,10 @@ class TrainConfig:
     # recompute each DiT block's activations in the backward instead of keeping them (every trained DiT of
     # the recipe: the student, rCM's critic): one block input kept per block, ~1/3 more compute
     activation_checkpointing: bool = False
+    # run every DiT block of the recipe (student, teacher, critic) through torch.compile: fewer kernel launches
+    # for small, host-bound steps; forward-mode JVP passes stay eager (docs/profiling.md). Not with
+    # context_parallel (its all-to-alls are not traced)
+    compile: bool = False
     # shard the student over the ranks with FSDP2 (torchrun only; docs/multi-gpu.md); refused by the recipes
     # that copy the student's weights into networks of their own (progressive, consistency with an EMA target)
     fsdp: bool = False
@@ -180,6 +184,18 @@ def _checkpoint_dit_blocks(recipe: Recipe) -> None:
         dit.checkpoint_blocks = True
 
 
+def _compile_dit_blocks(recipe: Recipe, context_parallel_size: int) -> None:
+    """Compile the blocks of every DiT of `recipe` (`VideoDiT.compile_blocks`)."""
+    if context_parallel_size > 1:
+        raise ValueError(f"train.compile with train.context_parallel={context_parallel_size}: context-parallel "
+                         "blocks run eagerly; set one of them back (compile=false or context_parallel=1)")
+    dits = [m for m in recipe.modules() if isinstance(m, VideoDiT)]
+    if not dits:
+        raise ValueError(f"train.compile: recipe {recipe.name!r} has no DiT to compile")
+    for dit in dits:
+        dit.compile_blocks = True
+
+
 def autocast(device: torch.device, precision: str, sharded: bool):
     """The trainer's autocast (bf16 for "bf16", and for "auto" on CUDA). Sharded: without autocast's weight cache,
     which would keep a bf16 copy of each all-gathered trainable weight to the end of the region, so a whole bf16
@@ -224,6 +240,8 @@ class Trainer:
         self.recipe.to(self.device)
         if cfg.activation_checkpointing:
             _checkpoint_dit_blocks(recipe)
+        if cfg.compile:
+            _compile_dit_blocks(recipe, cfg.context_parallel)
         _check_context_parallel(recipe, cfg.context_parallel)
         if distributed.data_world() > 1:  # weights come from rank 0 (DDP broadcasts); noise differs per data rank
             torch.manual_seed(cfg.seed * 1_000_003 + distributed.data_rank() + 1)
