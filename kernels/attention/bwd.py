@@ -4,11 +4,17 @@ With P = exp(S − LSE) recomputed tile by tile (S = c·QKᵀ) and Δ = rowsum(d
     dV = PᵀdO,   dP = dO Vᵀ,   dS = P⊙(dP − Δ),   dQ = c·dS K,   dK = c·dSᵀQ.
 Three launches: Δ (preprocess), dK/dV (one program per KV block, looping over query blocks), and
 dQ (one program per query block, looping over KV blocks). Every program owns its output tile, so
-no atomics and the result is deterministic. fp32 accumulators; exp2 with log2(e) folded in.
-Any strides, any Nq/Nk (tails are masked).
+no atomics and the result is deterministic; but the dQ kernel recomputes QKᵀ and dO·Vᵀ, which the dK/dV
+kernel already computed (14 N²·D units of matmul instead of 10). `DQ_MODE = "atomic"` (env
+VDISTILL_ATTN_DQ=atomic) instead adds each dK/dV program's share dS·K into an fp32 dQ with atomics, as
+FlashAttention-2 does: no recomputation, the order of the additions (so dQ's last bits) varies from run to
+run; `torch.use_deterministic_algorithms(True)` keeps the separate kernel. fp32 accumulators; exp2 with
+log2(e) folded in. Any strides, any Nq/Nk (tails are masked).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -21,6 +27,8 @@ from vdistill.kernels.dispatch import INTERPRET
 # sm_90 the dK/dV rows hold [BLOCK_N, D] K, V, dK, dV tiles: 32×128 / 8 warps fits without spills.
 DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (64, 128, 8, 3)]
 DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+# "separate": the deterministic dQ kernel (default until a GPU run shows the atomic one faster); "atomic"
+DQ_MODE = os.environ.get("VDISTILL_ATTN_DQ", "separate")
 
 
 @triton.jit
@@ -43,10 +51,11 @@ def _bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, N_Q,
-    stride_qm, stride_dom, qk_scale, MASK_M: tl.constexpr,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, start_m, offs_m, N_Q,
+    stride_qm, stride_dom, stride_dqm, qk_scale, MASK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
-    """Accumulate one query block into the dK/dV tile (transposed scores: rows are keys)."""
+    """Accumulate one query block into the dK/dV tile (transposed scores: rows are keys); with ATOMIC_DQ also
+    add its dS·K (unscaled) into the fp32 dQ rows."""
     qm = start_m + offs_m
     if MASK_M:
         valid = qm < N_Q
@@ -65,21 +74,23 @@ def _dkdv_block(
     dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, acc=dk)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k)
+        dq_rows = dq_ptrs + qm[:, None] * stride_dqm
+        if MASK_M:
+            tl.atomic_add(dq_rows, dq, mask=valid[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_rows, dq, sem="relaxed")
     return dk, dv
 
 
-@triton.autotune(
-    configs=configs(DKDV_CONFIGS),
-    key=KEY,
-    prune_configs_by={"early_config_prune": fit_smem("_attn_bwd_dkdv_kernel", lambda m, n, d: (2 * n * d, 2 * m * d))},
-)
 @triton.jit(do_not_specialize=["N_Q", "N_K", "NQ_KEY", "NK_KEY"])
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, qk_scale, scale,
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ, qk_scale, scale,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdon, sdod,
-    slb, slh, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    slb, slh, sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd, sdqb, sdqh, sdqn, sdqd,
     H, N_Q, N_K, NQ_KEY, NK_KEY,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -96,18 +107,33 @@ def _attn_bwd_dkdv_kernel(
     do_ptrs = DO + b * sdob + h * sdoh + offs_d[None, :] * sdod
     lse_ptr = LSE + b * slb + h * slh
     delta_ptr = DELTA + b * slb + h * slh
+    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_d[None, :] * sdqd
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     m_full = (N_Q // BLOCK_M) * BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, start_m, offs_m, N_Q, sqn, sdon, qk_scale, False)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, start_m, offs_m, N_Q, sqn, sdon,
+                             sdqn, qk_scale, False, ATOMIC_DQ)
     if m_full < N_Q:
-        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, m_full, offs_m, N_Q, sqn, sdon, qk_scale, True)
+        dk, dv = _dkdv_block(dk, dv, k, v, q_ptrs, do_ptrs, lse_ptr, delta_ptr, dq_ptrs, m_full, offs_m, N_Q, sqn, sdon,
+                             sdqn, qk_scale, True, ATOMIC_DQ)
 
     dk = dk * scale
     tl.store(DK + b * sdkb + h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd, dk.to(DK.dtype.element_ty), mask=mask_n)
     tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty), mask=mask_n)
+
+
+def _dkdv_autotuned(name: str, reset: list[str] | None):
+    return triton.autotune(
+        configs=configs(DKDV_CONFIGS), key=KEY, reset_to_zero=reset,
+        prune_configs_by={"early_config_prune": fit_smem(name, lambda m, n, d: (2 * n * d, 2 * m * d))},
+    )(_attn_bwd_dkdv)
+
+
+_attn_bwd_dkdv_kernel = _dkdv_autotuned("_attn_bwd_dkdv_kernel", None)
+# the atomic-dQ variant: autotuning runs it repeatedly, so its dQ accumulator is zeroed before each run
+_attn_bwd_dkdv_dq_kernel = _dkdv_autotuned("_attn_bwd_dkdv_dq_kernel", ["DQ"])
 
 
 @triton.jit
@@ -194,10 +220,20 @@ def attention_bwd_triton(
     qk_scale = scale * LOG2E
     common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), lse.stride(0), lse.stride(1))
     keys = (H, Nq, Nk, n_bucket(Nq), n_bucket(Nk))
+    if DQ_MODE not in ("separate", "atomic"):
+        raise ValueError(f"VDISTILL_ATTN_DQ must be separate or atomic, got {DQ_MODE!r}")
+    atomic = DQ_MODE == "atomic" and not torch.are_deterministic_algorithms_enabled()
+    dq_acc = torch.zeros((B, H, Nq, D), device=q.device, dtype=torch.float32) if atomic else delta
+    dq_strides = dq_acc.stride() if atomic else (0, 0, 0, 0)
     launch(
-        _attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H),
-        q, k, v, do, lse, delta, dk, dv, qk_scale, scale, *common, *dk.stride(), *dv.stride(), *keys, HEAD_DIM=D,
+        _attn_bwd_dkdv_dq_kernel if atomic else _attn_bwd_dkdv_kernel,
+        lambda meta: (triton.cdiv(Nk, meta["BLOCK_N"]), B * H),
+        q, k, v, do, lse, delta, dk, dv, dq_acc, qk_scale, scale, *common, *dk.stride(), *dv.stride(), *dq_strides,
+        *keys, HEAD_DIM=D, ATOMIC_DQ=atomic,
     )
+    if atomic:
+        dq.copy_(dq_acc.mul_(scale))
+        return dq, dk, dv
     launch(
         _attn_bwd_dq_kernel, lambda meta: (triton.cdiv(Nq, meta["BLOCK_M"]), B * H),
         q, k, v, do, lse, delta, dq, qk_scale, scale, *common, *dq.stride(), *keys, HEAD_DIM=D,

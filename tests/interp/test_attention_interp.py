@@ -128,9 +128,13 @@ def test_large_score_range(dtype, rescale):
     assert (attention(q, k, v).double() - want_o).abs().max() <= tol, "forward kernel O"
 
 
+@pytest.mark.parametrize("dq_mode", ["separate", "atomic"])  # dQ by its own kernel, or by atomics in dK/dV's
 @pytest.mark.parametrize("layout", ["contiguous", "bnhd", "d_strided"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gradients(shape, layout):
+def test_gradients(shape, layout, dq_mode, monkeypatch):
+    from vdistill.kernels.attention import bwd
+
+    monkeypatch.setattr(bwd, "DQ_MODE", dq_mode)
     q, k, v = (t.requires_grad_() for t in _qkv(shape, layout))
     do = _qkv(shape, layout, seed=2)[0]
     attention(q, k, v).backward(do)
