@@ -90,17 +90,24 @@ def resident_warps(regs: int, warps: int) -> int:
     return programs * warps
 
 
-def count(fn, signature: dict, constexprs: dict, warps: int, arch: int) -> dict:
-    """Compile one kernel for sm_`arch`; SASS opcode histogram and PTX global-access widths."""
+def count(fn, signature: dict, constexprs: dict, warps: int, arch: int, stages: int | None = None,
+          divisible: list[str] | None = None) -> dict:
+    """Compile one kernel for sm_`arch`; SASS opcode histogram and PTX global-access widths.
+
+    `stages`: num_stages (Triton's default if None). `divisible`: the argument names marked 16-divisible
+    (None: every pointer and i32 argument, as Triton marks aligned pointers and multiples of 16 at launch).
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launch-time default; silences Triton 3.9
-    pointers_and_ints = [i for i, v in enumerate(signature.values()) if v.startswith("*") or v == "i32"]
-    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers_and_ints}
+    if divisible is None:
+        divisible = [k for k, v in signature.items() if v.startswith("*") or v == "i32"]
+    attrs = {(i,): [["tt.divisibility", 16]] for i, k in enumerate(signature) if k in divisible}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = {"num_warps": warps} | ({} if stages is None else {"num_stages": stages})
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -108,10 +115,11 @@ def count(fn, signature: dict, constexprs: dict, warps: int, arch: int) -> dict:
         usage = subprocess.run([_cuda_tool("cuobjdump"), "--dump-resource-usage", f.name],
                                capture_output=True, text=True, check=True).stdout
     regs = int(re.search(r"REG:(\d+)", usage).group(1))
-    opcodes = collections.Counter(re.findall(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
+    opcodes = collections.Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     access = collections.Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*)", compiled.asm["ptx"]))
     return {"sass": sum(opcodes.values()), "mufu": opcodes["MUFU"], "spills": opcodes["LDL"] + opcodes["STL"],
-            "registers": regs, "warps_per_sm": resident_warps(regs, warps), "global_access": dict(access)}
+            "registers": regs, "warps_per_sm": resident_warps(regs, warps), "global_access": dict(access),
+            "barriers": opcodes["BAR"], "shared_bytes": compiled.metadata.shared}  # BAR: block-wide barriers
 
 
 def main(argv: list[str] | None = None) -> dict:

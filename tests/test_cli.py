@@ -154,7 +154,8 @@ def test_shift_changes_the_sampler_grid_and_must_be_positive(tiny_model):
 @pytest.mark.parametrize(
     "name, own_option",
     [("attention", "--dtype"), ("ema", "--tiny"), ("trigflow", "--no-compile"), ("rcm-step", "--providers"),
-     ("train-step", "--runs"), ("sass-count", "--arch")],
+     ("train-step", "--runs"), ("sass-count", "--arch"),
+     ("attention-regs", "--head-dims")],
 )
 def test_bench_forwards_args_to_the_script(name, own_option, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -169,7 +170,7 @@ def test_bench_help_lists_the_benchmarks(capsys):
         main(["bench", "--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    names = ["attention", "ema", "trigflow", "rcm-step", "train-step", "sass-count"]
+    names = ["attention", "ema", "trigflow", "rcm-step", "train-step", "sass-count", "attention-regs"]
     assert all(name in out for name in names)
 
 

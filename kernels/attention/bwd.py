@@ -23,10 +23,13 @@ import triton.language as tl
 from vdistill.kernels.attention.tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 from vdistill.kernels.dispatch import INTERPRET
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row is the conservative default. At D=128 on
-# sm_90 the dK/dV rows hold [BLOCK_N, D] K, V, dK, dV tiles: 32×128 / 8 warps fits without spills.
-DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (64, 128, 8, 3)]
-DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4)]
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); the first row is the conservative default. Every row compiles
+# without register spills at D=128 bf16 on sm_90 (offline, Triton 3.9: docs/results/attention.md): the dK/dV
+# rows hold [BLOCK_N, D] K, V, dK, dV tiles (64×128 spilled); the atomic-dQ variant also a [BLOCK_M, D] dQ
+# share (32×128 spilled); dQ's 64×64 at 2 stages leaves shared memory for two programs per SM.
+DKDV_CONFIGS = [(32, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 4), (32, 64, 8, 3)]
+DKDV_DQ_CONFIGS = [(64, 64, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2), (16, 128, 8, 3)]
+DQ_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 4), (128, 32, 8, 3)]
 # "separate": the deterministic dQ kernel (default until a GPU run shows the atomic one faster); "atomic"
 DQ_MODE = os.environ.get("VDISTILL_ATTN_DQ", "separate")
 
@@ -124,16 +127,16 @@ def _attn_bwd_dkdv(
     tl.store(DV + b * sdvb + h * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd, dv.to(DV.dtype.element_ty), mask=mask_n)
 
 
-def _dkdv_autotuned(name: str, reset: list[str] | None):
+def _dkdv_autotuned(name: str, rows: list[tuple], reset: list[str] | None):
     return triton.autotune(
-        configs=configs(DKDV_CONFIGS), key=KEY, reset_to_zero=reset,
+        configs=configs(rows), key=KEY, reset_to_zero=reset,
         prune_configs_by={"early_config_prune": fit_smem(name, lambda m, n, d: (2 * n * d, 2 * m * d))},
     )(_attn_bwd_dkdv)
 
 
-_attn_bwd_dkdv_kernel = _dkdv_autotuned("_attn_bwd_dkdv_kernel", None)
+_attn_bwd_dkdv_kernel = _dkdv_autotuned("_attn_bwd_dkdv_kernel", DKDV_CONFIGS, None)
 # the atomic-dQ variant: autotuning runs it repeatedly, so its dQ accumulator is zeroed before each run
-_attn_bwd_dkdv_dq_kernel = _dkdv_autotuned("_attn_bwd_dkdv_dq_kernel", ["DQ"])
+_attn_bwd_dkdv_dq_kernel = _dkdv_autotuned("_attn_bwd_dkdv_dq_kernel", DKDV_DQ_CONFIGS, ["DQ"])
 
 
 @triton.jit

@@ -20,8 +20,10 @@ import triton.language as tl
 from vdistill.kernels.attention.tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE); the first row is the conservative default.
-# All fit sm_90 without register spills at D=128 (176-249 registers).
-FWD_CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 128, 8, 3, True), (64, 64, 4, 4, True)]
+# Each tile eager and lazy (lazy adds block-wide barriers); none spills on sm_90 at D=128 bf16 (168-252
+# registers, Triton 3.9 offline: `vdistill bench attention-regs`, docs/results/attention.md).
+FWD_CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 128, 8, 3, False), (128, 128, 8, 3, True),
+               (64, 64, 4, 4, False), (64, 64, 4, 4, True)]
 
 
 @triton.jit

@@ -24,12 +24,12 @@ from vdistill.kernels.attention.fwd import _new_max, lazy_tau
 from vdistill.kernels.attention.tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE[, PIPELINE]): two live [BLOCK_M, D] fp32
-# accumulators favour narrow KV tiles (BLOCK_M 128 / BLOCK_N 32 / 8 warps: 239 registers, no spills at
-# D=128 on sm_90); the first row is the conservative default. The PIPELINE rows carry the next block's
-# S and Ṡ through the loop (an estimated +32 registers per thread at 8 warps, hence also a 16-warp row); the
-# autotuner keeps them only if they win.
-JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 4, True), (128, 32, 8, 3, True), (64, 64, 4, 3, True),
-               (128, 64, 8, 3, True), (128, 32, 8, 3, True, True), (128, 32, 16, 3, True, True)]
+# accumulators favour narrow KV tiles; the first row is the conservative default. Only rows that fit sm_90
+# without register spills at D=128 bf16 (222-255 registers, Triton 3.9 offline: `vdistill bench
+# attention-regs`, docs/results/attention.md); 128×64, 64×64 and the 128×32 PIPELINE rows spilled. The
+# PIPELINE row carries the next block's S and Ṡ through the loop; the autotuner keeps it only if it wins.
+JVP_CONFIGS = [(128, 32, 8, 4, False), (128, 32, 8, 3, False), (128, 32, 8, 4, True), (64, 32, 4, 2, False),
+               (128, 16, 8, 4, False), (128, 16, 8, 4, False, True)]
 
 
 @triton.jit

@@ -275,16 +275,18 @@ BENCHMARKS = {  # `vdistill bench NAME`: module whose main(argv) runs it
     "rcm-step": "vdistill.bench.bench_rcm_step",
     "train-step": "vdistill.bench.bench_train_step",
     "sass-count": "vdistill.bench.sass_count",
+    "attention-regs": "vdistill.bench.attention_regs",
     "prepare": "vdistill.bench.bench_prepare",
 }
 
 
 def _add_bench(sub) -> None:
-    names = "\n".join(f"  {name:<10} python -m {module}" for name, module in BENCHMARKS.items())
+    names = "\n".join(f"  {name:<14} python -m {module}" for name, module in BENCHMARKS.items())
     p = _add_parser(
         sub,
         "bench",
-        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | sass-count | prepare)",
+        help="run a benchmark script (attention | ema | trigflow | rcm-step | train-step | sass-count | attention-regs"
+        " | prepare)",
         description=f"Run a benchmark; the remaining arguments go to its main(argv).\n\nbenchmarks:\n{names}",
         epilog="e.g. vdistill bench attention --quick --out bench/results; vdistill bench ema --help",
     )
