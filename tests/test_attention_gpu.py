@@ -30,11 +30,11 @@ def no_autotuning(monkeypatch):
 
 @pytest.fixture(params=[(False, False), (True, False), (True, True)], ids=["eager", "lazy", "lazy-pipelined"])
 def rescale(request, monkeypatch):
-    """Forward and forward+tangent kernels pinned to their default tile with eager or lazy rescale; the
-    forward+tangent kernel's KV loop plain or software-pipelined."""
+    """Forward and forward+tangent kernels pinned to their default tile with eager or lazy rescale; their KV
+    loops plain or software-pipelined."""
     lazy, pipeline = request.param
     for module, name, (m, n, w, s, _), extra in (
-        ("vdistill.kernels.attention.fwd", "_attn_fwd_kernel", FWD_CONFIGS[0], {}),
+        ("vdistill.kernels.attention.fwd", "_attn_fwd_kernel", FWD_CONFIGS[0], {"PIPELINE": pipeline}),
         ("vdistill.kernels.attention.fwd_jvp", "_attn_fwd_jvp_kernel", JVP_CONFIGS[0], {"PIPELINE": pipeline}),
     ):
         kw = {"BLOCK_M": m, "BLOCK_N": n, "LAZY_RESCALE": lazy} | extra

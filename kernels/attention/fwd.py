@@ -7,6 +7,9 @@ LSE = m + log l. Exponentials use exp2 with log2(e) folded into the scale. Accum
 `tl.dot` takes the input dtype (fp16/bf16 on tensor cores; fp32 inputs use TF32 on GPUs that have
 it, so fp32 results there are TF32-accurate, not IEEE).
 
+`PIPELINE` configs issue block j+1's QKᵀ before block j's softmax (FA3's intra-warpgroup overlap, by
+hand), so the exponentials run while the tensor cores work; not yet timed on a GPU.
+
 Layout: [B, H, N, D] with arbitrary strides (a transposed view of a [B, N, H, D] tensor is read
 in place). Sequence lengths are masked, never assumed to be multiples of the block.
 """
@@ -19,11 +22,12 @@ import triton.language as tl
 
 from vdistill.kernels.attention.tuning import KEY, LOG2E, configs, fit_smem, launch, n_bucket
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE); the first row is the conservative default.
-# Each tile eager and lazy (lazy adds block-wide barriers); none spills on sm_90 at D=128 bf16 (168-252
-# registers, Triton 3.9 offline: `vdistill bench attention-regs`, docs/results/attention.md).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, LAZY_RESCALE[, PIPELINE]); the first row is the conservative default.
+# Each tile eager and lazy (lazy adds block-wide barriers), 128×64 also software-pipelined; none spills on
+# sm_90 at D=128 bf16 (168-252 registers, Triton 3.9 offline: `vdistill bench attention-regs`,
+# docs/results/attention.md).
 FWD_CONFIGS = [(128, 64, 8, 3, False), (128, 64, 8, 3, True), (128, 128, 8, 3, False), (128, 128, 8, 3, True),
-               (64, 64, 4, 4, False), (64, 64, 4, 4, True)]
+               (64, 64, 4, 4, False), (64, 64, 4, 4, True), (128, 64, 8, 3, False, True), (128, 64, 8, 2, False, True)]
 
 
 @triton.jit
@@ -39,22 +43,25 @@ def _new_max(m_i, m_block, LAZY: tl.constexpr, TAU: tl.constexpr):
 
 
 @triton.jit
-def _fwd_block(
-    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, stride_kn, stride_vn, qk_scale,
-    MASK_N: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr,
-):
-    """One KV block of the online softmax (FlashAttention-2 inner loop), masked only for the tail."""
-    kn = start_n + offs_n
+def _load_kv_rows(ptrs, kn, stride_n, N_K, MASK_N: tl.constexpr):
+    """Rows kn of a [N_K, D] K or V block; rows past N_K read as 0 if MASK_N."""
     if MASK_N:
-        valid = kn < N_K
-        k = tl.load(k_ptrs + kn[:, None] * stride_kn, mask=valid[:, None], other=0.0)
-        v = tl.load(v_ptrs + kn[:, None] * stride_vn, mask=valid[:, None], other=0.0)
+        rows = tl.load(ptrs + kn[:, None] * stride_n, mask=(kn < N_K)[:, None], other=0.0)
     else:
-        k = tl.load(k_ptrs + kn[:, None] * stride_kn)
-        v = tl.load(v_ptrs + kn[:, None] * stride_vn)
-    s = tl.dot(q, tl.trans(k))
+        rows = tl.load(ptrs + kn[:, None] * stride_n)
+    return rows
+
+
+@triton.jit
+def _mask_scores(s, kn, N_K, MASK_N: tl.constexpr):
     if MASK_N:
-        s = tl.where(valid[None, :], s, float("-inf"))
+        s = tl.where((kn < N_K)[None, :], s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _softmax_update(acc, l_i, m_i, s, v, qk_scale, LAZY: tl.constexpr, TAU: tl.constexpr):
+    """The online-softmax update (FlashAttention-2 inner loop) with one KV block's scores S and its V."""
     m_new = _new_max(m_i, tl.max(s, 1) * qk_scale, LAZY, TAU)
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s * qk_scale - m_new[:, None])  # one FMA per score: log2(e)·c is folded into qk_scale
@@ -68,6 +75,19 @@ def _fwd_block(
     return acc, l_i, m_new
 
 
+@triton.jit
+def _fwd_block(
+    acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, stride_kn, stride_vn, qk_scale,
+    MASK_N: tl.constexpr, LAZY: tl.constexpr, TAU: tl.constexpr,
+):
+    """One KV block of the plain loop, masked only for the tail."""
+    kn = start_n + offs_n
+    k = _load_kv_rows(k_ptrs, kn, stride_kn, N_K, MASK_N)
+    v = _load_kv_rows(v_ptrs, kn, stride_vn, N_K, MASK_N)
+    s = _mask_scores(tl.dot(q, tl.trans(k)), kn, N_K, MASK_N)
+    return _softmax_update(acc, l_i, m_i, s, v, qk_scale, LAZY, TAU)
+
+
 @triton.autotune(
     configs=configs(FWD_CONFIGS),
     key=KEY,
@@ -79,7 +99,7 @@ def _attn_fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, son, sod, slb, slh,
     H, N_Q, N_K, NQ_KEY, NK_KEY,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr,
+    LAZY_RESCALE: tl.constexpr, LAZY_TAU: tl.constexpr, PIPELINE: tl.constexpr = False,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -98,10 +118,22 @@ def _attn_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     n_full = (N_K // BLOCK_N) * BLOCK_N
-    for start_n in range(0, n_full, BLOCK_N):
-        acc, l_i, m_i = _fwd_block(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, skn, svn, qk_scale, False, LAZY_RESCALE, LAZY_TAU,
-        )
+    if PIPELINE:  # software pipelining: block j+1's QKᵀ is issued before block j's softmax, so they overlap
+        if n_full > 0:
+            s = tl.dot(q, tl.trans(_load_kv_rows(k_ptrs, offs_n, skn, N_K, False)))
+            for start_n in range(BLOCK_N, n_full, BLOCK_N):
+                s_next = tl.dot(q, tl.trans(_load_kv_rows(k_ptrs, start_n + offs_n, skn, N_K, False)))
+                v = _load_kv_rows(v_ptrs, start_n - BLOCK_N + offs_n, svn, N_K, False)
+                acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, LAZY_TAU)
+                s = s_next
+            v = _load_kv_rows(v_ptrs, n_full - BLOCK_N + offs_n, svn, N_K, False)
+            acc, l_i, m_i = _softmax_update(acc, l_i, m_i, s, v, qk_scale, LAZY_RESCALE, LAZY_TAU)
+    else:
+        for start_n in range(0, n_full, BLOCK_N):
+            acc, l_i, m_i = _fwd_block(
+                acc, l_i, m_i, q, k_ptrs, v_ptrs, start_n, offs_n, N_K, skn, svn, qk_scale, False, LAZY_RESCALE,
+                LAZY_TAU,
+            )
     if n_full < N_K:
         acc, l_i, m_i = _fwd_block(
             acc, l_i, m_i, q, k_ptrs, v_ptrs, n_full, offs_n, N_K, skn, svn, qk_scale, True, LAZY_RESCALE, LAZY_TAU,

@@ -43,12 +43,12 @@ def poisoned_outputs(monkeypatch):
 
 @pytest.fixture(params=[(True, False), (False, False), (True, True)], ids=["lazy", "eager", "lazy-pipelined"])
 def rescale(request, monkeypatch):
-    """Run the forward and forward+tangent kernels with the lazy (default) or the eager rescale, and the
-    forward+tangent kernel's KV loop plain or software-pipelined."""
+    """Run the forward and forward+tangent kernels with the lazy (default) or the eager rescale, and their KV
+    loops plain or software-pipelined."""
     lazy, pipeline = request.param
     tile = {"BLOCK_M": 16, "BLOCK_N": 16, "LAZY_RESCALE": lazy}
     for module, name, extra in (
-        ("vdistill.kernels.attention.fwd", "_attn_fwd_kernel", {}),
+        ("vdistill.kernels.attention.fwd", "_attn_fwd_kernel", {"PIPELINE": pipeline}),
         ("vdistill.kernels.attention.fwd_jvp", "_attn_fwd_jvp_kernel", {"PIPELINE": pipeline}),
     ):
         kernel = getattr(sys.modules[module], name)
@@ -82,7 +82,7 @@ def _close(got, want, what):
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_forward_and_lse(shape, layout):
+def test_forward_and_lse(shape, layout, rescale):
     from vdistill.kernels.attention.ops import attention_fwd_op
 
     q, k, v = _qkv(shape, layout)
