@@ -26,8 +26,7 @@ from unittest import mock
 
 import torch
 
-from vdistill.bench.harness import result_name, run_meta, write_json
-from vdistill.bench.sass_count import count
+from vdistill.bench.sass_count import count, offline_result
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SMEM_PER_BLOCK = 232448  # H100/H200 opt-in shared memory per block (227 KiB): what fit_smem prunes against
@@ -125,10 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
                 rows.append(r)
                 print(f"{name:8s} {d:4d} {str(tuple(row)):44s} {r['stages']:3d} {r['registers']:4d} {r['spills']:6d} "
                       f"{r['sass']:6d} {r['barriers']:4d} {r['shared_bytes'] / 1024:7.1f} {r['warps_per_sm']:8d}")
-    result = {"meta": {**run_meta(torch.device("cpu"), argv), "target": f"sm_{args.arch} (offline)"}, "rows": rows}
-    if args.out:
-        write_json(args.out, result_name("attention-regs", f"sm{args.arch}"), result)
-    return result
+    return offline_result("attention-regs", args.arch, argv, rows, args.out)
 
 
 if __name__ == "__main__":

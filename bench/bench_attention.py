@@ -52,7 +52,16 @@ import torch
 import torch.nn.functional as F
 
 from vdistill.bench.attention_tuning import autotune_rep, best_configs, loop_state, sweep_kernels
-from vdistill.bench.harness import Timing, cpu_bench_ms, device_label, do_bench_ms, result_name, run_meta, write_json
+from vdistill.bench.harness import (
+    Timing,
+    capture_graph,
+    cpu_bench_ms,
+    device_label,
+    do_bench_ms,
+    result_name,
+    run_meta,
+    write_json,
+)
 
 SHAPES = {  # name: (B, H, Nq, Nk, D)
     "wan1.3b-480p": (1, 12, 32760, 32760, 128),
@@ -110,20 +119,6 @@ def _one_call_ms(fn: Callable[[], object]) -> float:
     fn()
     torch.cuda.synchronize()
     return (time.perf_counter() - t0) * 1e3
-
-
-def _capture(fn: Callable[[], object], stream: torch.cuda.Stream, calls: int) -> Callable[[], None]:
-    """The replay of a CUDA graph of `calls` fn() calls captured on `stream`, after two warm-up calls there."""
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for _ in range(calls):
-            fn()
-    return graph.replay  # the bound method keeps the graph (and its memory pool) alive
 
 
 def _peak_extra_mb(fn: Callable[[], object], device: torch.device) -> float | None:
@@ -240,7 +235,7 @@ class Runner:
         row["timing"] = "do_bench"
         if graphs:
             try:
-                call, calls = _capture(fn, self.stream, GRAPH_CALLS), GRAPH_CALLS
+                call, calls = capture_graph(fn, GRAPH_CALLS, self.stream, warmup_calls=2), GRAPH_CALLS
                 row["timing"], row["graph_calls"] = "cuda-graph", calls
             except Exception as exc:  # noqa: BLE001 - not capturable: say why, time plain calls
                 row["graph_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"

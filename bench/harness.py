@@ -64,22 +64,29 @@ def do_bench_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float) -> Ti
     return med, p20, p80
 
 
-def graph_bench_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float, calls: int = 20) -> Timing:
-    """fn timed by replaying a CUDA graph of `calls` back-to-back calls: per-call (median, p20, p80) in ms
-    of GPU time alone. Plain `do_bench` of a ~30 µs kernel behind Python argument checks times the host
-    (the GPU idles between calls); the graph removes host work for every provider alike. fn must be
-    capturable (no host synchronisation); it runs 3 times on a side stream first (compiles, allocations)."""
-    side = torch.cuda.Stream()
+def capture_graph(fn: Callable[[], object], calls: int, stream: torch.cuda.Stream | None = None,
+                  warmup_calls: int = 3) -> Callable[[], None]:
+    """The replay of a CUDA graph of `calls` back-to-back fn() calls, captured on `stream` (a new side stream if
+    None) after `warmup_calls` calls there (compiles, allocations). fn must not synchronise with the host.
+    The returned bound method keeps the graph (and its memory pool) alive."""
+    side = torch.cuda.Stream() if stream is None else stream
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(3):
+        for _ in range(warmup_calls):
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         for _ in range(calls):
             fn()
-    med, p20, p80 = do_bench_ms(graph.replay, warmup_ms, rep_ms)
+    return graph.replay
+
+
+def graph_bench_ms(fn: Callable[[], object], warmup_ms: float, rep_ms: float, calls: int = 20) -> Timing:
+    """fn timed by replaying a CUDA graph of `calls` back-to-back calls: per-call (median, p20, p80) in ms
+    of GPU time alone. Plain `do_bench` of a ~30 µs kernel behind Python argument checks times the host
+    (the GPU idles between calls); the graph removes host work for every provider alike."""
+    med, p20, p80 = do_bench_ms(capture_graph(fn, calls), warmup_ms, rep_ms)
     return med / calls, p20 / calls, p80 / calls
 
 

@@ -142,9 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
         rows.append(row)
         print(f"{name:30s} {dtype:5s} {c['sass']:6d} {row['sass_per_element']:9.1f} {row['mufu_per_element']:9.2f} "
               f"{c['spills']:6d} {c['registers']:5d} {c['warps_per_sm']:8d}  {c['global_access']}")
-    result = {"meta": {**run_meta(torch.device("cpu"), argv), "target": f"sm_{args.arch} (offline)"}, "rows": rows}
-    if args.out:
-        write_json(args.out, result_name("sass-count", f"sm{args.arch}"), result)
+    return offline_result("sass-count", args.arch, argv, rows, args.out)
+
+
+def offline_result(what: str, arch: int, argv: list[str] | None, rows: list[dict], out: str | None) -> dict:
+    """The JSON of an offline compile (meta with the target), written under `out` if given."""
+    result = {"meta": {**run_meta(torch.device("cpu"), argv), "target": f"sm_{arch} (offline)"}, "rows": rows}
+    if out:
+        write_json(out, result_name(what, f"sm{arch}"), result)
     return result
 
 
