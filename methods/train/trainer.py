@@ -105,7 +105,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # run every DiT block of the recipe (student, teacher, critic) through torch.compile: fewer kernel launches
     # for small, host-bound steps; forward-mode JVP passes stay eager (docs/profiling.md). Not with
-    # context_parallel (its all-to-alls are not traced)
+    # context_parallel (its all-to-alls are not traced); tested in one process, not yet under DDP or FSDP2
     compile: bool = False
     # shard the student over the ranks with FSDP2 (torchrun only; docs/multi-gpu.md); refused by the recipes
     # that copy the student's weights into networks of their own (progressive, consistency with an EMA target)
