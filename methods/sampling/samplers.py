@@ -43,24 +43,27 @@ def sample_rf(
     x = noise
     b = noise.shape[0]
     for i in range(steps):
-        x = ode_step(velocity, x, grid[i].expand(b), grid[i + 1].expand(b), solver)
+        x = ode_step(velocity, x, grid[i].expand(b), grid[i + 1].expand(b), solver, to_zero=i == steps - 1)
     return x
 
 
 def ode_step(
-    velocity: Velocity, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, solver: str = "euler"
+    velocity: Velocity, x: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor, solver: str = "euler",
+    to_zero: bool = False,
 ) -> torch.Tensor:
     """One Euler or Heun step of dx/ds = v from per-sample times s [B] to s_next [B]; x [B, ...].
 
-    Heun's correction is skipped (Euler) where s_next == 0, as in `sample_rf`. Used by the
-    distillation recipes for their teacher steps (progressive, consistency).
+    Heun's correction is skipped (Euler) where s_next == 0, as in `sample_rf`; `to_zero`: the caller knows
+    that s_next is 0 for every sample (a sampler's last step), so the correction is not computed at all (the
+    step never reads s_next on the host, which would wait for the GPU). Used by the distillation recipes for
+    their teacher steps (progressive, consistency).
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     h = per_sample(s_next - s, x).to(x.dtype)
     v = velocity(x, s)
     x_euler = x + h * v
-    if solver == "euler" or not bool((s_next > 0).any()):
+    if solver == "euler" or to_zero:
         return x_euler
     x_heun = x + h * 0.5 * (v + velocity(x_euler, s_next))
     last = (s_next == 0).reshape_as(h)
