@@ -44,6 +44,13 @@ def test_compiled_blocks_compute_what_eager_ones_do(compiled_calls):
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
 
+    recomputed = copy.deepcopy(compiled)  # activation checkpointing recomputes the compiled blocks in the backward
+    recomputed.checkpoint_blocks = True
+    recomputed.zero_grad(set_to_none=True)
+    recomputed(x, t, text).square().mean().backward()
+    for (name, p), q in zip(eager.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
     calls = len(compiled_calls)
     tangents = (torch.randn_like(x), torch.rand(2))
     for backend in ("forward_ad", "func"):  # Dynamo cannot trace these: the blocks run eagerly, bit for bit
