@@ -24,7 +24,9 @@ Shapes: the `small` preset (3×8×32×32 clips, 512 tokens, batch 32) and a Wan2
 with 2 layers at 32,760 tokens (latent 16×21×60×104, patch (1,2,2), batch 1, 512 text tokens).
 Per phase: CUDA events around each phase, synchronised once per iteration; median (p20, p80)
 over the timed iterations; step = sum of phases; peak memory = max_memory_allocated over the
-provider's iterations; tokens/s = B·N / step. Host side: the host clock per phase (`host_ms`: the time
+provider's iterations; tokens/s = B·N / step; model TFLOP per step from one iteration under
+`FlopCounterMode` (attention by the custom ops' registered formulas) and MFU against the GPU's dense bf16
+peak (`--peak-tflops`). Host side: the host clock per phase (`host_ms`: the time
 to issue it, which equals the device time when the host is the bottleneck) and, over one more untimed
 iteration under `OpCounter`, ATen operators, kernel launches and host synchronisations per phase (with
 the code line of each synchronisation; not for "triton-compiled", whose programs a dispatch mode turns back
@@ -67,6 +69,7 @@ TINY = {"tiny": ("tiny", {"dim": 32, "heads": 2}, (3, 2, 8, 8), 2, 5)}
 QUICK = ("wan1.3b-2L-32k",)
 PHASES = ("noise", "teacher", "jvp", "student_fwd", "tangent", "dmd", "student_bwd", "optimizer", "ema", "critic")
 CFG_SCALE = 5.0
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100-80GB-HBM3": 989.4}  # dense bf16 tensor-core peaks (SXM), for MFU
 SIM_STEPS = 2  # student backward simulation: one no-grad step, then the step with grad
 
 
@@ -229,6 +232,19 @@ def _summary(samples: list[float]) -> tuple[float, float, float]:
     return statistics.median(samples), q[1], q[7]
 
 
+def _step_flops(setup: Setup) -> float:
+    """Model FLOPs of one iteration (Triton provider: every matmul, attention by its registered formula, counted
+    by `FlopCounterMode`; recomputation not counted), from one untimed iteration."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    timer = PhaseTimer(setup.device)
+    with FlopCounterMode(display=False) as counter:
+        setup.iteration(timer, True, 0)
+    timer.collect()
+    setup.opt.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
 def _dispatch_counts(setup: Setup, timer: PhaseTimer, fused: bool, step: int) -> dict:
     """One untimed iteration under `OpCounter`: operators, kernel launches and host syncs per phase."""
     with OpCounter() as counter:
@@ -330,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="tiny shape (CPU smoke test)")
     p.add_argument("--model", type=Path, help="time this Wan-latent model (file or Wan2.1 directory) instead, at "
                    "480p x 81 frames (16x21x60x104 latents, 512 text tokens) or, with --tiny, 16x3x8x8")
+    p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: known GPUs)")
     p.add_argument("--out", type=Path, help="directory for the JSON result")
     args = p.parse_args(argv)
     if not args.autotune:
@@ -340,7 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model is not None:  # a Wan-latent model at 480p x 81 frames, or with --tiny on a tiny grid
         clip, batch, text_len = ((16, 3, 8, 8), 1, 5) if args.tiny else SHAPES["wan1.3b-2L-32k"][2:]
         shapes = {args.model.name: (args.model, {}, clip, batch, text_len)}
-    result = {**_meta(device, argv), "rows": []}
+    peak = args.peak_tflops if args.peak_tflops is not None else PEAK_BF16_TFLOPS.get(device_label(device))
+    result = {**_meta(device, argv), "peak_tflops": peak, "rows": []}
     for name, spec in shapes.items():
         try:
             setup = Setup(spec, device)
@@ -348,11 +366,15 @@ def main(argv: list[str] | None = None) -> dict:
             result["rows"].append({"shape": name, "error": f"setup: {type(exc).__name__}: {str(exc)[:200]}"})
             continue
         check = _check(setup)
+        flops = _step_flops(setup)
         for provider in args.providers:
-            row = {"shape": name, "provider": provider, "tokens": setup.tokens, "params": setup.n_params}
+            row = {"shape": name, "provider": provider, "tokens": setup.tokens, "params": setup.n_params,
+                   "tflop_per_step": flops / 1e12}
             row.update(_run_provider(setup, provider, args.iters, args.warmup))
             if provider == "triton":
                 row.update(check)
+            if peak and "step_ms" in row:
+                row["mfu"] = flops / (row["step_ms"] / 1e3) / (peak * 1e12)
             result["rows"].append(row)
         del setup
         if device.type == "cuda":
@@ -375,7 +397,8 @@ def _print_table(rows: list[dict]) -> None:
         launches = r.get("cuda_kernels_per_step", r.get("launches_per_step", "-"))
         print(f"{r['shape']:<16}{r['provider']:<18}{r['step_ms']:>10.2f}{r['host_step_ms']:>9.2f}"
               f"{launches:>7}{r.get('host_syncs_per_step', '-'):>6}{r['tokens_per_s']:>11.0f}"
-              f"{r.get('peak_mem_gib', float('nan')):>9.2f}  {phases}  {r.get('check', '')}")
+              f"{r.get('peak_mem_gib', float('nan')):>9.2f}  {phases}  {r.get('check', '')}"
+              + (f"  MFU {r['mfu']:.1%}" if "mfu" in r else ""))
 
 
 if __name__ == "__main__":

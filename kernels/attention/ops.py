@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from vdistill.kernels.attention.bwd import attention_bwd_triton
 from vdistill.kernels.attention.bwd_select import attention_bwd_cuda
@@ -120,6 +121,30 @@ def attention_bwd_op(
 @attention_bwd_op.register_fake
 def _(do, q, k, v, o, lse, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _score_flops(q_shape, k_shape, per_score: int) -> int:
+    """per_score FLOPs per (query, key, head-dim) triple: B·H·Nq·Nk·D·per_score."""
+    b, h, nq, d = q_shape
+    return per_score * b * h * nq * k_shape[2] * d
+
+
+# FLOP counts for `torch.utils.flop_counter.FlopCounterMode` (MFU in `vdistill bench rcm-step`): model FLOPs,
+# the matmuls the reference path runs (QKᵀ, PV; the JVP's six; the backward's four), not what a kernel
+# recomputes (FlashAttention's papers count its backward as 10, with QKᵀ again)
+@register_flop_formula(torch.ops.vdistill.attention_fwd)
+def _(q, k, v, scale, *args, **kwargs) -> int:
+    return _score_flops(q, k, 4)
+
+
+@register_flop_formula(torch.ops.vdistill.attention_fwd_jvp)
+def _(q, k, v, tq, tk, tv, scale, *args, **kwargs) -> int:
+    return _score_flops(q, k, 12)
+
+
+@register_flop_formula(torch.ops.vdistill.attention_bwd)
+def _(do, q, k, v, o, lse, scale, *args, **kwargs) -> int:
+    return _score_flops(q, k, 8)
 
 
 def _tangent(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

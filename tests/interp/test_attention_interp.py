@@ -241,3 +241,20 @@ def test_kernel_refuses_unsupported_head_dim_and_dtype():
     q, k, v = _qkv((1, 1, 4, 4, 16))
     with pytest.raises(TypeError, match="float64"):
         attention(q.double(), k.double(), v.double())
+
+
+def test_flop_counts_of_the_custom_ops_equal_the_reference_paths():
+    """FlopCounterMode sees each custom op as one node: its registered formula must give the reference's count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from vdistill.kernels.attention import attention_ref
+
+    q, k, v = (t.requires_grad_() for t in _qkv((2, 3, 33, 17, 32)))
+    counts = []
+    for fn in (attention, attention_ref):
+        with FlopCounterMode(display=False) as train:
+            fn(q, k, v).sum().backward()
+        with torch.no_grad(), FlopCounterMode(display=False) as jvp:
+            torch.func.jvp(fn, (q.detach(), k.detach(), v.detach()), (q.detach(), k.detach(), v.detach()))
+        counts.append((train.get_total_flops(), jvp.get_total_flops()))
+    assert counts[0] == counts[1] == (12 * 2 * 3 * 33 * 17 * 32, 12 * 2 * 3 * 33 * 17 * 32)
