@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import statistics
 import time
@@ -461,6 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.rounds < 1:
         p.error("--rounds must be >= 1")
+    if args.autotune_rep is not None and not 0 < args.autotune_rep < math.inf:
+        p.error(f"--autotune-rep must be a finite number of ms > 0, got {args.autotune_rep}")
     if args.quick or args.no_autotune:
         os.environ["VDISTILL_ATTN_AUTOTUNE"] = "0"  # read when kernels is first imported
     device = torch.device(args.device)

@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--peak-tflops", type=float, help="the device's dense bf16 peak for MFU (default: known GPUs)")
     p.add_argument("--out", type=Path, help="directory for the JSON result")
     args = p.parse_args(argv)
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        p.error(f"--peak-tflops must be a finite number > 0, got {args.peak_tflops}")
     if not args.autotune:
         os.environ.setdefault("VDISTILL_ATTN_AUTOTUNE", "0")  # read when kernels is first imported
 
